@@ -1,0 +1,2 @@
+"""cvrecipe: data → sanity checks → train → evaluate → tune → export → serve → monitor."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from cvrecipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""Typed configuration: one dataclass tree, loaded from YAML and overridden with dotted keys.
+
+A recipe is a YAML file whose keys mirror the dataclasses below. Every field has a default and
+a one-line docstring-comment; unknown keys and wrong types are errors that name the key, so a
+typo in a recipe never silently trains the wrong thing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # dataset: a registered name or folder:PATH (dir or archive)
+    image_size: int | None = None  # resize every image to this square size; None keeps native size
+    channels: int | None = None  # 1 (grayscale) or 3 (RGB); None decides from the data
+    val_fraction: float = 0.1  # held out of train, stratified, when the source has no val split
+    subset: int | None = None  # use only this many training images (stratified); for quick runs
+    normalize: bool = True  # standardise inputs with the training set's per-channel mean/std
+    hflip_ok: bool | None = None  # may images be mirrored left-right? None asks the dataset
+    cache_dir: str | None = None  # where decoded uint8 arrays live; None = $CVRECIPE_CACHE or ~/.cache/cvrecipe
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = False  # random horizontal flip (only where the dataset allows it)
+    crop_padding: int = 0  # random crop after this many pixels of padding on each side; 0 = off
+    pad_mode: str = "reflect"  # padding for the crop: reflect | constant
+    cutout: int = 0  # side in pixels of one zeroed square per image; 0 = off
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small-cnn"  # a registered model name (see `cvrecipe models`)
+    dropout: float = 0.0  # dropout before the classifier, where the model has one
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model constructor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # maximum number of passes over the training set
+    batch_size: int = 128  # images per optimisation step
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam | adamw
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # SGD momentum / Adam beta1
+    weight_decay: float = 5e-4  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    warmup_epochs: float = 0.0  # linear warm-up length for cosine/constant (epochs, fractional ok)
+    onecycle_pct: float = 0.25  # fraction of training spent rising to the peak lr in onecycle
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    grad_clip: float | None = None  # clip the global gradient norm to this value; None = off
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA when supported, fp32 on CPU)
+    channels_last: bool = True  # memory format for conv nets; faster on CPU and GPU here
+    early_stopping: bool = False  # stop when the monitored metric stops improving
+    monitor: str = "val_loss"  # metric for early stopping and the best checkpoint
+    mode: str = "min"  # min | max: direction in which `monitor` improves
+    patience: int = 10  # epochs without improvement before stopping
+    min_delta: float = 0.0  # smallest change that counts as an improvement
+    seed: int = 0  # seeds weights, data order and augmentation
+    deterministic: bool = False  # deterministic kernels; resume is then bit-identical on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 20  # steps between progress/NaN checks (each check costs a device sync)
+    num_threads: int | None = None  # torch CPU threads; None = torch default
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run name: the folder under runs/
+    runs_dir: str = "runs"  # parent folder of run folders
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (valid: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value, hint, prefix=f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against a simple type hint; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"config key '{path}' may not be null")
+    for option in options:
+        if option is type(None):
+            continue
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict, list) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"config key '{path}' expects {names}, got {value!r} ({type(value).__name__})")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (values parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text != "" else None
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a recipe (a path or a name in recipes/) plus overrides into a checked Config."""
+    raw: dict = {}
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw)
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"recipe '{recipe}' not found as a file or in {RECIPES_DIR} (known: {known})")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,60 @@
+"""Data: named datasets and folders → checked, split uint8 arrays ready to move to a device."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from cvrecipe.config import DataConfig
+from cvrecipe.data.cache import cache_root
+from cvrecipe.data.dataset import DataError, ImageDataset, Split, stratified_split, stratified_subset
+from cvrecipe.data.folder import load_folder
+from cvrecipe.data.sources import REGISTRY, load_named
+
+__all__ = ["DataError", "ImageDataset", "Split", "load_dataset", "load_source", "REGISTRY"]
+
+
+def load_source(name: str, cfg: DataConfig | None = None) -> ImageDataset:
+    """The dataset as its source provides it (no val carving, no subsetting)."""
+    cfg = cfg or DataConfig(name=name)
+    cache = cache_root(cfg.cache_dir)
+    if name.startswith("folder:"):
+        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache)
+    return load_named(name, cache)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
+    """Load, convert to the configured size/channels, carve val from train if needed, subset."""
+    ds = load_source(cfg.name, cfg)
+    ds = _conform(ds, cfg.image_size, cfg.channels)
+    if ds.val is None:
+        keep, held = stratified_split(ds.train.y, cfg.val_fraction, seed)
+        ds = dataclasses.replace(ds, train=ds.train.take(keep), val=ds.train.take(held))
+    if cfg.subset is not None:
+        ds = dataclasses.replace(ds, train=ds.train.take(stratified_subset(ds.train.y, cfg.subset, seed)))
+    if cfg.hflip_ok is not None:
+        ds = dataclasses.replace(ds, hflip_ok=cfg.hflip_ok)
+    ds.check()
+    return ds
+
+
+def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageDataset:
+    """Resize / change channel count of every split (a no-op when they already match)."""
+    def fix(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        x = torch.from_numpy(split.x)
+        if channels is not None and x.shape[1] != channels:
+            if channels == 3 and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            elif channels == 1 and x.shape[1] == 3:
+                x = TF.rgb_to_grayscale(x)
+            else:
+                raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = TF.resize(x, [size, size], antialias=True)
+        return Split(np.ascontiguousarray(x.numpy()), split.y)
+
+    return dataclasses.replace(ds, train=fix(ds.train), val=fix(ds.val), test=fix(ds.test))

@@ -1,0 +1,84 @@
+"""In-memory dataset types: every split is a uint8 array (N, C, H, W) plus int64 labels."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as asked; the message names the dataset, split or file."""
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # (N, C, H, W) uint8
+    y: np.ndarray  # (N,) int64 class indices
+
+    def __post_init__(self):
+        if self.x.dtype != np.uint8 or self.x.ndim != 4:
+            raise DataError(f"split images must be uint8 (N, C, H, W), got {self.x.dtype} {self.x.shape}")
+        if len(self.x) != len(self.y):
+            raise DataError(f"split has {len(self.x)} images but {len(self.y)} labels")
+        self.y = self.y.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, index: np.ndarray) -> "Split":
+        return Split(self.x[index], self.y[index])
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    classes: list[str]
+    train: Split
+    test: Split | None = None
+    val: Split | None = None
+    hflip_ok: bool = True  # whether mirrored images keep their label (not for digits/letters)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out while decoding
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # (C, H, W)
+
+    @property
+    def eval_split(self) -> tuple[str, Split]:
+        """The split held out for final evaluation: test when the source has one, else val."""
+        if self.test is not None:
+            return "test", self.test
+        return "val", self.val
+
+    def check(self) -> None:
+        """Stop early, with names, on data that cannot train a classifier."""
+        if len(self.classes) < 2:
+            raise DataError(f"dataset {self.name} has {len(self.classes)} class(es): {self.classes}; need at least 2")
+        for split_name in ("train", "val", "test"):
+            split = getattr(self, split_name)
+            if split is not None and len(split) == 0:
+                raise DataError(f"dataset {self.name}: split '{split_name}' is empty")
+        present = np.unique(self.train.y)
+        missing = [self.classes[i] for i in range(len(self.classes)) if i not in present]
+        if missing:
+            raise DataError(f"dataset {self.name}: classes with no training images: {missing}")
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with `fraction` of every class held out (at least one per class)."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        n_held = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of about `n` examples with the class proportions of `y`."""
+    if n >= len(y):
+        return np.arange(len(y))
+    _, held = stratified_split(y, n / len(y), seed)
+    return held

@@ -1,0 +1,61 @@
+"""Batched inference over uint8 images, and top-k prediction for image files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cvrecipe.device import autocast
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512,
+                   device: torch.device | None = None, dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, K) float32 on the CPU for uint8 images (N, C, H, W), in eval mode."""
+    device = device or next(model.parameters()).device
+    x = torch.as_tensor(x)
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size].to(device, non_blocking=True)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            out.append(model(batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def expand_image_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (recursively, sorted) to the image files inside them."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return out
+
+
+def load_images_for_model(paths: list[Path], meta: dict) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
+    """Decode files to the model's input shape with the same decoder as training data."""
+    from cvrecipe.data.images import decode_images
+
+    items = [(str(p), p.read_bytes()) for p in paths]
+    x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]))
+    return x, [paths[i] for i in good], skipped
+
+
+def topk(logits: torch.Tensor, class_names: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    probs = logits.softmax(dim=1)
+    k = min(k, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [[(class_names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]

@@ -1,0 +1,91 @@
+"""One registry, one `create_model`: every model is wrapped with its own preprocessing.
+
+An `ImageClassifier` takes uint8 (B, C, H, W) images straight from the data cache and does the
+rescale-and-normalise itself, so training, evaluation, export and serving all share one
+preprocessing path and can never disagree about it.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    """Decorator: `@register("seed-cnn")` on a function (num_classes, in_channels, **kw) → nn.Module."""
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Normalize(nn.Module):
+    """uint8 [0, 255] or float [0, 1] → (x - mean) / std, per channel; mean/std saved with the weights."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return (x - self.mean) / self.std
+
+
+class ImageClassifier(nn.Module):
+    """Normalize → backbone network → logits (B, num_classes). `meta` travels into checkpoints."""
+
+    def __init__(self, net: nn.Module, meta: dict):
+        super().__init__()
+        channels = meta["in_channels"]
+        self.normalize = Normalize(meta.get("mean") or [0.0] * channels, meta.get("std") or [1.0] * channels)
+        self.net = net
+        self.meta = meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    input_size: tuple[int, int] = (32, 32),
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    class_names: list[str] | None = None,
+    **kwargs,
+) -> ImageClassifier:
+    """Build a registered model wrapped with its preprocessing metadata.
+
+    mean/std are in [0, 1] pixel units (None = no standardisation, pixels only rescaled to [0, 1]).
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model '{name}'; registered: {', '.join(list_models())}")
+    net = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **kwargs)
+    meta = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": list(input_size),
+        "mean": mean,
+        "std": std,
+        "class_names": class_names or [str(i) for i in range(num_classes)],
+        "kwargs": kwargs,
+    }
+    return ImageClassifier(net, meta)
+
+
+def model_from_meta(meta: dict | str) -> ImageClassifier:
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    return create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
+                        meta["mean"], meta["std"], meta["class_names"], **meta["kwargs"])

@@ -1,0 +1,201 @@
+"""The training loop. Reads top to bottom: set up → (resume) → epochs → checkpoints.
+
+The whole uint8 dataset lives on the training device; each step gathers a batch by index,
+augments it with batched tensor ops, and runs forward/backward. Data order and augmentation
+draw from a generator seeded by (seed, epoch), and the resume file stores everything else that
+changes (weights, optimizer, scheduler, scaler, global RNG, early-stopping state, history), so a
+resumed run replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+
+from cvrecipe.config import Config
+from cvrecipe.data import ImageDataset
+from cvrecipe.data.augment import augment_batch
+from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything
+from cvrecipe.evaluate.predict import predict_logits
+from cvrecipe.models import ImageClassifier, create_model
+from cvrecipe.train.checkpoint import load_resume, save_resume, save_weights
+from cvrecipe.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s"]
+
+
+def build_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
+    c, h, w = ds.image_shape
+    mean = std = None
+    if cfg.data.normalize:
+        pixels = torch.from_numpy(ds.train.x).float().div_(255).transpose(0, 1).reshape(c, -1)  # (C, N·H·W)
+        mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+    return create_model(cfg.model.name, num_classes=len(ds.classes), in_channels=c, input_size=(h, w),
+                        mean=mean, std=std, class_names=ds.classes, dropout=cfg.model.dropout, **cfg.model.kwargs)
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 100_003 + epoch)
+    return gen
+
+
+def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None) -> list[dict]:
+    """Train `cfg.model` on `ds`, writing checkpoints and metrics into `run_dir`. Returns the history."""
+    console = console or Console()
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    seed_everything(tc.seed, tc.deterministic)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    dtype = autocast_dtype(device, tc.precision)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+
+    model = build_model(cfg, ds).to(device, memory_format=memory_format)
+    train_x, train_y = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
+    batch_size = min(tc.batch_size, len(train_y))
+    steps_per_epoch = len(train_y) // batch_size  # the ragged last batch is dropped; order changes every epoch
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": []}
+    if resume:
+        state = _restore(run_dir / "last.ckpt", model, optimizer, scheduler, scaler)
+        console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1} (step {state['step']})")
+    writer = SummaryWriter(str(run_dir), purge_step=state["step"] if resume else None)
+
+    for epoch in range(state["epoch"], tc.epochs):
+        t0 = time.perf_counter()
+        train_loss, train_acc = _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y,
+                                             epoch, steps_per_epoch, batch_size, device, dtype, memory_format, console)
+        state["step"] += steps_per_epoch
+        val_loss, val_acc = _validate(model, ds, batch_size, device, dtype, tc.channels_last)
+        elapsed = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+               "epoch_time_s": round(elapsed, 3), "images_per_s": round(steps_per_epoch * batch_size / elapsed, 1)}
+        state["history"].append(row)
+        _log_epoch(row, writer, run_dir, state["history"], console, tc.epochs)
+
+        value = row[tc.monitor]
+        if _improved(value, state["best"], tc.mode, tc.min_delta):
+            state["best"], state["bad_epochs"] = value, 0
+            save_weights(model, run_dir / "best.safetensors", {"epoch": epoch + 1, tc.monitor: value})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        save_resume(_snapshot(state, model, optimizer, scheduler, scaler), run_dir / "last.ckpt")
+        if tc.early_stopping and state["bad_epochs"] >= tc.patience:
+            console.print(f"early stopping: {tc.monitor} has not improved for {tc.patience} epochs "
+                          f"(best {state['best']:.4f})")
+            break
+    writer.close()
+    return state["history"]
+
+
+def _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y, epoch, steps, batch_size,
+                 device, dtype, memory_format, console) -> tuple[float, float]:
+    tc = cfg.train
+    model.train()
+    gen = epoch_generator(tc.seed, epoch, device)
+    order = torch.randperm(len(train_y), generator=gen, device=device)
+    loss_sum = torch.zeros((), device=device)  # summed on device: one sync per log interval, not per step
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    columns = [TextColumn(f"epoch {epoch + 1}/{tc.epochs}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    t0 = time.perf_counter()
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("train", total=steps, info="")
+        for i in range(steps):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x = augment_batch(train_x[idx], cfg.augment, ds.hflip_ok, gen).contiguous(memory_format=memory_format)
+            y = train_y[idx]
+            with autocast(device, dtype):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tc.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach()
+            correct += (logits.argmax(1) == y).sum()
+            if (i + 1) % tc.log_every == 0 or i + 1 == steps:
+                mean_loss = loss_sum.item() / (i + 1)
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"loss became {mean_loss} during epoch {epoch + 1} (by step {i + 1} of {steps}); "
+                        f"stopping. The last good checkpoint (end of epoch {epoch}) is kept as last.ckpt; "
+                        "try a lower train.lr, train.grad_clip, or train.precision=fp32")
+                rate = (i + 1) * batch_size / (time.perf_counter() - t0)
+                progress.update(task, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
+    return loss_sum.item() / steps, correct.item() / (steps * batch_size)
+
+
+def _validate(model, ds, batch_size, device, dtype, channels_last) -> tuple[float, float]:
+    logits = predict_logits(model, ds.val.x, max(batch_size, 256), device, dtype, channels_last)
+    y = torch.from_numpy(ds.val.y)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    if mode == "min":
+        return value < best - min_delta
+    if mode == "max":
+        return value > best + min_delta
+    raise ValueError(f"train.mode must be min or max, got '{mode}'")
+
+
+def _log_epoch(row: dict, writer: SummaryWriter, run_dir: Path, history: list[dict], console: Console, epochs: int):
+    for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"):
+        writer.add_scalar(key.replace("_", "/", 1), row[key], row["step"])
+    writer.flush()
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        out.writeheader()
+        out.writerows(history)
+    tmp.replace(run_dir / "metrics.csv")
+    console.print(f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                  f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
+                  f"{row['epoch_time_s']:.1f}s  {row['images_per_s']:,.0f} img/s")
+
+
+def _snapshot(state, model, optimizer, scheduler, scaler) -> dict:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+
+
+def _restore(path: Path, model, optimizer, scheduler, scaler) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    ckpt = load_resume(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return {k: ckpt[k] for k in ("epoch", "step", "best", "bad_epochs", "history")}
