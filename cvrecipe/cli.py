@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -65,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console()
-    warnings.simplefilter("default")
+    parser = build_parser()
+    # overrides may come after options (`train --deterministic train.lr=0.1`): argparse leaves them over
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console = Console(soft_wrap=True)
     try:
         return _dispatch(args, console)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:

@@ -57,7 +57,7 @@ def load_run_config(run_dir: Path) -> Config:
 
 def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None) -> Path:
     """Train per `cfg` in a new run folder, or continue the run in `resume_dir`. Returns the folder."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         cfg = load_run_config(run_dir)
@@ -88,7 +88,7 @@ def _run_info(cfg: Config, ds: ImageDataset) -> dict:
 def evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
              console: Console | None = None) -> dict:
     """Evaluate the run's best checkpoint on its held-out split (or another dataset); writes eval.json."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     device = resolve_device(cfg.train.device)
@@ -141,7 +141,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5) -> list[dict]:
 
 def run(recipe: str | None, overrides: list[str], console: Console | None = None) -> Path:
     """The main job: train the recipe, then evaluate the best checkpoint on the held-out split."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     cfg = load_config(recipe, overrides)
     run_dir = train(cfg, console=console)
     evaluate(run_dir, console=console)

@@ -29,23 +29,26 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path))
 
 
-def _iter_files(path: Path):
-    """Yield (relative path, bytes) for every regular file in a directory or archive."""
+def _iter_entries(path: Path):
+    """Yield (relative path, bytes) for every file and (relative path, None) for every folder."""
     if path.is_dir():
         for root, dirs, files in os.walk(path):
             dirs.sort()
+            for name in dirs:
+                yield (Path(root) / name).relative_to(path).as_posix(), None
             for name in sorted(files):
                 full = Path(root) / name
                 yield full.relative_to(path).as_posix(), full.read_bytes()
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
-                if not info.is_dir():
-                    yield info.filename, zf.read(info)
+                yield info.filename, None if info.is_dir() else zf.read(info)
     else:
         with tarfile.open(path) as tf:
             for member in tf:
-                if member.isfile():
+                if member.isdir():
+                    yield member.name, None
+                elif member.isfile():
                     yield member.name, tf.extractfile(member).read()
 
 
@@ -69,17 +72,24 @@ def _fingerprint(path: Path) -> str:
 def _group(path: Path) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
     """{split: {class: [(name, bytes)]}} following the split/class/file layout."""
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    stray = []
-    for rel, data in _iter_files(path):
+    stray, split_dirs = [], set()
+    for rel, data in _iter_entries(path):
         parts = rel.strip("/").split("/")
         if any(p.startswith(".") or p == "__MACOSX" for p in parts):
             continue  # hidden files and macOS archive debris are not images
-        if len(parts) >= 4 and parts[1] in SPLITS:
+        if len(parts) >= 2 and parts[0] not in SPLITS and parts[1] in SPLITS:
             parts = parts[1:]  # one wrapping top-level folder
+        if parts[0] in SPLITS:
+            split_dirs.add(parts[0])
+        if data is None:
+            continue
         if len(parts) == 3 and parts[0] in SPLITS:
             groups[parts[0]][parts[1]].append((rel, data))
         else:
             stray.append(rel)
+    empty = sorted(split_dirs - set(groups))
+    if empty:
+        raise DataError(f"{path}: split folder(s) {empty} contain no class/image files")
     if "train" not in groups:
         raise DataError(
             f"{path}: no train/<class>/<image> files found; expected a layout like "
@@ -107,7 +117,7 @@ def load_folder(path: Path, image_size: int | None, channels: int | None, cache_
     splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS if f"{s}_x" in arrays}
     skipped = [tuple(s) for s in meta["skipped"]]
     for name, reason in skipped:
-        warnings.warn(f"skipped unreadable image {name}: {reason}")
+        warnings.warn(f"{path}: skipped unreadable image {name}: {reason}")
     return ImageDataset(name=f"folder:{path}", classes=meta["classes"], skipped=skipped, **splits)
 
 

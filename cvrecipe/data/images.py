@@ -12,9 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
+
+# torchvision 0.29 announces a future move of its decoders; they are what this module relies on
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 CHUNK = 512  # images per batched decode_jpeg call; large enough to amortise the call overhead
@@ -70,6 +73,8 @@ def _decode_chunk(items: list[tuple[str, bytes]], channels: int) -> list[torch.T
     for _, data in items:
         try:
             results.append(_decode_one(data, channels))
+        except UnidentifiedImageError:
+            results.append("not a recognised image format")
         except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
             results.append(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
     return results

@@ -54,7 +54,7 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None) -> list[dict]:
     """Train `cfg.model` on `ds`, writing checkpoints and metrics into `run_dir`. Returns the history."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     tc = cfg.train
     device = resolve_device(tc.device)
     seed_everything(tc.seed, tc.deterministic)

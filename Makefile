@@ -1,0 +1,46 @@
+# Quick start:  make run   (train + evaluate the default recipe)
+#               make test  (the test suite)
+# Both create .venv and install what they need on first use; later calls skip the install.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RECIPE ?= fashion-mnist
+ARGS   ?=
+
+.PHONY: run test setup setup-test data-packages clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# the stamp files make reinstalls happen only when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/activate
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+setup: $(VENV)/.installed data-packages
+
+setup-test: $(VENV)/.installed-test data-packages
+
+# Debian ships Fashion-MNIST as a package; install it where we can (root + apt-get), otherwise
+# cvrecipe falls back to its checksummed download.
+data-packages:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
+	   && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    || echo "note: apt-get could not install dataset-fashion-mnist; cvrecipe will download it"; \
+	fi
+
+run: setup
+	$(VENV)/bin/cvrecipe run $(RECIPE) $(ARGS)
+
+test: setup-test
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
