@@ -55,7 +55,8 @@ def load_run_config(run_dir: Path) -> Config:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None,
+          callbacks: list | None = None) -> Path:
     """Train per `cfg` in a new run folder, or continue the run in `resume_dir`. Returns the folder."""
     console = console or Console(soft_wrap=True)
     if resume_dir is not None:
@@ -73,7 +74,7 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
     console.print(f"data: {ds.name}  train {len(ds.train)}  val {len(ds.val)}  "
                   f"{'test ' + str(len(ds.test)) if ds.test is not None else ''}  classes {len(ds.classes)}  "
                   f"image {ds.image_shape}")
-    fit(cfg, ds, run_dir, resume=resume_dir is not None, console=console)
+    fit(cfg, ds, run_dir, resume=resume_dir is not None, console=console, callbacks=callbacks)
     return run_dir
 
 

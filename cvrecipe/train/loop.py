@@ -52,8 +52,14 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return gen
 
 
-def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None) -> list[dict]:
-    """Train `cfg.model` on `ds`, writing checkpoints and metrics into `run_dir`. Returns the history."""
+def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None,
+        callbacks: list | None = None) -> list[dict]:
+    """Train `cfg.model` on `ds`, writing checkpoints and metrics into `run_dir`. Returns the history.
+
+    `callbacks`: objects with any of `on_train_start(model, cfg, run_dir)`, `on_epoch_end(row, model)`
+    and `on_train_end(history, run_dir)`; used by experiment trackers.
+    """
+    callbacks = callbacks or []
     console = console or Console(soft_wrap=True)
     tc = cfg.train
     device = resolve_device(tc.device)
@@ -76,6 +82,7 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
         state = _restore(run_dir / "last.ckpt", model, optimizer, scheduler, scaler)
         console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1} (step {state['step']})")
     writer = SummaryWriter(str(run_dir), purge_step=state["step"] if resume else None)
+    _notify(callbacks, "on_train_start", model, cfg, run_dir)
 
     for epoch in range(state["epoch"], tc.epochs):
         t0 = time.perf_counter()
@@ -89,6 +96,7 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
                "epoch_time_s": round(elapsed, 3), "images_per_s": round(steps_per_epoch * batch_size / elapsed, 1)}
         state["history"].append(row)
         _log_epoch(row, writer, run_dir, state["history"], console, tc.epochs)
+        _notify(callbacks, "on_epoch_end", row, model)
 
         value = row[tc.monitor]
         if _improved(value, state["best"], tc.mode, tc.min_delta):
@@ -103,7 +111,15 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
                           f"(best {state['best']:.4f})")
             break
     writer.close()
+    _notify(callbacks, "on_train_end", state["history"], run_dir)
     return state["history"]
+
+
+def _notify(callbacks: list, event: str, *args) -> None:
+    for callback in callbacks:
+        handler = getattr(callback, event, None)
+        if handler is not None:
+            handler(*args)
 
 
 def _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y, epoch, steps, batch_size,
