@@ -17,6 +17,14 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
+def alternating_flip(x: torch.Tensor, base_flip: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Flip image i in even epochs iff base_flip[i], in odd epochs iff not: every image is seen
+    both ways within any two consecutive epochs (less redundant than independent coin flips).
+    `base_flip` (B,) bool is drawn once per run for the images in this batch."""
+    flip = base_flip ^ bool(epoch % 2)
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
 def crop_at(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, pad_mode: str) -> torch.Tensor:
     """Pad by `padding` then take the H×W window at offsets (dy, dx) ∈ [0, 2·padding] per image."""
     b, c, h, w = x.shape

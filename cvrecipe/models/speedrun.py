@@ -1,0 +1,108 @@
+"""The fast CIFAR-10 network in the airbench94 style, built from switchable parts.
+
+Shape for 32×32 RGB input (widths 64/256/256):
+  whiten 2×2 conv (frozen) (B, 24, 31, 31) → GELU
+  → group(64)  conv3×3 → maxpool2 → BN → GELU → conv3×3 → BN → GELU   (B, 64, 15, 15)
+  → group(256)                                                          (B, 256, 7, 7)
+  → group(256)                                                          (B, 256, 3, 3)
+  → maxpool3 (B, 256, 1, 1) → linear (no bias) → × logit_scale
+About 1.97M parameters at the default widths.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cvrecipe.models.registry import ImageClassifier, register
+
+
+class FrozenScaleBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale is fixed at 1 (only the shift is learned), with tunable momentum.
+
+    `momentum` here is the running-statistics keep-rate convention of the speedrun recipes
+    (0.6 = keep 60% of the old estimate); torch's own argument is 1 − that.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.6, eps: float = 1e-12, affine_weight: bool = False):
+        super().__init__(channels, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad = affine_weight
+
+
+class IdentityInitConv(nn.Conv2d):
+    """3×3 'same' conv whose first in_channels filters start as the identity (Dirac) map, so a
+    fresh network passes its input through and training starts from a well-conditioned signal."""
+
+    def __init__(self, cin: int, cout: int, identity_init: bool = True):
+        self.identity_init = identity_init
+        super().__init__(cin, cout, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.identity_init:
+            nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, cin: int, cout: int, bn_momentum: float, bn_affine_weight: bool, identity_init: bool):
+        super().__init__()
+        self.conv1 = IdentityInitConv(cin, cout, identity_init)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight)
+        self.conv2 = IdentityInitConv(cout, cout, identity_init)
+        self.norm2 = FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@register("speedrun-net")
+def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int], widths=(64, 256, 256),
+                 whiten_kernel: int = 2, bn_momentum: float = 0.6, bn_affine_weight: bool = False,
+                 identity_init: bool = True, logit_scale: float = 1 / 9, dropout: float = 0.0) -> nn.Module:
+    whiten_width = 2 * in_channels * whiten_kernel**2  # eigenvector filters and their negatives
+    whiten = nn.Conv2d(in_channels, whiten_width, whiten_kernel, padding=0, bias=True)
+    whiten.weight.requires_grad = False  # frozen; set from data by init_whitening()
+    groups, cin = [], whiten_width
+    for width in widths:
+        groups.append(ConvGroup(cin, width, bn_momentum, bn_affine_weight, identity_init))
+        cin = width
+    return nn.Sequential(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(cin, num_classes, bias=False), Scale(logit_scale))
+
+
+def image_patches(x: torch.Tensor, size: int) -> torch.Tensor:
+    """All size×size patches (stride 1) of (N, C, H, W) images as (N·(H-size+1)·(W-size+1), C·size·size)."""
+    n, c = x.shape[:2]
+    p = x.unfold(2, size, 1).unfold(3, size, 1)  # (N, C, H', W', size, size)
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * size * size)
+
+
+@torch.no_grad()
+def init_whitening(model: ImageClassifier, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the frozen first conv to whiten 2×2 patches of `images` (uint8 (N, C, H, W), a few thousand).
+
+    Filters are the eigenvectors of the (uncentred) patch covariance scaled by 1/sqrt(λ + eps), so
+    the first half of the output channels has covariance ≈ identity on these images; the second
+    half holds the negated filters, which lets the following GELU keep both signs.
+    """
+    whiten = model.net[0]
+    k = whiten.kernel_size[0]
+    x = model.normalize(images.to(whiten.weight.device)).float()
+    patches = image_patches(x, k).double()  # (P, C·k·k)
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0)  # largest variance first
+    filters = filters.reshape(-1, x.shape[1], k, k).to(whiten.weight.dtype)
+    whiten.weight.copy_(torch.cat([filters, -filters]))
+    whiten.bias.zero_()

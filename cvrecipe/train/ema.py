@@ -1,0 +1,38 @@
+"""An exponential moving average of the weights, folded back into the model (Lookahead style)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class WeightEMA:
+    """ema ← decay·ema + (1 − decay)·w for every float tensor in the state dict (BN stats included).
+
+    With `lookahead=True`, `update` also writes the average back into the model, so the fast
+    weights restart from the slow ones (Lookahead); otherwise the model is left alone and
+    `copy_to` installs the average at the end.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float, lookahead: bool = False) -> None:
+        state = model.state_dict()
+        for key, avg in self.shadow.items():
+            avg.lerp_(state[key], 1 - decay)
+            if lookahead:
+                state[key].copy_(avg)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        for key, avg in self.shadow.items():
+            state[key].copy_(avg)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            self.shadow[key].copy_(value)
