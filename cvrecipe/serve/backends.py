@@ -1,0 +1,151 @@
+"""Backends: find the model file a server should load, load it, warm it up.
+
+Three kinds of file are served, each loaded without unpickling arbitrary objects:
+ONNX (ONNX Runtime), TorchScript (`torch.jit.load`), and a run's best.safetensors (the eager
+model, rebuilt from the metadata stored in the file). Exported files are checked against the
+sha256 in their model.json before loading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvrecipe.export import manifest as mf
+
+KINDS = {".onnx": "onnx", ".pt": "torchscript", ".safetensors": "safetensors"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path  # the file to load
+    kind: str  # onnx | torchscript | safetensors
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.kind == "onnx" else "torch"
+
+
+def resolve_source(path: Path, backend: str = "auto") -> ModelSource:
+    """The model file behind a run folder, an export folder or a file, for `backend`.
+
+    auto prefers ONNX Runtime when an ONNX export exists; otherwise torch (a TorchScript export
+    in an export folder, or the eager model from a run's best.safetensors).
+    """
+    path = Path(path)
+    if path.is_file():
+        kind = KINDS.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"cannot serve {path}: expected a .onnx, .pt or .safetensors file")
+        source = ModelSource(path, kind)
+    elif (path / mf.MANIFEST).is_file():
+        source = _from_export_dir(path, backend)
+    elif (path / "best.safetensors").is_file():
+        export_dir = path / "export"
+        if backend != "torch" and (export_dir / "model.onnx").is_file():
+            source = ModelSource(export_dir / "model.onnx", "onnx")
+        elif backend == "onnxruntime":
+            raise FileNotFoundError(f"{path} has no ONNX export ({export_dir / 'model.onnx'}); create it with "
+                                    f"`cvrecipe export {path} --format onnx --dynamic-batch` or use --backend torch")
+        else:
+            source = ModelSource(path / "best.safetensors", "safetensors")
+    else:
+        raise FileNotFoundError(f"{path} is neither a run folder (best.safetensors), an export folder "
+                                f"({mf.MANIFEST}) nor a .onnx/.pt/.safetensors file")
+    if backend != "auto" and source.backend != backend:
+        raise ValueError(f"{source.path} is a {source.kind} file, which the {backend} backend cannot run")
+    return source
+
+
+def _from_export_dir(path: Path, backend: str) -> ModelSource:
+    files = mf.read_manifest(path).get("files", {})
+    wanted = {"onnxruntime": ["model.onnx"], "torch": ["model.pt"], "auto": ["model.onnx", "model.pt"]}[backend]
+    for name in wanted:
+        if name in files:
+            return ModelSource(path / name, KINDS[Path(name).suffix])
+    raise FileNotFoundError(f"{path / mf.MANIFEST} lists {', '.join(files) or 'no files'}; the {backend} backend "
+                            f"needs {' or '.join(wanted)}")
+
+
+class EagerRunner:
+    """The eager model from a safetensors checkpoint, with the runners' predict interface."""
+
+    fixed_batch = None
+
+    def __init__(self, path: Path, device):
+        import torch
+
+        from cvrecipe.train.checkpoint import load_model
+
+        self.torch, self.device = torch, device
+        self.model = load_model(path, device)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            batch = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).to(self.device)
+            return self.model(batch).float().cpu().numpy()
+
+
+@dataclass
+class Backend:
+    """A loaded model: `predict(uint8 (B, C, H, W)) → float32 logits (B, K)` plus what describes it."""
+
+    runner: Any
+    source: ModelSource
+    version: str  # first 12 hex digits of the model file's sha256
+    info: dict  # name, class_names, in_channels, input_size, precision, source run
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.runner.predict(x)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.info["in_channels"], *self.info["input_size"])  # (C, H, W)
+
+    def describe(self) -> dict:
+        return {**self.info, "version": self.version, "backend": self.source.backend, "format": self.source.kind,
+                "file": str(self.source.path), "fixed_batch_size": self.runner.fixed_batch}
+
+
+def load_backend(source: ModelSource) -> Backend:
+    """Load `source` (checking an export's sha256 first); the device is the CPU for ONNX Runtime,
+    the best available one for torch."""
+    from cvrecipe.device import resolve_device
+
+    if source.kind == "safetensors":
+        from cvrecipe.train.checkpoint import read_metadata
+
+        meta, _ = read_metadata(source.path)
+        version = mf.sha256_file(source.path)[:12]
+        info = {"name": meta["name"], "class_names": meta["class_names"], "in_channels": meta["in_channels"],
+                "input_size": list(meta["input_size"]), "precision": "fp32", "run": str(source.path.parent)}
+        return Backend(EagerRunner(source.path, resolve_device("auto")), source, version, info)
+    entry = mf.verify_file(source.path.parent, source.path.name)
+    manifest = mf.read_manifest(source.path.parent)
+    pre = manifest["preprocessing"]
+    info = {"name": manifest["model"]["name"], "class_names": manifest["class_names"], "in_channels": pre["channels"],
+            "input_size": list(pre["input_size"]), "precision": entry["precision"],
+            "run": manifest["source"].get("run")}
+    if source.kind == "onnx":
+        from cvrecipe.export.onnx import OnnxRunner
+
+        runner = OnnxRunner(source.path, spin=False)
+    else:
+        from cvrecipe.export.torchscript import TorchScriptRunner
+
+        runner = TorchScriptRunner(source.path, resolve_device("auto"))
+    return Backend(runner, source, entry["sha256"][:12], info)
+
+
+def warm_up(backend: Backend, max_batch_size: int, passes: int) -> None:
+    """Run zero images at batch sizes 1 and `max_batch_size`, so first requests do not pay for
+    lazy initialisation (allocator growth, kernel selection)."""
+    for size in sorted({1, max_batch_size}):
+        x = np.zeros((size, *backend.input_shape), np.uint8)
+        for _ in range(passes):
+            logits = backend.predict(x)
+        if logits.shape != (size, len(backend.info["class_names"])):
+            raise ValueError(f"{backend.source.path} gives logits of shape {logits.shape} for {size} images; "
+                             f"expected ({size}, {len(backend.info['class_names'])})")
