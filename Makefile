@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 RECIPE ?= fashion-mnist
 ARGS   ?=
 
-.PHONY: run test setup setup-test data-packages clean
+.PHONY: run test setup setup-test data-packages browser-packages clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/activate
 
 setup: $(VENV)/.installed data-packages
 
-setup-test: $(VENV)/.installed-test data-packages
+setup-test: $(VENV)/.installed-test data-packages browser-packages
 
 # Debian ships Fashion-MNIST as a package; install it where we can (root + apt-get), otherwise
 # cvrecipe falls back to its checksummed download.
@@ -34,6 +34,14 @@ data-packages:
 	   && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	    || echo "note: apt-get could not install dataset-fashion-mnist; cvrecipe will download it"; \
+	fi
+
+# The web page test drives Debian's chromium through playwright (never `playwright install`);
+# without it that test skips with a reason.
+browser-packages:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	    || echo "note: apt-get could not install chromium; the browser test will be skipped"; \
 	fi
 
 run: setup

@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("run", help="train a recipe, then evaluate it (the main job)",
                          description="Train the recipe in a new run folder, then evaluate its best checkpoint "
-                                     "on the held-out split and write eval.json.")
+                                     "on the held-out split and write eval.json and report.html.")
     _add_recipe_args(p)
+    p.add_argument("--no-sanity", action="store_true",
+                   help="skip the sanity checks before training (same as train.sanity=false)")
 
     p = verbs.add_parser("train", help="train a recipe (or resume a run)",
                          description="Train the recipe in a new folder runs/<name> (runs/<name>-2, ... if taken).")
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in folder RUN from its last.ckpt (recipe and overrides are ignored)")
     p.add_argument("--deterministic", action="store_true",
                    help="use deterministic kernels (same as train.deterministic=true)")
+    p.add_argument("--no-sanity", action="store_true",
+                   help="skip the sanity checks before training (same as train.sanity=false)")
 
     p = verbs.add_parser("eval", help="evaluate a run's best checkpoint",
                          description="Accuracy, top-5, per-class precision/recall/F1 and confusion matrix "
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=5, help="number of classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = verbs.add_parser("data", help="dataset tools: info, prepare",
+    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect",
                          description="Inspect or pre-decode a dataset into the uint8 cache.")
     sub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     for name, text in (("info", "print splits, classes, image shape and skipped files"),
@@ -58,6 +62,54 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("data", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, digits) or folder:PATH")
         q.add_argument("--image-size", type=int, help="resize images to this square size")
         q.add_argument("--channels", type=int, choices=[1, 3], help="force grayscale (1) or RGB (3)")
+    text = ("audit the data: class balance, sizes and modes, pixel statistics, unreadable files, exact and near "
+            "duplicates, train/test leakage, samples, and a batch as the model sees it")
+    q = sub.add_parser("inspect", help="audit a dataset into an HTML report and audit.json", description=text)
+    q.add_argument("data", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, digits) or folder:PATH")
+    q.add_argument("--out", type=Path, default=Path("data-report"), help="output folder (default data-report)")
+    q.add_argument("--recipe", help="recipe whose preprocessing and augmentation to show (default: none)")
+    q.add_argument("overrides", nargs="*", help=f"{OVERRIDE_HELP}; applied to --recipe (e.g. augment.hflip=true)")
+
+    p = verbs.add_parser("doctor", help="sanity checks for a recipe, without training",
+                         description="Loss at init, overfitting one batch, a zero-input baseline and a "
+                                     "shuffled-label leak test, on copies of the recipe's initial model. "
+                                     "Exit status 1 when a check fails.")
+    _add_recipe_args(p)
+
+    p = verbs.add_parser("report", help="HTML report of a run: curves, confusion, calibration, Grad-CAM",
+                         description="Write RUN/report.html and RUN/plots/*.png for RUN's best checkpoint.")
+    p.add_argument("run", type=Path, help="run folder (e.g. runs/fashion-mnist)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on the validation split and store it in best.safetensors' metadata")
+
+    p = verbs.add_parser("export", help="export a run to ONNX or TorchScript, checked against the eager model",
+                         description="Write RUN/export/model.onnx or model.pt plus model.json (preprocessing, class "
+                                     "names, source, sha256). The export is checked on up to 1,000 images of the run's "
+                                     "held-out split and refused if it does not match the eager model.")
+    p.add_argument("run", type=Path, help="run folder (e.g. runs/fashion-mnist)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format (default onnx)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="ONNX: accept any batch size (needed for batching in `serve`); otherwise the batch is 1")
+    p.add_argument("--half", action="store_true", help="fp16 weights and activations (looser parity tolerance)")
+    p.add_argument("--max-images", type=int, default=1000, help="images used by the parity check (default 1000)")
+
+    p = verbs.add_parser("serve", help="HTTP server with dynamic batching, a web page, health and metrics",
+                         description="Serve a run, an export folder or a model file over HTTP: POST /v1/predict, "
+                                     "/v1/predict/batch, GET / (web page), /healthz, /readyz, /v1/model, /metrics.")
+    p.add_argument("source", type=Path, help="run folder, export folder (model.json) or .onnx/.pt/.safetensors file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
+                   help="auto (default) uses ONNX Runtime when an ONNX export exists, else torch")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="images per forward pass; 1 = no batching (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="time a batch waits to fill up (default 5 ms)")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="images that may wait before requests get 503 (default 256)")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="answer 504 after this many seconds (default 10)")
+    p.add_argument("--max-body-mb", type=float, default=10.0, help="answer 413 to larger bodies (default 10 MiB)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on predict and admin routes")
+    p.add_argument("--cors-origin", help="allow browser calls from this origin (default: CORS off)")
 
     verbs.add_parser("models", help="list registered models", description="List the registered model names.")
     return parser
@@ -86,18 +138,38 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from cvrecipe import runs
     from cvrecipe.config import load_config
 
+    no_sanity = ["train.sanity=false"] if getattr(args, "no_sanity", False) else []
     if args.verb == "run":
-        runs.run(args.recipe, args.overrides, console)
+        runs.run(args.recipe, args.overrides + no_sanity, console)
     elif args.verb == "train":
-        overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else [])
+        overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else []) + no_sanity
         cfg = load_config(args.recipe, overrides)
         runs.train(cfg, resume_dir=args.resume, console=console)
     elif args.verb == "eval":
         runs.evaluate(args.run, args.data, args.split, console)
     elif args.verb == "predict":
         _print_predictions(runs.predict(args.run, args.images, args.top_k), args.json, console)
+    elif args.verb == "data" and args.data_verb == "inspect":
+        from cvrecipe.data.report import inspect_data
+
+        inspect_data(args.data, args.out, args.recipe, args.overrides, console=console)
     elif args.verb == "data":
         _data(args, console)
+    elif args.verb == "doctor":
+        from cvrecipe.sanity import doctor
+
+        results = doctor(load_config(args.recipe, args.overrides), console)
+        return 1 if any(r.status == "fail" for r in results) else 0
+    elif args.verb == "report":
+        runs.report(args.run, args.calibrate, console)
+    elif args.verb == "export":
+        _export(args, console)
+    elif args.verb == "serve":
+        from cvrecipe.serve import ServeSettings, serve
+
+        serve(ServeSettings(args.source, args.backend, args.host, args.port, args.max_batch_size, args.max_wait_ms,
+                            args.queue_size, args.timeout_s, args.max_body_mb, token=args.token,
+                            cors_origin=args.cors_origin))
     elif args.verb == "models":
         from cvrecipe.models import list_models
 
@@ -136,6 +208,17 @@ def _data(args: argparse.Namespace, console: Console) -> None:
         console.print(f"  [yellow]{len(ds.skipped)} unreadable file(s) skipped:")
         for name, reason in ds.skipped[:20]:
             console.print(f"    {name}: {reason}", highlight=False)
+
+
+def _export(args: argparse.Namespace, console: Console) -> None:
+    from cvrecipe.export import export_run
+
+    result = export_run(args.run, args.format, args.dynamic_batch, args.half, max_images=args.max_images)
+    entry = result.manifest["files"][result.path.name]
+    console.print(f"exported {result.path} ({entry['precision']}, {entry['bytes'] / 1e6:.2f} MB, "
+                  f"sha256 {entry['sha256'][:12]})", highlight=False)
+    console.print(f"parity vs eager model: {result.parity.summary()}", highlight=False)
+    console.print(f"metadata: {result.path.parent / 'model.json'}", highlight=False)
 
 
 if __name__ == "__main__":

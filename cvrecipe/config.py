@@ -45,6 +45,7 @@ class ModelConfig:
     name: str = "small-cnn"  # a registered model name (see `cvrecipe models`)
     dropout: float = 0.0  # dropout before the classifier, where the model has one
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model constructor
+    init_bias_prior: bool = False  # start the last layer's bias at log(class prior): init loss = prior entropy
 
 
 @dataclass
@@ -72,6 +73,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 20  # steps between progress/NaN checks (each check costs a device sync)
     num_threads: int | None = None  # torch CPU threads; None = torch default
+    sanity: bool = True  # run the sanity checks (`cvrecipe doctor`) before training; a fail stops the run
+
+
+@dataclass
+class TrackConfig:
+    mlflow: bool = False  # log params, per-epoch metrics, the model and the report to MLflow
+    mlflow_uri: str | None = None  # MLflow tracking URI; None = sqlite:///mlflow.db in the working directory
+    experiment: str = "cvrecipe"  # MLflow experiment name (created on first use)
 
 
 @dataclass
@@ -82,6 +91,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     @property
     def run_dir(self) -> Path:

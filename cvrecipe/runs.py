@@ -2,11 +2,13 @@
 
 runs/<name>/  config.yaml  run.json  metrics.csv  events.*  best.safetensors  last.ckpt
               skipped_files.txt (when any input file was unreadable)  eval.json
+              report.html  plots/*.png  mlflow.json (when tracked with MLflow)
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from cvrecipe.data import ImageDataset, load_dataset
 from cvrecipe.device import resolve_device
 from cvrecipe.evaluate.metrics import classification_metrics
 from cvrecipe.evaluate.predict import expand_image_paths, load_images_for_model, predict_logits, topk
+from cvrecipe.sanity import check_before_training
 from cvrecipe.train.checkpoint import load_model, read_metadata
 from cvrecipe.train.loop import fit
 
@@ -63,10 +66,15 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
         run_dir = Path(resume_dir)
         cfg = load_run_config(run_dir)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
+    sanity = [] if resume_dir is not None else check_before_training(cfg, ds, console)  # a fail raises here
     if resume_dir is None:
         run_dir = new_run_dir(cfg)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps(_run_info(cfg, ds), indent=1))
+        (run_dir / "run.json").write_text(json.dumps({**_run_info(cfg, ds), "sanity": sanity}, indent=1))
+    if cfg.track.mlflow:
+        from cvrecipe.tracking import MlflowLogger
+
+        callbacks = [*(callbacks or []), MlflowLogger(cfg.track)]
     if ds.skipped:
         (run_dir / "skipped_files.txt").write_text("".join(f"{name}\t{reason}\n" for name, reason in ds.skipped))
         console.print(f"[yellow]skipped {len(ds.skipped)} unreadable file(s); listed in {run_dir / 'skipped_files.txt'}")
@@ -82,8 +90,20 @@ def _run_info(cfg: Config, ds: ImageDataset) -> dict:
     return {"seed": cfg.train.seed, "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
             "device": str(resolve_device(cfg.train.device)), "host": platform.node(),
+            "hardware": _hardware(resolve_device(cfg.train.device)),
             "dataset": {"name": ds.name, "classes": ds.classes, "train": len(ds.train), "val": len(ds.val),
                         "test": len(ds.test) if ds.test is not None else 0, "skipped_files": len(ds.skipped)}}
+
+
+def _hardware(device: torch.device) -> dict:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    info = {"cpu": names[0] if names else platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
@@ -146,5 +166,16 @@ def run(recipe: str | None, overrides: list[str], console: Console | None = None
     cfg = load_config(recipe, overrides)
     run_dir = train(cfg, console=console)
     evaluate(run_dir, console=console)
+    report(run_dir, console=console)
     console.print(f"done: {run_dir}")
     return run_dir
+
+
+def report(run_dir: Path, calibrate: bool = False, console: Console | None = None) -> Path:
+    """RUN/report.html + RUN/plots/; attached to the run's MLflow run when it was tracked."""
+    from cvrecipe.evaluate.report import write_report
+    from cvrecipe.tracking import log_report
+
+    path = write_report(run_dir, calibrate, console)
+    log_report(run_dir)
+    return path

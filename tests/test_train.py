@@ -87,8 +87,10 @@ def test_early_stopping_stops_and_keeps_best(tmp_path):
     cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=20", "train.lr=0",
                                        "train.early_stopping=true", "train.patience=2",
                                        "train.monitor=val_loss", "train.mode=min", "train.min_delta=0.05"])
-    history = read_metrics(train(cfg))
-    assert len(history) == 3
+    run_dir = train(cfg)
+    assert len(read_metrics(run_dir)) == 3
+    train(cfg, resume_dir=run_dir)  # resuming a run that stopped early does not train on
+    assert len(read_metrics(run_dir)) == 3
 
 
 class _NanAfter(nn.Module):
@@ -115,8 +117,9 @@ register("test-nan-after")(_NanAfter)
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     # digits: 1,437 train images → 1,293 after val → 20 steps per epoch at batch 64; NaN in epoch 2
     cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "model.name=test-nan-after",
-                                       "model.kwargs={steps: 30}", "train.epochs=5", "train.log_every=5"])
-    with pytest.raises(TrainingDiverged, match=r"nan during epoch 2.*last good checkpoint \(end of epoch 1\)"):
+                                       "model.kwargs={steps: 30}", "train.epochs=5", "train.log_every=5",
+                                       "train.sanity=false"])  # the overfit check would catch it first
+    with pytest.raises(TrainingDiverged, match=r"nan during epoch 2.*last good checkpoint \(end of epoch 1\) is kept"):
         train(cfg)
     ckpt = load_resume(tmp_path / "digits-quick" / "last.ckpt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -102,8 +102,11 @@ def decode_images(
     None the most common (H, W) among the decoded images is used.
     """
     chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        decoded = [r for chunk in pool.map(lambda c: _decode_chunk(c, channels), chunks) for r in chunk]
+    if len(chunks) <= 1 or threads <= 1:  # a pool costs ~1 ms to start: not worth it for one chunk
+        decoded = [r for chunk in chunks for r in _decode_chunk(chunk, channels)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            decoded = [r for chunk in pool.map(lambda c: _decode_chunk(c, channels), chunks) for r in chunk]
     good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
     skipped = [(items[i][0], r) for i, r in enumerate(decoded) if not isinstance(r, torch.Tensor)]
     if isinstance(size, int):

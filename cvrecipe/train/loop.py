@@ -25,6 +25,7 @@ from cvrecipe.data.augment import augment_batch
 from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything
 from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.models import ImageClassifier, create_model
+from cvrecipe.models.head import set_bias_to_prior
 from cvrecipe.train.checkpoint import load_resume, save_resume, save_weights
 from cvrecipe.train.optim import build_optimizer, build_scheduler
 
@@ -42,8 +43,11 @@ def build_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
     if cfg.data.normalize:
         pixels = torch.from_numpy(ds.train.x).float().div_(255).transpose(0, 1).reshape(c, -1)  # (C, N·H·W)
         mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
-    return create_model(cfg.model.name, num_classes=len(ds.classes), in_channels=c, input_size=(h, w),
-                        mean=mean, std=std, class_names=ds.classes, dropout=cfg.model.dropout, **cfg.model.kwargs)
+    model = create_model(cfg.model.name, num_classes=len(ds.classes), in_channels=c, input_size=(h, w),
+                         mean=mean, std=std, class_names=ds.classes, dropout=cfg.model.dropout, **cfg.model.kwargs)
+    if cfg.model.init_bias_prior:
+        set_bias_to_prior(model, ds.train.y, len(ds.classes))
+    return model
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -77,7 +81,7 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if resume:
         state = _restore(run_dir / "last.ckpt", model, optimizer, scheduler, scaler)
         console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1} (step {state['step']})")
@@ -85,6 +89,8 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     _notify(callbacks, "on_train_start", model, cfg, run_dir)
 
     for epoch in range(state["epoch"], tc.epochs):
+        if state["stopped_early"]:
+            break  # a resumed run that had already stopped early stays stopped
         t0 = time.perf_counter()
         train_loss, train_acc = _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y,
                                              epoch, steps_per_epoch, batch_size, device, dtype, memory_format, console)
@@ -105,8 +111,9 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
+        state["stopped_early"] = tc.early_stopping and state["bad_epochs"] >= tc.patience
         save_resume(_snapshot(state, model, optimizer, scheduler, scaler), run_dir / "last.ckpt")
-        if tc.early_stopping and state["bad_epochs"] >= tc.patience:
+        if state["stopped_early"]:
             console.print(f"early stopping: {tc.monitor} has not improved for {tc.patience} epochs "
                           f"(best {state['best']:.4f})")
             break
@@ -155,10 +162,11 @@ def _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y,
             if (i + 1) % tc.log_every == 0 or i + 1 == steps:
                 mean_loss = loss_sum.item() / (i + 1)
                 if not math.isfinite(mean_loss):
+                    kept = (f"the last good checkpoint (end of epoch {epoch}) is kept as last.ckpt" if epoch
+                            else "no epoch had completed, so there is no checkpoint")
                     raise TrainingDiverged(
                         f"loss became {mean_loss} during epoch {epoch + 1} (by step {i + 1} of {steps}); "
-                        f"stopping. The last good checkpoint (end of epoch {epoch}) is kept as last.ckpt; "
-                        "try a lower train.lr, train.grad_clip, or train.precision=fp32")
+                        f"stopping: {kept}. Try a lower train.lr, train.grad_clip, or train.precision=fp32")
                 rate = (i + 1) * batch_size / (time.perf_counter() - t0)
                 progress.update(task, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
     return loss_sum.item() / steps, correct.item() / (steps * batch_size)
@@ -214,4 +222,4 @@ def _restore(path: Path, model, optimizer, scheduler, scaler) -> dict:
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return {k: ckpt[k] for k in ("epoch", "step", "best", "bad_epochs", "history")}
+    return {k: ckpt[k] for k in ("epoch", "step", "best", "bad_epochs", "history", "stopped_early")}
