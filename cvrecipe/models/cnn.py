@@ -39,7 +39,7 @@ def small_cnn(num_classes: int, in_channels: int, input_size: tuple[int, int], w
               dropout: float = 0.1) -> nn.Module:
     """A fast CNN for 28×28 grayscale: two conv-conv-pool stages, one conv, global pooling.
 
-    Widths w, 2w, 4w (default 32/64/128); about 0.29M parameters at w=32. Global average
+    Widths w, 2w, 4w (default 32/64/128); about 0.14M parameters at w=32. Global average
     pooling makes it work at any input size.
     """
     w = width
