@@ -56,6 +56,8 @@ class TrainConfig:
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9  # SGD momentum / Adam beta1
     weight_decay: float = 5e-4  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
+    units: str = "batch"  # batch: lr/weight_decay as torch takes them | per1024: speedrun units (see optim.py)
+    bias_lr_scale: float = 1.0  # lr multiplier for normalisation-layer biases (64 in the speedrun recipes)
     schedule: str = "onecycle"  # onecycle | cosine | constant
     warmup_epochs: float = 0.0  # linear warm-up length for cosine/constant (epochs, fractional ok)
     onecycle_pct: float = 0.25  # fraction of training spent rising to the peak lr in onecycle
