@@ -171,9 +171,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                             args.queue_size, args.timeout_s, args.max_body_mb, token=args.token,
                             cors_origin=args.cors_origin))
     elif args.verb == "models":
-        from cvrecipe.models import list_models
+        from cvrecipe.models import list_models, list_pretrained
 
         console.print("\n".join(list_models()))
+        console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
+        console.print("\n".join(list_pretrained()), markup=False)
     return 0
 
 

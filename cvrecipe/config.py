@@ -25,7 +25,8 @@ class DataConfig:
     name: str = "fashion-mnist"  # dataset: a registered name or folder:PATH (dir or archive)
     image_size: int | None = None  # resize every image to this square size; None keeps native size
     channels: int | None = None  # 1 (grayscale) or 3 (RGB); None decides from the data
-    val_fraction: float = 0.1  # held out of train, stratified, when the source has no val split
+    val_fraction: float = 0.1  # held out of train, stratified, when the source has no val split (0 = none:
+    #                            every training image trains, the last epoch's weights are kept)
     subset: int | None = None  # use only this many training images (stratified); for quick runs
     normalize: bool = True  # standardise inputs with the training set's per-channel mean/std
     hflip_ok: bool | None = None  # may images be mirrored left-right? None asks the dataset
@@ -38,6 +39,8 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop after this many pixels of padding on each side; 0 = off
     pad_mode: str = "reflect"  # padding for the crop: reflect | constant
     cutout: int = 0  # side in pixels of one zeroed square per image; 0 = off
+    flip_mode: str = "random"  # random: a coin per image per epoch | alternate: a coin per image per run,
+    #                            then flipped every other epoch (each image seen both ways every 2 epochs)
 
 
 @dataclass
@@ -58,9 +61,16 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
     units: str = "batch"  # batch: lr/weight_decay as torch takes them | per1024: speedrun units (see optim.py)
     bias_lr_scale: float = 1.0  # lr multiplier for normalisation-layer biases (64 in the speedrun recipes)
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    schedule: str = "onecycle"  # onecycle | cosine | constant | triangular
     warmup_epochs: float = 0.0  # linear warm-up length for cosine/constant (epochs, fractional ok)
-    onecycle_pct: float = 0.25  # fraction of training spent rising to the peak lr in onecycle
+    onecycle_pct: float = 0.25  # fraction of training spent rising to the peak lr (onecycle, triangular)
+    triangle_ends: list = field(default_factory=lambda: [0.2, 0.07])  # triangular: lr factor at start, at end
+    ema: str = "off"  # off | ema: evaluate an average of the weights | lookahead: also pull the weights to it
+    ema_decay: float = 0.774  # peak decay per update (0.95 ** 5), ramped up as (step / total) ** 3
+    ema_every: int = 5  # optimisation steps between weight-average updates
+    muon_lr: float = 0.24  # optimizer=muon: lr of the orthogonalised conv-filter updates (other params: SGD)
+    muon_momentum: float = 0.6  # optimizer=muon: momentum of the conv-filter updates
+    compile: bool = False  # torch.compile the model (first steps pay a one-time compile)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: float | None = None  # clip the global gradient norm to this value; None = off
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA when supported, fp32 on CPU)
@@ -79,6 +89,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    tta: int = 0  # test-time augmentation: 0 off | 1 image + mirror | 2 also 1-pixel shifts (6 views)
+
+
+@dataclass
+class FinetuneConfig:
+    strategy: str = "none"  # none (train everything, no special handling) | linear | full | two-stage
+    freeze_epochs: int = 0  # two-stage: epochs training only the new head before the backbone unfreezes
+    backbone_lr_scale: float = 0.1  # lr of the backbone's last layer, × train.lr (the head gets 1×)
+    layer_decay: float = 1.0  # each earlier backbone layer's lr is this × the next one's (1 = no decay)
+    feature_cache: bool = False  # linear: compute backbone features once, train the head on them
+
+
+@dataclass
 class TrackConfig:
     mlflow: bool = False  # log params, per-epoch metrics, the model and the report to MLflow
     mlflow_uri: str | None = None  # MLflow tracking URI; None = sqlite:///mlflow.db in the working directory
@@ -93,6 +117,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
     @property

@@ -37,6 +37,7 @@ from cvrecipe.data.augment import augment_batch
 from cvrecipe.device import resolve_device, seed_everything
 from cvrecipe.models import ImageClassifier
 from cvrecipe.models.head import class_prior
+from cvrecipe.train.finetune import Finetune
 from cvrecipe.train.loop import build_model
 
 # Budgets, chosen so the four checks take seconds for small-cnn on Fashion-MNIST on 2 CPU cores
@@ -105,9 +106,12 @@ def cpu_threads(n: int | None):
 
 
 def initial_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
-    """The model exactly as `fit` builds it: same seed, same draws, hence the same weights."""
+    """The model exactly as `fit` builds it: same seed, same draws, hence the same weights, and
+    frozen as its first epoch trains it (a pretrained backbone then costs forward passes only)."""
     seed_everything(cfg.train.seed)
-    return build_model(cfg, ds)
+    model = build_model(cfg, ds)
+    Finetune(model, cfg.finetune, cfg.train.epochs).on_epoch_start(0)
+    return model
 
 
 def training_loss(cfg: Config) -> LossFn:

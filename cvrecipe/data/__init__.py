@@ -29,7 +29,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
     """Load, convert to the configured size/channels, carve val from train if needed, subset."""
     ds = load_source(cfg.name, cfg)
     ds = _conform(ds, cfg.image_size, cfg.channels)
-    if ds.val is None:
+    if ds.val is None and cfg.val_fraction <= 0:  # no validation: every training image trains
+        ds = dataclasses.replace(ds, val=ds.train.take(np.arange(0)))
+    elif ds.val is None:
         keep, held = stratified_split(ds.train.y, cfg.val_fraction, seed)
         ds = dataclasses.replace(ds, train=ds.train.take(keep), val=ds.train.take(held))
     if cfg.subset is not None:

@@ -59,12 +59,23 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(mask, 0)
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator) -> torch.Tensor:
-    """Apply the configured augmentations in a fixed order: crop, flip, cutout."""
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+                  base_flip: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+    """Apply the configured augmentations in a fixed order: crop, flip, cutout.
+
+    `base_flip` (B,) bool: the per-run coins of these images, needed when cfg.flip_mode is "alternate".
+    """
     if cfg.crop_padding > 0:
         x = random_crop(x, cfg.crop_padding, gen, cfg.pad_mode)
     if cfg.hflip and hflip_ok:
-        x = random_flip(x, gen)
+        if cfg.flip_mode == "alternate":
+            if base_flip is None:  # outside the training loop (previews, sanity checks): fresh coins
+                base_flip = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
+            x = alternating_flip(x, base_flip, epoch)
+        elif cfg.flip_mode == "random":
+            x = random_flip(x, gen)
+        else:
+            raise ValueError(f"augment.flip_mode must be random or alternate, got '{cfg.flip_mode}'")
     if cfg.cutout > 0:
         x = cutout(x, cfg.cutout, gen)
     return x

@@ -56,8 +56,12 @@ class ImageDataset:
             raise DataError(f"dataset {self.name} has {len(self.classes)} class(es): {self.classes}; need at least 2")
         for split_name in ("train", "val", "test"):
             split = getattr(self, split_name)
-            if split is not None and len(split) == 0:
-                raise DataError(f"dataset {self.name}: split '{split_name}' is empty")
+            if split is None or len(split) > 0:
+                continue
+            if split_name == "val" and self.test is not None and len(self.test):
+                continue  # data.val_fraction=0: no validation, the test split still evaluates
+            hint = " (data.val_fraction=0 needs a test split to evaluate on)" if split_name == "val" else ""
+            raise DataError(f"dataset {self.name}: split '{split_name}' is empty{hint}")
         present = np.unique(self.train.y)
         missing = [self.classes[i] for i in range(len(self.classes)) if i not in present]
         if missing:

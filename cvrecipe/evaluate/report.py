@@ -52,7 +52,7 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     model = load_model(checkpoint, device)
     ds = load_dataset(dataclasses.replace(cfg.data, subset=None), seed=cfg.train.seed)
     split, part = ds.eval_split
-    logits, y = predict_logits(model, part.x, 512, device), torch.from_numpy(part.y)
+    logits, y = predict_logits(model, part.x, 512, device, tta=cfg.eval.tta), torch.from_numpy(part.y)
     metrics = classification_metrics(logits, y, model.meta["class_names"])
     temperature = _temperature(model, checkpoint, ds, device, calibrate, console)
     plots = run_dir / "plots"
@@ -75,6 +75,9 @@ def _temperature(model, checkpoint: Path, ds, device, calibrate: bool, console: 
     _, extra = read_metadata(checkpoint)
     if not calibrate:
         return extra.get("calibration", {}).get("temperature")
+    if len(ds.val) == 0:
+        raise ValueError(f"--calibrate fits a temperature on the val split, and {checkpoint.parent} was trained "
+                         "with data.val_fraction=0 (no val split)")
     logits = predict_logits(model, ds.val.x, 512, device)
     y = torch.from_numpy(ds.val.y)
     temperature = fit_temperature(logits, y)

@@ -13,18 +13,45 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_PRETRAINED: dict[str, Callable[..., nn.Module]] = {}  # fixed preprocessing and RGB input: listed apart
+_PREFIXES: dict[str, Callable[..., nn.Module]] = {}  # "timm" → fn(arch, num_classes, ...) for "timm:arch"
 
 
-def register(name: str):
-    """Decorator: `@register("seed-cnn")` on a function (num_classes, in_channels, **kw) → nn.Module."""
+def register(name: str, pretrained: bool = False):
+    """Decorator: `@register("seed-cnn")` on a function (num_classes, in_channels, **kw) → nn.Module.
+    `pretrained=True`: the network loads pretrained weights and brings its own preprocessing."""
     def wrap(fn):
-        _REGISTRY[name] = fn
+        (_PRETRAINED if pretrained else _REGISTRY)[name] = fn
+        return fn
+    return wrap
+
+
+def register_prefix(prefix: str):
+    """Decorator for a family of library models named `prefix:arch`: fn(arch, num_classes, in_channels, **kw)."""
+    def wrap(fn):
+        _PREFIXES[prefix] = fn
         return fn
     return wrap
 
 
 def list_models() -> list[str]:
+    """Models trained from scratch: any channel count, the dataset's own mean/std."""
     return sorted(_REGISTRY)
+
+
+def list_pretrained() -> list[str]:
+    """Pretrained backbones (RGB, their own preprocessing), then the library families as `prefix:<arch>`."""
+    return sorted(_PRETRAINED) + [f"{prefix}:<arch>" for prefix in sorted(_PREFIXES)]
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+    prefix, sep, arch = name.partition(":")
+    if sep and prefix in _PREFIXES:
+        return lambda **kw: _PREFIXES[prefix](arch, **kw)
+    factory = _REGISTRY.get(name) or _PRETRAINED.get(name)
+    if factory is None:
+        raise KeyError(f"unknown model '{name}'; registered: {', '.join(list_models() + list_pretrained())}")
+    return factory
 
 
 class Normalize(nn.Module):
@@ -68,10 +95,13 @@ def create_model(
     """Build a registered model wrapped with its preprocessing metadata.
 
     mean/std are in [0, 1] pixel units (None = no standardisation, pixels only rescaled to [0, 1]).
+    A pretrained network brings its own (`net.preprocess`), which replaces them: its weights only
+    make sense with the statistics it was trained with.
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model '{name}'; registered: {', '.join(list_models())}")
-    net = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **kwargs)
+    net = _factory(name)(num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **kwargs)
+    backbone = getattr(net, "preprocess", None)  # {size, mean, std, interpolation} or None
+    if backbone is not None:
+        mean, std = backbone["mean"], backbone["std"]
     meta = {
         "name": name,
         "num_classes": num_classes,
@@ -81,11 +111,17 @@ def create_model(
         "std": std,
         "class_names": class_names or [str(i) for i in range(num_classes)],
         "kwargs": kwargs,
+        **({"backbone": backbone} if backbone is not None else {}),  # input_size stays what callers send
     }
     return ImageClassifier(net, meta)
 
 
 def model_from_meta(meta: dict | str) -> ImageClassifier:
     meta = json.loads(meta) if isinstance(meta, str) else meta
-    return create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
-                        meta["mean"], meta["std"], meta["class_names"], **meta["kwargs"])
+    kwargs = dict(meta["kwargs"])
+    if "backbone" in meta:
+        kwargs["pretrained"] = False  # the checkpoint holds the weights; the original file is not needed
+    model = create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
+                         meta["mean"], meta["std"], meta["class_names"], **kwargs)
+    model.meta["kwargs"] = meta["kwargs"]  # keep the record as trained
+    return model

@@ -66,6 +66,13 @@ class Scale(nn.Module):
         return x * self.factor
 
 
+class SpeedrunNet(nn.Sequential):
+    """nn.Sequential plus the data-dependent initialisation the training loop calls before step 0."""
+
+    def init_from_data(self, model: ImageClassifier, images: torch.Tensor) -> None:
+        init_whitening(model, images)
+
+
 @register("speedrun-net")
 def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int], widths=(64, 256, 256),
                  whiten_kernel: int = 2, bn_momentum: float = 0.6, bn_affine_weight: bool = False,
@@ -77,7 +84,7 @@ def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int]
     for width in widths:
         groups.append(ConvGroup(cin, width, bn_momentum, bn_affine_weight, identity_init))
         cin = width
-    return nn.Sequential(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+    return SpeedrunNet(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                          nn.Linear(cin, num_classes, bias=False), Scale(logit_scale))
 
 

@@ -8,9 +8,11 @@ resumed run replays exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +29,9 @@ from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.models import ImageClassifier, create_model
 from cvrecipe.models.head import set_bias_to_prior
 from cvrecipe.train.checkpoint import load_resume, save_resume, save_weights
-from cvrecipe.train.optim import build_optimizer, build_scheduler
+from cvrecipe.train.ema import WeightEMA
+from cvrecipe.train.finetune import Finetune
+from cvrecipe.train.optim import build_optimizer
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,6 +51,9 @@ def build_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
                          mean=mean, std=std, class_names=ds.classes, dropout=cfg.model.dropout, **cfg.model.kwargs)
     if cfg.model.init_bias_prior:
         set_bias_to_prior(model, ds.train.y, len(ds.classes))
+    if hasattr(model.net, "init_from_data"):  # e.g. the speedrun net's whitening layer, from 5,000 images
+        sample = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:5000]
+        model.net.init_from_data(model, torch.from_numpy(ds.train.x[sample.sort().values.numpy()]))
     return model
 
 
@@ -54,6 +61,25 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 100_003 + epoch)
     return gen
+
+
+@dataclass
+class Step:
+    """What one optimisation step needs, built once per fit()."""
+    model: ImageClassifier
+    train_model: torch.nn.Module  # the model itself, or its torch.compile'd wrapper (same parameters)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: WeightEMA | None
+    train_x: torch.Tensor  # (N, C, H, W) uint8 on the device
+    train_y: torch.Tensor  # (N,) int64 on the device
+    base_flip: torch.Tensor  # (N,) bool: per-run flip coins for augment.flip_mode=alternate
+    steps_per_epoch: int
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype | None
+    memory_format: torch.memory_format
 
 
 def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None,
@@ -73,17 +99,33 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     dtype = autocast_dtype(device, tc.precision)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
 
+    has_val = len(ds.val) > 0
+    if not has_val and tc.early_stopping:
+        raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
+
     model = build_model(cfg, ds).to(device, memory_format=memory_format)
+    finetune = Finetune(model, cfg.finetune, tc.epochs)
+    if finetune.feature_cache:  # a linear probe on features computed once: no per-step backbone at all
+        from cvrecipe.train.probe import fit_probe
+
+        return fit_probe(cfg, ds, model, run_dir, device, console, callbacks)
     train_x, train_y = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
     batch_size = min(tc.batch_size, len(train_y))
     steps_per_epoch = len(train_y) // batch_size  # the ragged last batch is dropped; order changes every epoch
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = build_optimizer(model, tc, finetune.param_groups())
+    scheduler = finetune.scheduler(optimizer, tc, steps_per_epoch)
+    step = Step(model=model, train_model=torch.compile(model) if tc.compile else model, optimizer=optimizer,
+                scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                ema=WeightEMA(model) if tc.ema != "off" else None, train_x=train_x, train_y=train_y,
+                base_flip=torch.rand(len(train_y), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5,
+                steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device, dtype=dtype,
+                memory_format=memory_format)
+    if tc.ema not in ("off", "ema", "lookahead"):
+        raise ValueError(f"train.ema must be off, ema or lookahead, got '{tc.ema}'")
 
     state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if resume:
-        state = _restore(run_dir / "last.ckpt", model, optimizer, scheduler, scaler)
+        state = _restore(run_dir / "last.ckpt", step)
         console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1} (step {state['step']})")
     writer = SummaryWriter(str(run_dir), purge_step=state["step"] if resume else None)
     _notify(callbacks, "on_train_start", model, cfg, run_dir)
@@ -91,11 +133,13 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     for epoch in range(state["epoch"], tc.epochs):
         if state["stopped_early"]:
             break  # a resumed run that had already stopped early stays stopped
+        finetune.on_epoch_start(epoch)  # freezes/unfreezes the backbone (a no-op without a strategy)
         t0 = time.perf_counter()
-        train_loss, train_acc = _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y,
-                                             epoch, steps_per_epoch, batch_size, device, dtype, memory_format, console)
+        train_loss, train_acc = _train_epoch(cfg, ds, step, epoch, console)
         state["step"] += steps_per_epoch
-        val_loss, val_acc = _validate(model, ds, batch_size, device, dtype, tc.channels_last)
+        scored = _averaged(step)  # the weights that are validated and saved: the EMA when there is one
+        val_loss, val_acc = (_validate(scored, ds, batch_size, device, dtype, tc.channels_last) if has_val
+                             else (math.nan, math.nan))
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
                "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
@@ -105,14 +149,16 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
         _notify(callbacks, "on_epoch_end", row, model)
 
         value = row[tc.monitor]
-        if _improved(value, state["best"], tc.mode, tc.min_delta):
+        if not has_val:  # nothing to select on: keep the latest weights
+            save_weights(scored, run_dir / "best.safetensors", {"epoch": epoch + 1})
+        elif _improved(value, state["best"], tc.mode, tc.min_delta):
             state["best"], state["bad_epochs"] = value, 0
-            save_weights(model, run_dir / "best.safetensors", {"epoch": epoch + 1, tc.monitor: value})
+            save_weights(scored, run_dir / "best.safetensors", {"epoch": epoch + 1, tc.monitor: value})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["stopped_early"] = tc.early_stopping and state["bad_epochs"] >= tc.patience
-        save_resume(_snapshot(state, model, optimizer, scheduler, scaler), run_dir / "last.ckpt")
+        save_resume(_snapshot(state, step), run_dir / "last.ckpt")
         if state["stopped_early"]:
             console.print(f"early stopping: {tc.monitor} has not improved for {tc.patience} epochs "
                           f"(best {state['best']:.4f})")
@@ -129,12 +175,13 @@ def _notify(callbacks: list, event: str, *args) -> None:
             handler(*args)
 
 
-def _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y, epoch, steps, batch_size,
-                 device, dtype, memory_format, console) -> tuple[float, float]:
+def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console: Console) -> tuple[float, float]:
     tc = cfg.train
-    model.train()
+    steps, batch_size, device = step.steps_per_epoch, step.batch_size, step.device
+    total_steps = tc.epochs * steps
+    step.model.train()
     gen = epoch_generator(tc.seed, epoch, device)
-    order = torch.randperm(len(train_y), generator=gen, device=device)
+    order = torch.randperm(len(step.train_y), generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)  # summed on device: one sync per log interval, not per step
     correct = torch.zeros((), device=device, dtype=torch.long)
     columns = [TextColumn(f"epoch {epoch + 1}/{tc.epochs}"), BarColumn(), MofNCompleteColumn(),
@@ -144,19 +191,24 @@ def _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y,
         task = progress.add_task("train", total=steps, info="")
         for i in range(steps):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            x = augment_batch(train_x[idx], cfg.augment, ds.hflip_ok, gen).contiguous(memory_format=memory_format)
-            y = train_y[idx]
-            with autocast(device, dtype):
-                logits = model(x)
+            x = augment_batch(step.train_x[idx], cfg.augment, ds.hflip_ok, gen, step.base_flip[idx], epoch)
+            x = x.contiguous(memory_format=step.memory_format)
+            y = step.train_y[idx]
+            with autocast(device, step.dtype):
+                logits = step.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            step.optimizer.zero_grad(set_to_none=True)
+            step.scaler.scale(loss).backward()
             if tc.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+                step.scaler.unscale_(step.optimizer)
+                torch.nn.utils.clip_grad_norm_(step.model.parameters(), tc.grad_clip)
+            step.scaler.step(step.optimizer)
+            step.scaler.update()
+            step.scheduler.step()
+            done = epoch * steps + i + 1  # optimisation steps so far in the run
+            if step.ema is not None and done % tc.ema_every == 0:
+                # the average's decay ramps up as (progress)³: early weights are forgotten, late ones kept
+                step.ema.update(step.model, tc.ema_decay * (done / total_steps) ** 3, lookahead=tc.ema == "lookahead")
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             if (i + 1) % tc.log_every == 0 or i + 1 == steps:
@@ -170,6 +222,15 @@ def _train_epoch(cfg, ds, model, optimizer, scheduler, scaler, train_x, train_y,
                 rate = (i + 1) * batch_size / (time.perf_counter() - t0)
                 progress.update(task, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
     return loss_sum.item() / steps, correct.item() / (steps * batch_size)
+
+
+def _averaged(step: Step) -> ImageClassifier:
+    """The model with the weight average installed (a copy), or the model itself without one."""
+    if step.ema is None:
+        return step.model
+    scored = copy.deepcopy(step.model)
+    step.ema.copy_to(scored)
+    return scored
 
 
 def _validate(model, ds, batch_size, device, dtype, channels_last) -> tuple[float, float]:
@@ -198,27 +259,31 @@ def _log_epoch(row: dict, writer: SummaryWriter, run_dir: Path, history: list[di
         out.writeheader()
         out.writerows(history)
     tmp.replace(run_dir / "metrics.csv")
+    val = "" if math.isnan(row["val_loss"]) else f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
     console.print(f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                  f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
+                  f"{val}lr {row['lr']:.2e}  "
                   f"{row['epoch_time_s']:.1f}s  {row['images_per_s']:,.0f} img/s")
 
 
-def _snapshot(state, model, optimizer, scheduler, scaler) -> dict:
+def _snapshot(state: dict, step: Step) -> dict:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    return {**state, "model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict(), "scaler": step.scaler.state_dict(), "rng": rng,
+            "ema": step.ema.state_dict() if step.ema is not None else None}
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler) -> dict:
+def _restore(path: Path, step: Step) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: {path} does not exist")
     ckpt = load_resume(path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    step.model.load_state_dict(ckpt["model"])
+    step.optimizer.load_state_dict(ckpt["optimizer"])
+    step.scheduler.load_state_dict(ckpt["scheduler"])
+    step.scaler.load_state_dict(ckpt["scaler"])
+    if step.ema is not None and ckpt.get("ema") is not None:
+        step.ema.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -3,7 +3,8 @@
 For a conv weight (O, I, kh, kw) the update is reshaped to (O, I·kh·kw), replaced by the nearest
 (semi-)orthogonal matrix — approximately U·Vᵀ from its SVD, computed with a few Newton–Schulz
 iterations that run well in bf16 on GPUs — and scaled so its size does not depend on the
-matrix's aspect ratio. Only ≥2-D weights belong here; biases and norms use SGD/Adam.
+matrix's aspect ratio. Groups with `orthogonalize=False` (biases, norms, the head) take plain
+Nesterov-SGD steps, as torch.optim.SGD would, so one optimizer and one scheduler serve the whole net.
 """
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5):
+                 weight_decay: float = 0.0, ns_steps: int = 5, orthogonalize: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      ns_steps=ns_steps))
+                                      ns_steps=ns_steps, orthogonalize=orthogonalize))
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            if not group["orthogonalize"]:
+                _sgd_step(group, self.state)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -51,3 +55,15 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled
                 p.add_(update, alpha=-group["lr"] * scale)
         return loss
+
+
+def _sgd_step(group: dict, state: dict) -> None:
+    """torch.optim.SGD's update (coupled weight decay, no dampening), Nesterov when asked."""
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+        buf = state[p].setdefault("momentum", torch.zeros_like(p))
+        buf.mul_(group["momentum"]).add_(d)
+        step = d.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        p.add_(step, alpha=-group["lr"])

@@ -52,6 +52,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, groups: list[dict] | Non
         raise ValueError(f"train.units must be batch or per1024, got '{cfg.units}'")
     torch_groups = [{"params": g["params"], "lr": base_lr * g["lr_scale"],
                      "weight_decay": wd_of(g["lr_scale"]) if g["decay"] else 0.0} for g in groups]
+    if cfg.optimizer == "muon":
+        return _muon(torch_groups, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(torch_groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adam":
@@ -70,6 +72,13 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: in
         if progress < rise:
             return 0.04 + 0.96 * progress / rise
         return 0.5 * (1 + math.cos(math.pi * (progress - rise) / (1 - rise)))
+    if cfg.schedule == "triangular":
+        # linear from triangle_ends[0] up to the peak, then linear down to triangle_ends[1] (airbench)
+        start, end = cfg.triangle_ends
+        rise = cfg.onecycle_pct
+        if progress < rise:
+            return start + (1 - start) * progress / rise
+        return 1 + (end - 1) * (progress - rise) / (1 - rise)
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
@@ -78,9 +87,26 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: in
     if cfg.schedule == "cosine":
         rest = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
-    raise ValueError(f"train.schedule must be onecycle, cosine or constant, got '{cfg.schedule}'")
+    raise ValueError(f"train.schedule must be onecycle, triangular, cosine or constant, got '{cfg.schedule}'")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg, steps_per_epoch))
+
+
+def _muon(torch_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Conv filters (4-D weights) get orthogonalised Muon updates at `muon_lr`; everything else keeps
+    its group's Nesterov-SGD settings, inside the same optimizer so one scheduler drives both."""
+    from cvrecipe.train.muon import Muon
+
+    groups = []
+    for g in torch_groups:
+        filters = [p for p in g["params"] if p.ndim == 4]
+        rest = [p for p in g["params"] if p.ndim != 4]
+        if filters:
+            groups.append({"params": filters, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
+                           "weight_decay": 0.0, "orthogonalize": True})
+        if rest:
+            groups.append({**g, "params": rest, "momentum": cfg.momentum, "orthogonalize": False})
+    return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum)

@@ -1,0 +1,89 @@
+"""Fine-tuning strategies for pretrained backbones: which parameters train when, and how fast.
+
+    linear     the backbone stays frozen (eval mode: BatchNorm statistics untouched); only the
+               new head trains. With finetune.feature_cache the backbone runs once (probe.py).
+    full       everything trains from the first step; the backbone at backbone_lr_scale × lr,
+               earlier layers slower still by layer_decay per layer.
+    two-stage  linear for freeze_epochs (the new head learns without random gradients wrecking
+               the pretrained features), then full; each stage has its own lr schedule, so the
+               backbone starts with a fresh warm-up instead of mid-decay.
+
+The optimizer holds every parameter from the start: a frozen parameter has no gradient, and
+torch's optimizers skip those, so unfreezing needs no new optimizer and resume stays exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cvrecipe.config import FinetuneConfig, TrainConfig
+from cvrecipe.train.optim import build_scheduler, lr_factor
+
+STRATEGIES = ("none", "linear", "full", "two-stage")
+
+
+class Finetune:
+    """The strategy for one model. `active` is False for strategy "none": the loop's defaults apply."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, epochs: int):
+        if cfg.strategy not in STRATEGIES:
+            raise ValueError(f"finetune.strategy must be one of {', '.join(STRATEGIES)}, got '{cfg.strategy}'")
+        self.cfg, self.epochs = cfg, epochs
+        self.active = cfg.strategy != "none"
+        self.net = getattr(model, "net", model)
+        if self.active and not hasattr(self.net, "freeze_backbone"):
+            raise ValueError(f"finetune.strategy={cfg.strategy} needs a pretrained model (see `cvrecipe models`)")
+        if cfg.strategy == "two-stage" and not 0 < cfg.freeze_epochs < epochs:
+            raise ValueError(f"finetune.freeze_epochs must be between 1 and train.epochs - 1 ({epochs - 1}) "
+                             f"for two-stage, got {cfg.freeze_epochs}")
+        if cfg.feature_cache and cfg.strategy != "linear":
+            raise ValueError("finetune.feature_cache needs finetune.strategy=linear (the backbone must stay frozen)")
+
+    @property
+    def feature_cache(self) -> bool:
+        return self.cfg.feature_cache
+
+    def frozen_at(self, epoch: int) -> bool:
+        """Is the backbone frozen during (0-based) `epoch`?"""
+        return self.cfg.strategy == "linear" or (self.cfg.strategy == "two-stage" and epoch < self.cfg.freeze_epochs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.active:
+            self.net.freeze_backbone(self.frozen_at(epoch))
+
+    def param_groups(self) -> list[dict] | None:
+        """Head first (so the logged lr is the head's), then each backbone layer from output to
+        input, its lr_scale = backbone_lr_scale · layer_decay^(layers after it). None = the defaults."""
+        if not self.active:
+            return None
+        groups = _split_decay(self.net.head.parameters(), 1.0)
+        if self.cfg.strategy == "linear":
+            return groups
+        layers = self.net.backbone_layers()
+        seen = {id(p) for layer in layers for p in layer.parameters()}
+        rest = [p for p in self.net.backbone.parameters() if id(p) not in seen]  # parameters outside the listed layers
+        for depth, layer in enumerate(reversed(layers)):
+            groups += _split_decay(layer.parameters(), self.cfg.backbone_lr_scale * self.cfg.layer_decay ** depth)
+        groups += _split_decay(rest, self.cfg.backbone_lr_scale)
+        return [g for g in groups if g["params"]]
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int):
+        """train.schedule over the whole run; for two-stage, once over each stage."""
+        if self.cfg.strategy != "two-stage":
+            return build_scheduler(optimizer, tc, steps_per_epoch)
+        first = self.cfg.freeze_epochs * steps_per_epoch
+        second = (self.epochs - self.cfg.freeze_epochs) * steps_per_epoch
+
+        def factor(step: int) -> float:
+            if step < first:
+                return lr_factor(step, first, tc, steps_per_epoch)
+            return lr_factor(step - first, second, tc, steps_per_epoch)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _split_decay(params, lr_scale: float) -> list[dict]:
+    """Weight decay on conv/linear weights only, as optim.param_groups does."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim > 1], "lr_scale": lr_scale, "decay": True},
+            {"params": [p for p in params if p.ndim <= 1], "lr_scale": lr_scale, "decay": False}]
