@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up length for cosine/constant (epochs, fractional ok)
     onecycle_pct: float = 0.25  # fraction of training spent rising to the peak lr (onecycle, triangular)
     triangle_ends: list = field(default_factory=lambda: [0.2, 0.07])  # triangular: lr factor at start, at end
-    ema: str = "off"  # off | ema: evaluate an average of the weights | lookahead: also pull the weights to it
+    ema: str = "none"  # none | ema: evaluate an average of the weights | lookahead: also pull the weights to it
     ema_decay: float = 0.774  # peak decay per update (0.95 ** 5), ramped up as (step / total) ** 3
     ema_every: int = 5  # optimisation steps between weight-average updates
     muon_lr: float = 0.24  # optimizer=muon: lr of the orthogonalised conv-filter updates (other params: SGD)
@@ -99,6 +99,7 @@ class FinetuneConfig:
     freeze_epochs: int = 0  # two-stage: epochs training only the new head before the backbone unfreezes
     backbone_lr_scale: float = 0.1  # lr of the backbone's last layer, × train.lr (the head gets 1×)
     layer_decay: float = 1.0  # each earlier backbone layer's lr is this × the next one's (1 = no decay)
+    freeze_layers: int = 0  # full/two-stage: this many backbone layers, from the input, never train
     feature_cache: bool = False  # linear: compute backbone features once, train the head on them
 
 

@@ -116,12 +116,12 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     scheduler = finetune.scheduler(optimizer, tc, steps_per_epoch)
     step = Step(model=model, train_model=torch.compile(model) if tc.compile else model, optimizer=optimizer,
                 scheduler=scheduler, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                ema=WeightEMA(model) if tc.ema != "off" else None, train_x=train_x, train_y=train_y,
+                ema=WeightEMA(model) if tc.ema != "none" else None, train_x=train_x, train_y=train_y,
                 base_flip=torch.rand(len(train_y), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5,
                 steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device, dtype=dtype,
                 memory_format=memory_format)
-    if tc.ema not in ("off", "ema", "lookahead"):
-        raise ValueError(f"train.ema must be off, ema or lookahead, got '{tc.ema}'")
+    if tc.ema not in ("none", "ema", "lookahead"):
+        raise ValueError(f"train.ema must be none, ema or lookahead, got '{tc.ema}'")
 
     state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if resume:

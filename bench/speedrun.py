@@ -1,0 +1,214 @@
+"""The CIFAR-10 speedrun through cvrecipe's own training path: accuracy over seeds, training time,
+framework overhead against a bare PyTorch loop, the data path's share of a step, peak memory.
+
+    python bench/speedrun.py --runs 5                       # cifar10-speedrun, seeds 0..4
+    python bench/speedrun.py --recipe cifar10-speedrun-muon --runs 5
+    python bench/speedrun.py --runs 1 --reference-steps 20 train.compile=true
+
+Training time is `fit()` from the first step to the last (device-synchronised; on CUDA also timed
+with CUDA events), after the dataset is already in memory. One-time costs — a warm-up run that
+loads kernels, autotunes convolutions and (with train.compile) compiles the graph — are reported
+separately and not counted. Accuracy is on the test split, with and without the recipe's TTA.
+
+The reference loop runs the same network, optimizer and schedule on pre-made, pre-augmented
+tensors with nothing else (no augmentation, averaging, logging or checkpoints): the ratio of
+cvrecipe's time per step to it is the framework overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from cvrecipe.config import load_config
+from cvrecipe.data import load_dataset
+from cvrecipe.data.augment import augment_batch
+from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything
+from cvrecipe.evaluate.predict import predict_logits
+from cvrecipe.train.checkpoint import load_model
+from cvrecipe.train.loop import build_model, epoch_generator, fit
+from cvrecipe.train.optim import build_optimizer, build_scheduler
+
+
+class Timer:
+    """Wall time between start() and stop(), synchronising the device at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.events = None
+
+    def start(self) -> "Timer":
+        self._sync()
+        if self.device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        if self.events:
+            self.events[1].record()
+        self._sync()
+        self.seconds = time.perf_counter() - self.t0
+        self.cuda_seconds = self.events[0].elapsed_time(self.events[1]) / 1000 if self.events else None
+        return self.seconds
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def train_once(cfg, ds, device, quiet: Console) -> tuple[float, float | None, Path]:
+    """One full fit() in a throw-away run folder: (seconds, CUDA-event seconds, run folder)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="speedrun-"))
+    timer = Timer(device).start()
+    fit(cfg, ds, run_dir, console=quiet)
+    timer.stop()
+    return timer.seconds, timer.cuda_seconds, run_dir
+
+
+def test_accuracy(run_dir: Path, ds, device, tta: int) -> float:
+    model = load_model(run_dir / "best.safetensors", device)
+    logits = predict_logits(model, ds.test.x, 1000, device, tta=tta)
+    return (logits.argmax(1) == torch.from_numpy(ds.test.y)).float().mean().item()
+
+
+def reference_loop(cfg, ds, device, steps: int) -> float:
+    """Seconds per step of a bare PyTorch loop: same net/optimizer/schedule, pre-made batches."""
+    tc = cfg.train
+    seed_everything(tc.seed)
+    dtype = autocast_dtype(device, tc.precision)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = build_model(cfg, ds).to(device, memory_format=memory_format).train()
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, steps)
+    gen = epoch_generator(tc.seed, 0, device)
+    x_all, y_all = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
+    batches = []  # pre-augmented, contiguous in the training memory format: nothing left to do per step
+    for _ in range(min(steps, 8)):
+        idx = torch.randint(0, len(y_all), (tc.batch_size,), generator=gen, device=device)
+        x = augment_batch(x_all[idx], cfg.augment, ds.hflip_ok, gen).contiguous(memory_format=memory_format)
+        batches.append((x, y_all[idx]))
+
+    def step(x, y):
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    for x, y in batches[:2]:  # warm-up, not timed
+        step(x, y)
+    timer = Timer(device).start()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    return timer.stop() / steps
+
+
+def data_path_seconds(cfg, ds, device, steps: int) -> float:
+    """Seconds per batch to gather, augment and lay out a training batch (what the loop does)."""
+    tc = cfg.train
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    x_all = torch.from_numpy(ds.train.x).to(device)
+    base_flip = torch.rand(len(x_all), device=device) < 0.5
+    gen = epoch_generator(tc.seed, 0, device)
+    order = torch.randperm(len(x_all), generator=gen, device=device)
+    n = min(steps, len(x_all) // tc.batch_size)
+    timer = Timer(device).start()
+    for i in range(n):
+        idx = order[i * tc.batch_size:(i + 1) * tc.batch_size]
+        augment_batch(x_all[idx], cfg.augment, ds.hflip_ok, gen, base_flip[idx], 0).contiguous(memory_format=memory_format)
+    return timer.stop() / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.compile=true")
+    parser.add_argument("--recipe", default="cifar10-speedrun")
+    parser.add_argument("--runs", type=int, default=5, help="seeds 0..runs-1")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="steps of the bare reference loop (default: one epoch's worth)")
+    parser.add_argument("--warmup-images", type=int, default=4096, help="training images in the warm-up run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    quiet = Console(quiet=True)
+
+    cfg = load_config(args.recipe, args.overrides)
+    device = resolve_device(cfg.train.device)
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg.data, seed=cfg.train.seed)
+    load_seconds = time.perf_counter() - t0
+    steps_per_epoch = len(ds.train) // cfg.train.batch_size
+    print(f"{args.recipe} {' '.join(args.overrides)} on {device} ({_hardware(device)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; data ready in {load_seconds:.1f}s; "
+          f"{cfg.train.epochs} epochs x {steps_per_epoch} steps of {cfg.train.batch_size}", flush=True)
+
+    # one-time costs: a short run on a few thousand images (kernels, autotuning, compilation)
+    warm = load_config(args.recipe, [*args.overrides, "train.epochs=1", f"data.subset={args.warmup_images}"])
+    warm_ds = load_dataset(warm.data, seed=0)
+    warmup_seconds, _, _ = train_once(warm, warm_ds, device, quiet)
+    print(f"warm-up (one-time, not counted): {warmup_seconds:.1f}s", flush=True)
+
+    runs = []
+    for seed in range(args.runs):
+        cfg.train.seed = seed
+        seconds, cuda_seconds, run_dir = train_once(cfg, ds, device, quiet)
+        accuracy = test_accuracy(run_dir, ds, device, cfg.eval.tta)
+        plain = test_accuracy(run_dir, ds, device, 0)
+        runs.append({"seed": seed, "train_seconds": seconds, "cuda_event_seconds": cuda_seconds,
+                     "test_accuracy": accuracy, "test_accuracy_no_tta": plain})
+        print(f"seed {seed}: test accuracy {accuracy * 100:.2f}% (TTA {cfg.eval.tta}), {plain * 100:.2f}% without; "
+              f"training {seconds:.2f}s" + (f" (CUDA events {cuda_seconds:.2f}s)" if cuda_seconds else ""), flush=True)
+
+    ref_steps = args.reference_steps or steps_per_epoch
+    reference = reference_loop(cfg, ds, device, ref_steps)
+    data_seconds = data_path_seconds(cfg, ds, device, min(ref_steps, 20))
+    framework = statistics.mean(r["train_seconds"] for r in runs) / (cfg.train.epochs * steps_per_epoch)
+    summary = {
+        "recipe": args.recipe, "overrides": args.overrides, "device": str(device), "hardware": _hardware(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs,
+        "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in runs),
+        "test_accuracy_std": statistics.stdev([r["test_accuracy"] for r in runs]) if len(runs) > 1 else 0.0,
+        "test_accuracy_no_tta_mean": statistics.mean(r["test_accuracy_no_tta"] for r in runs),
+        "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs),
+        "train_seconds_std": statistics.stdev([r["train_seconds"] for r in runs]) if len(runs) > 1 else 0.0,
+        "warmup_seconds": warmup_seconds, "cvrecipe_step_seconds": framework, "reference_step_seconds": reference,
+        "overhead_ratio": framework / reference, "data_path_seconds_per_batch": data_seconds,
+        "data_path_fraction": data_seconds / framework,
+        "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_device_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    s = summary
+    print(f"\ntest accuracy {s['test_accuracy_mean'] * 100:.2f} ± {s['test_accuracy_std'] * 100:.2f} % "
+          f"(n={len(runs)}, TTA {cfg.eval.tta}; {s['test_accuracy_no_tta_mean'] * 100:.2f} % without TTA)")
+    print(f"training time {s['train_seconds_mean']:.2f} ± {s['train_seconds_std']:.2f} s per run "
+          f"(warm-up {warmup_seconds:.1f} s once, not counted)")
+    print(f"time per step: cvrecipe {framework * 1000:.1f} ms, bare PyTorch loop {reference * 1000:.1f} ms "
+          f"-> ratio {s['overhead_ratio']:.3f}")
+    print(f"data path (gather + augment): {data_seconds * 1000:.2f} ms per batch = "
+          f"{s['data_path_fraction'] * 100:.2f} % of a step")
+    print(f"peak host memory {s['peak_host_memory_gib']:.2f} GiB"
+          + (f", peak device memory {s['peak_device_memory_gib']:.2f} GiB" if s["peak_device_memory_gib"] else ""))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
