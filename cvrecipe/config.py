@@ -100,6 +100,8 @@ class FinetuneConfig:
     backbone_lr_scale: float = 0.1  # lr of the backbone's last layer, × train.lr (the head gets 1×)
     layer_decay: float = 1.0  # each earlier backbone layer's lr is this × the next one's (1 = no decay)
     freeze_layers: int = 0  # full/two-stage: this many backbone layers, from the input, never train
+    bn_eval: bool = False  # full/two-stage: BatchNorm keeps normalising with its pretrained statistics
+    #                        while its scale/shift train (steadier on small data and small batches)
     feature_cache: bool = False  # linear: compute backbone features once, train the head on them
 
 

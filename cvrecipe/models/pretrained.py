@@ -45,16 +45,15 @@ class Preprocess:
 
 
 class Resize(nn.Module):
-    """(B, C, h, w) float → (B, C, size, size); a no-op when the images already have that size.
-    No antialiasing: small images are upsampled, and plain interpolation exports to ONNX."""
+    """(B, C, h, w) float → (B, C, size, size). No antialiasing: small images are upsampled, and plain
+    interpolation exports to ONNX. No shape test either (traced exports would freeze its answer);
+    at equal sizes bilinear interpolation returns its input unchanged."""
 
     def __init__(self, size: int, mode: str = "bilinear"):
         super().__init__()
         self.size, self.mode = size, mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] == (self.size, self.size):
-            return x
         corners = False if self.mode in ("bilinear", "bicubic") else None
         return F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=corners)
 
@@ -78,17 +77,29 @@ class PretrainedNet(nn.Module):
         nn.init.zeros_(self.head.bias)
         self._layers = layers
 
-    def freeze_backbone(self, frozen: bool = True) -> None:
-        """Frozen: no gradients, and the backbone stays in eval mode even under model.train(), so
-        BatchNorm uses and keeps its pretrained running statistics and dropout/drop-connect are off."""
-        self.backbone_frozen = frozen
-        self.backbone.requires_grad_(not frozen)
+    def freeze(self, layers: int | None = None) -> None:
+        """Freeze the first `layers` of `backbone_layers()` (None: the whole backbone; 0: nothing).
+        Frozen parts get no gradients and stay in eval mode even under model.train(), so their
+        BatchNorm uses and keeps its pretrained running statistics and dropout/drop-connect is off."""
+        parts = self.backbone_layers()
+        count = len(parts) if layers is None else min(layers, len(parts))
+        self.backbone_frozen = count == len(parts)
+        self.backbone.requires_grad_(not self.backbone_frozen)
+        self.frozen_layers = parts[:count]
+        for part in self.frozen_layers:
+            part.requires_grad_(False)
         self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if getattr(self, "backbone_frozen", False):
             self.backbone.eval()
+        if getattr(self, "bn_eval", False):  # trainable BatchNorms still normalise with ImageNet statistics
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        for part in getattr(self, "frozen_layers", []):
+            part.eval()
         return self
 
     def backbone_layers(self) -> list[nn.Module]:

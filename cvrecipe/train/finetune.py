@@ -3,7 +3,9 @@
     linear     the backbone stays frozen (eval mode: BatchNorm statistics untouched); only the
                new head trains. With finetune.feature_cache the backbone runs once (probe.py).
     full       everything trains from the first step; the backbone at backbone_lr_scale × lr,
-               earlier layers slower still by layer_decay per layer.
+               earlier layers slower still by layer_decay per layer. freeze_layers keeps the
+               first layers frozen throughout: on a CPU their backward pass, at the highest
+               resolution, is much of a step's cost, and layer decay barely moves them anyway.
     two-stage  linear for freeze_epochs (the new head learns without random gradients wrecking
                the pretrained features), then full; each stage has its own lr schedule, so the
                backbone starts with a fresh warm-up instead of mid-decay.
@@ -31,7 +33,7 @@ class Finetune:
         self.cfg, self.epochs = cfg, epochs
         self.active = cfg.strategy != "none"
         self.net = getattr(model, "net", model)
-        if self.active and not hasattr(self.net, "freeze_backbone"):
+        if self.active and not hasattr(self.net, "freeze"):
             raise ValueError(f"finetune.strategy={cfg.strategy} needs a pretrained model (see `cvrecipe models`)")
         if cfg.strategy == "two-stage" and not 0 < cfg.freeze_epochs < epochs:
             raise ValueError(f"finetune.freeze_epochs must be between 1 and train.epochs - 1 ({epochs - 1}) "
@@ -49,7 +51,8 @@ class Finetune:
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.active:
-            self.net.freeze_backbone(self.frozen_at(epoch))
+            self.net.bn_eval = self.cfg.bn_eval
+            self.net.freeze(None if self.frozen_at(epoch) else self.cfg.freeze_layers)
 
     def param_groups(self) -> list[dict] | None:
         """Head first (so the logged lr is the head's), then each backbone layer from output to

@@ -44,7 +44,7 @@ def fit_probe(cfg: Config, ds: ImageDataset, model: ImageClassifier, run_dir: Pa
     """Train `model.net.head` on cached backbone features; same metrics/checkpoint files as `fit`.
     `features`: (train, val) features already computed with `backbone_features` (benchmarks reuse them)."""
     tc = cfg.train
-    model.net.freeze_backbone(True)
+    model.net.freeze()
     t0 = time.perf_counter()
     if features is None:
         features = backbone_features(model, ds.train.x, device), backbone_features(model, ds.val.x, device)
