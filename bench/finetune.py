@@ -152,7 +152,7 @@ RUNNERS = {"scratch": run_scratch, "linear": run_linear, "two-stage": run_two_st
 
 
 def test_accuracy(model, ds, tta: int = 0) -> float:
-    logits = predict_logits(model, ds.test.x, 256, torch.device("cpu"), tta=tta)
+    logits = predict_logits(model, ds.test.x, 256, torch.device("cpu"), channels_last=True, tta=tta)
     return (logits.argmax(1) == torch.from_numpy(ds.test.y)).float().mean().item()
 
 

@@ -83,6 +83,29 @@ def test_freezing_keeps_backbone_weights_and_batchnorm_statistics():
     assert not torch.equal(head_before, model.net.head.weight)
 
 
+def test_folding_the_same_padding_into_the_convs_changes_no_output():
+    torch.manual_seed(0)
+    folded = lite0(resize=64)
+    plain = lite0(resize=64, fold_padding=False)
+    plain.load_state_dict(folded.state_dict())
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_eval_keeps_running_statistics_while_the_backbone_trains():
+    model = lite0()
+    finetune = Finetune(model, FinetuneConfig(strategy="full", bn_eval=True), epochs=1)
+    finetune.on_epoch_start(0)
+    stats = {k: v.clone() for k, v in model.net.backbone.state_dict().items() if "running" in k}
+    model.train()
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).backward()
+    assert any(p.grad is not None for p in model.net.backbone.parameters())  # it does train
+    after = model.net.backbone.state_dict()
+    assert all(torch.equal(stats[k], after[k]) for k in stats)
+
+
 def test_two_stage_switches_at_freeze_epochs_with_layer_decayed_lrs():
     cfg = load_config(overrides=["train.lr=0.01", "train.schedule=constant", "finetune.strategy=two-stage",
                                  "finetune.freeze_epochs=2", "finetune.backbone_lr_scale=0.1",

