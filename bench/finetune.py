@@ -4,6 +4,8 @@ of ImageNet-pretrained EfficientNet-Lite0, with 10-500 training images per class
     .venv/bin/python bench/finetune.py                                    # the whole curve
     .venv/bin/python bench/finetune.py --sizes 10 --seeds 0               # a quick look
     .venv/bin/python bench/finetune.py --json finetune.json --plot docs/images/finetune-curve.png
+    .venv/bin/python bench/finetune.py --sizes 100 --methods scratch-same lora --merge finetune.json \
+        --json finetune.json --plot docs/images/finetune-curve.png     # add methods to earlier runs
 
 Every method trains on the same stratified subset per (size, seed) and is scored on the full
 10,000-image test split. Methods:
@@ -16,6 +18,12 @@ Every method trains on the same stratified subset per (size, seed) and is scored
                 training image) are computed once for all seeds and sizes
     two-stage   recipes/finetune-efficientnet-lite0.yaml, epochs scaled so each run sees about
                 the same number of images (see two_stage_epochs)
+    scratch-same  the two-stage run's architecture, input size (160 px), optimizer, schedule and
+                number of training images, from random weights (finetune.strategy=none): what the
+                pretrained weights alone are worth. Every layer trains at 160 px, so it is the
+                slowest method on a CPU (~10 min per 100/class run)
+    lora        the two-stage run's settings with finetune.strategy=lora: the backbone frozen,
+                rank-8 adapters on its 1x1 convs past the first 6 layers, the head (peft)
 No validation split: the last epoch's weights are scored (monitor train_loss keeps the best file
 in step with them). Wall time is per run: training plus scoring the test set (for the linear
 probe, its share of the cached test features is not counted; it is printed once).
@@ -49,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = f"folder:{ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'}"
 RECIPE = "finetune-efficientnet-lite0"
 OVERRIDES: list[str] = []  # --set: applied to the recipe before each method's own settings
-METHODS = ("scratch", "linear", "two-stage")
+METHODS = ("scratch", "scratch-same", "linear", "lora", "two-stage")
 SCRATCH_IMAGES = 30_000  # training images per from-scratch run (epochs × subset size)
 TWO_STAGE_IMAGES = 8_000  # training images per two-stage run; the test split's 10,000 forwards come on top
 
@@ -58,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100, 500], help="training images per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=["scratch", "linear", "two-stage"], choices=METHODS)
     parser.add_argument("--data", default=DATA, help="dataset name (default: the shared CIFAR-10 JPEG copy)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--test-limit", type=int, help="score on this many test images (stratified) for a quick look")
@@ -66,6 +74,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="fine-tuning recipe overrides, e.g. 'model.kwargs={resize: 160}' finetune.layer_decay=0.8")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--merge", type=Path, help="an earlier --json file: its runs join the table and plot "
+                        "(runs of the same method, size and seed measured now replace them)")
     parser.add_argument("--plot", type=Path, help="write the accuracy curve (PNG) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,6 +104,10 @@ def main() -> None:
                                     "wall_s": round(time.perf_counter() - t0, 1)})
                     print(f"{method:>9}  {size:>3}/class  seed {seed}: test accuracy {accuracy:.4f}  "
                           f"{results[-1]['wall_s']:.0f} s", flush=True)
+    if args.merge:
+        measured = {(r["method"], r["per_class"], r["seed"]) for r in results}
+        earlier = json.loads(args.merge.read_text())["results"]
+        results = [r for r in earlier if (r["method"], r["per_class"], r["seed"]) not in measured] + results
     summary = summarise(results)
     print_table(summary)
     if args.json:
@@ -126,6 +140,22 @@ def run_two_stage(ds, size, seed, run_dir, console, cache) -> float:
     return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
 
 
+def run_scratch_same(ds, size, seed, run_dir, console, cache) -> float:
+    epochs, _ = two_stage_epochs(len(ds.train))
+    cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", f"train.epochs={epochs}", "finetune.strategy=none",
+                               "model.kwargs.pretrained=false", "train.monitor=train_loss", "train.mode=min"])
+    fit(cfg, ds, run_dir, console=console)
+    return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
+
+
+def run_lora(ds, size, seed, run_dir, console, cache) -> float:
+    epochs, _ = two_stage_epochs(len(ds.train))
+    cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", f"train.epochs={epochs}", "finetune.strategy=lora",
+                               "train.monitor=train_loss", "train.mode=min"])
+    fit(cfg, ds, run_dir, console=console)
+    return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
+
+
 def run_linear(ds, size, seed, run_dir, console, cache) -> float:
     cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", "finetune.strategy=linear",
                                "finetune.feature_cache=true",
@@ -148,7 +178,8 @@ def run_scratch(ds, size, seed, run_dir, console, cache) -> float:
     return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
 
 
-RUNNERS = {"scratch": run_scratch, "linear": run_linear, "two-stage": run_two_stage}
+RUNNERS = {"scratch": run_scratch, "scratch-same": run_scratch_same, "linear": run_linear, "lora": run_lora,
+           "two-stage": run_two_stage}
 
 
 def test_accuracy(model, ds, tta: int = 0) -> float:

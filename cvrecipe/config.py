@@ -95,7 +95,7 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    strategy: str = "none"  # none (train everything, no special handling) | linear | full | two-stage
+    strategy: str = "none"  # none (train everything, no special handling) | linear | full | two-stage | lora
     freeze_epochs: int = 0  # two-stage: epochs training only the new head before the backbone unfreezes
     backbone_lr_scale: float = 0.1  # lr of the backbone's last layer, × train.lr (the head gets 1×)
     layer_decay: float = 1.0  # each earlier backbone layer's lr is this × the next one's (1 = no decay)
@@ -103,6 +103,8 @@ class FinetuneConfig:
     bn_eval: bool = False  # full/two-stage: BatchNorm keeps normalising with its pretrained statistics
     #                        while its scale/shift train (steadier on small data and small batches)
     feature_cache: bool = False  # linear: compute backbone features once, train the head on them
+    lora_rank: int = 8  # lora: rank r of each adapter (A: r × in, B: out × r)
+    lora_alpha: float = 16.0  # lora: the adapter's output is scaled by alpha / r
 
 
 @dataclass

@@ -106,6 +106,47 @@ def test_bn_eval_keeps_running_statistics_while_the_backbone_trains():
     assert all(torch.equal(stats[k], after[k]) for k in stats)
 
 
+def test_lora_trains_only_adapters_and_head_and_checkpoints_merge_them():
+    pytest.importorskip("peft")
+    from cvrecipe.train.lora import merged, pointwise_convs
+
+    torch.manual_seed(0)
+    model = lite0()
+    finetune = Finetune(model, FinetuneConfig(strategy="lora", lora_rank=4, lora_alpha=8, freeze_layers=3), epochs=1)
+    finetune.on_epoch_start(0)
+    adapted = pointwise_convs(lite0().net, skip_layers=3)  # named before adapters are added
+    assert adapted and len(adapted) < len(pointwise_convs(lite0().net))  # the first 3 layers get none
+    assert {n.rpartition(".lora_A")[0] for n, _ in model.net.backbone.named_modules() if n.endswith("lora_A")} \
+        == set(adapted)
+    optimizer = build_optimizer(model, load_config(overrides=["train.lr=0.05"]).train, finetune.param_groups())
+    frozen = {k: v.clone() for k, v in model.net.backbone.state_dict().items() if "lora_" not in k}
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    model.train()
+    assert not model.net.backbone.training  # BatchNorm keeps its pretrained statistics
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n or n.startswith("net.head.") for n in trained)
+    after = model.net.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # weights and BN statistics untouched
+
+    # the merged copy is the plain architecture, computing the same function; its conv weights are
+    # W + (alpha / r) * B @ A, checked here by hand on one adapted conv
+    deployable = finetune.deployable(model).eval()
+    assert deployable.state_dict().keys() == lite0().state_dict().keys()
+    wrapper = model.net.backbone.get_submodule(adapted[-1])
+    a, b = wrapper.lora_A["default"].weight.flatten(1), wrapper.lora_B["default"].weight.flatten(1)
+    assert b.abs().sum() > 0  # B starts at zero: it has moved
+    expected = wrapper.get_base_layer().weight + (8 / 4) * (b @ a).view_as(wrapper.get_base_layer().weight)
+    torch.testing.assert_close(deployable.net.backbone.get_submodule(adapted[-1]).weight, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(deployable(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+    assert merged(deployable) is deployable  # nothing left to merge
+
+
 def test_two_stage_switches_at_freeze_epochs_with_layer_decayed_lrs():
     cfg = load_config(overrides=["train.lr=0.01", "train.schedule=constant", "finetune.strategy=two-stage",
                                  "finetune.freeze_epochs=2", "finetune.backbone_lr_scale=0.1",
@@ -197,6 +238,17 @@ def test_two_stage_run_learns_and_checkpoint_exports_without_the_weight_file(fol
     assert evaluate(run_dir)["accuracy"] > 0.8  # chance is 1/3
     assert main(["export", str(run_dir), "--format", "onnx"]) == 0
     assert list(run_dir.glob("export/*.onnx"))
+
+
+def test_lora_run_learns_and_its_checkpoint_is_the_plain_model(folder, tmp_path):
+    pytest.importorskip("peft")
+    cfg = finetune_config(folder, tmp_path, "finetune.strategy=lora", "finetune.lora_rank=4", "train.lr=0.01")
+    run_dir = train(cfg)
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "best.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "lora_" in k]
+    assert evaluate(run_dir)["accuracy"] > 0.8  # chance is 1/3
 
 
 def test_feature_cached_linear_probe_saves_the_whole_model(folder, tmp_path):

@@ -9,6 +9,9 @@
     two-stage  linear for freeze_epochs (the new head learns without random gradients wrecking
                the pretrained features), then full; each stage has its own lr schedule, so the
                backbone starts with a fresh warm-up instead of mid-decay.
+    lora       the backbone stays frozen (eval mode) and low-rank adapters on its 1×1 convs train
+               with the head, at the head's lr (lora.py, through peft); checkpoints hold the merged
+               weights. freeze_layers keeps the first layers without adapters.
 
 The optimizer holds every parameter from the start: a frozen parameter has no gradient, and
 torch's optimizers skip those, so unfreezing needs no new optimizer and resume stays exact.
@@ -21,7 +24,7 @@ from torch import nn
 from cvrecipe.config import FinetuneConfig, TrainConfig
 from cvrecipe.train.optim import build_scheduler, lr_factor
 
-STRATEGIES = ("none", "linear", "full", "two-stage")
+STRATEGIES = ("none", "linear", "full", "two-stage", "lora")
 
 
 class Finetune:
@@ -40,6 +43,14 @@ class Finetune:
                              f"for two-stage, got {cfg.freeze_epochs}")
         if cfg.feature_cache and cfg.strategy != "linear":
             raise ValueError("finetune.feature_cache needs finetune.strategy=linear (the backbone must stay frozen)")
+        if cfg.strategy == "lora" and (cfg.lora_rank < 1 or cfg.lora_alpha <= 0):
+            raise ValueError(f"finetune.lora_rank must be >= 1 and finetune.lora_alpha > 0, "
+                             f"got {cfg.lora_rank} and {cfg.lora_alpha}")
+        self.adapters = []
+        if cfg.strategy == "lora":
+            from cvrecipe.train.lora import add_adapters
+
+            self.adapters = add_adapters(self.net, cfg.lora_rank, cfg.lora_alpha, cfg.freeze_layers)
 
     @property
     def feature_cache(self) -> bool:
@@ -47,12 +58,14 @@ class Finetune:
 
     def frozen_at(self, epoch: int) -> bool:
         """Is the backbone frozen during (0-based) `epoch`?"""
-        return self.cfg.strategy == "linear" or (self.cfg.strategy == "two-stage" and epoch < self.cfg.freeze_epochs)
+        return self.cfg.strategy in ("linear", "lora") or (self.cfg.strategy == "two-stage" and epoch < self.cfg.freeze_epochs)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.active:
             self.net.bn_eval = self.cfg.bn_eval
             self.net.freeze(None if self.frozen_at(epoch) else self.cfg.freeze_layers)
+            for p in self.adapters:  # inside the frozen backbone, only LoRA's A and B learn
+                p.requires_grad_(True)
 
     def param_groups(self) -> list[dict] | None:
         """Head first (so the logged lr is the head's), then each backbone layer from output to
@@ -62,6 +75,8 @@ class Finetune:
         groups = _split_decay(self.net.head.parameters(), 1.0)
         if self.cfg.strategy == "linear":
             return groups
+        if self.cfg.strategy == "lora":
+            return groups + _split_decay(self.adapters, 1.0)
         layers = self.net.backbone_layers()
         seen = {id(p) for layer in layers for p in layer.parameters()}
         rest = [p for p in self.net.backbone.parameters() if id(p) not in seen]  # parameters outside the listed layers
@@ -83,6 +98,14 @@ class Finetune:
             return lr_factor(step - first, second, tc, steps_per_epoch)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def deployable(self, model: nn.Module) -> nn.Module:
+        """What a checkpoint holds: the model itself, or for LoRA a copy with the adapters merged in."""
+        if not self.adapters:
+            return model
+        from cvrecipe.train.lora import merged
+
+        return merged(model)
 
 
 def _split_decay(params, lr_scale: float) -> list[dict]:

@@ -150,10 +150,11 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
 
         value = row[tc.monitor]
         if not has_val:  # nothing to select on: keep the latest weights
-            save_weights(scored, run_dir / "best.safetensors", {"epoch": epoch + 1})
+            save_weights(finetune.deployable(scored), run_dir / "best.safetensors", {"epoch": epoch + 1})
         elif _improved(value, state["best"], tc.mode, tc.min_delta):
             state["best"], state["bad_epochs"] = value, 0
-            save_weights(scored, run_dir / "best.safetensors", {"epoch": epoch + 1, tc.monitor: value})
+            save_weights(finetune.deployable(scored), run_dir / "best.safetensors",
+                         {"epoch": epoch + 1, tc.monitor: value})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
