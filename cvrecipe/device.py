@@ -19,8 +19,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None means plain fp32. 'auto' picks bf16 on CUDA (fp16 on GPUs without bf16) and fp32 on CPU,
-    where bf16 autocast made conv training slower on the 2-core machines this was measured on."""
+    """None means plain fp32. 'auto' picks bf16 on CUDA (fp16 on GPUs without bf16) and fp32 on CPU.
+    Whether bf16 pays on a CPU depends on the CPU: without native bf16 instructions autocast made conv
+    training slower, while on an AMD EPYC with avx512_bf16 it made the speedrun net's step ~2x faster
+    (see README), so recipes that were measured ask for bf16 explicitly."""
     if precision == "fp32":
         return None
     if precision == "bf16":

@@ -83,6 +83,19 @@ def test_freezing_keeps_backbone_weights_and_batchnorm_statistics():
     assert not torch.equal(head_before, model.net.head.weight)
 
 
+def test_lite0_bn_momentum_is_the_share_of_statistics_kept():
+    """TF convention, as the weights were trained: 0.9 keeps 90% of the running statistics per step."""
+    model = lite0(bn_momentum=0.9).train()
+    bn = model.net.backbone._bn0
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        stem = model.net.backbone._conv_stem(model.net.resize(model.normalize(x)))
+        model(x)
+    expected = 0.9 * torch.zeros(bn.num_features) + 0.1 * stem.mean((0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+    assert lite0().net.backbone._bn0.momentum == pytest.approx(0.01)  # the default: 0.99 kept
+
+
 def test_folding_the_same_padding_into_the_convs_changes_no_output():
     torch.manual_seed(0)
     folded = lite0(resize=64)

@@ -113,6 +113,22 @@ class StopAt:
             raise KeyboardInterrupt
 
 
+def test_whitening_bias_trains_for_its_epochs_then_stays(tmp_path):
+    cfg = _tiny_speedrun(tmp_path, ["train.epochs=3", "train.ema=none", "model.kwargs.whiten_bias_epochs=1"])
+    ds = load_dataset(cfg.data, seed=0)
+    biases, convs = [], []
+
+    class Record:
+        def on_epoch_end(self, row, model):
+            biases.append(model.net[0].bias.detach().clone())
+            convs.append(model.net[2].conv1.weight.detach().clone())
+
+    fit(cfg, ds, tmp_path / "run", callbacks=[Record()])
+    assert biases[0].abs().sum() > 0  # initialised at zero, trained during epoch 1
+    assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])
+    assert not torch.equal(convs[1], convs[2])  # while the rest of the network went on training
+
+
 def test_no_val_split_trains_on_everything_and_keeps_the_last_weights(tmp_path):
     cfg = _tiny_speedrun(tmp_path, ["train.epochs=2", "train.ema=ema"])
     ds = load_dataset(cfg.data, seed=0)

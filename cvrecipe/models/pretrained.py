@@ -118,16 +118,20 @@ class PretrainedNet(nn.Module):
 @register("efficientnet-lite0", pretrained=True)
 def efficientnet_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], dropout: float = 0.2,
                        pretrained: bool = True, weights: str | None = None, resize: int = 224,
-                       drop_connect: float = 0.2, fold_padding: bool = True) -> nn.Module:
+                       drop_connect: float = 0.2, fold_padding: bool = True, bn_momentum: float = 0.99) -> nn.Module:
     """4.0M parameters (3.4M backbone), ImageNet top-1 75.1% at 224 px. Trained on images scaled to
     [-1, 1] (mean = std = 0.5). `resize`: the backbone's input side in pixels (224 native; smaller is
     much faster on CPU, and upsampled 32 px images hold little detail beyond ~128 px).
-    `drop_connect`: stochastic-depth rate in the blocks while the backbone trains."""
+    `drop_connect`: stochastic-depth rate in the blocks while the backbone trains. `bn_momentum`:
+    the share of BatchNorm's running statistics kept per step (TF convention; torch's momentum is
+    1 − this). 0.99 suits fine-tuning; from random weights over a few hundred steps the statistics
+    then lag the weights so far that evaluation collapses to one class: use 0.9 there."""
     from efficientnet_lite_pytorch import EfficientNet
 
     _check_rgb("efficientnet-lite0", in_channels)
     # the static "same" padding is computed for image_size; it must be the size the backbone sees
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=resize, drop_connect_rate=drop_connect)
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=resize, drop_connect_rate=drop_connect,
+                                 batch_norm_momentum=bn_momentum)
     if pretrained:
         net.load_state_dict(torch.load(_lite0_weights(weights), map_location="cpu", weights_only=True))
     if fold_padding:

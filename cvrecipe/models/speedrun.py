@@ -67,16 +67,26 @@ class Scale(nn.Module):
 
 
 class SpeedrunNet(nn.Sequential):
-    """nn.Sequential plus the data-dependent initialisation the training loop calls before step 0."""
+    """nn.Sequential plus two hooks the training loop calls: the data-dependent initialisation
+    before step 0, and on_epoch_start."""
+
+    whiten_bias_epochs: int | None = None
 
     def init_from_data(self, model: ImageClassifier, images: torch.Tensor) -> None:
         init_whitening(model, images)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """The whitening layer's bias trains during the first `whiten_bias_epochs` epochs only
+        (None: throughout); then it is frozen, as in airbench94, where it settles early."""
+        if self.whiten_bias_epochs is not None:
+            self[0].bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
 
 @register("speedrun-net")
 def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int], widths=(64, 256, 256),
                  whiten_kernel: int = 2, bn_momentum: float = 0.6, bn_affine_weight: bool = False,
-                 identity_init: bool = True, logit_scale: float = 1 / 9, dropout: float = 0.0) -> nn.Module:
+                 identity_init: bool = True, logit_scale: float = 1 / 9, dropout: float = 0.0,
+                 whiten_bias_epochs: int | None = None) -> nn.Module:
     whiten_width = 2 * in_channels * whiten_kernel**2  # eigenvector filters and their negatives
     whiten = nn.Conv2d(in_channels, whiten_width, whiten_kernel, padding=0, bias=True)
     whiten.weight.requires_grad = False  # frozen; set from data by init_whitening()
@@ -84,8 +94,10 @@ def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int]
     for width in widths:
         groups.append(ConvGroup(cin, width, bn_momentum, bn_affine_weight, identity_init))
         cin = width
-    return SpeedrunNet(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                         nn.Linear(cin, num_classes, bias=False), Scale(logit_scale))
+    net = SpeedrunNet(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                      nn.Linear(cin, num_classes, bias=False), Scale(logit_scale))
+    net.whiten_bias_epochs = whiten_bias_epochs
+    return net
 
 
 def image_patches(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -134,6 +134,8 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
         if state["stopped_early"]:
             break  # a resumed run that had already stopped early stays stopped
         finetune.on_epoch_start(epoch)  # freezes/unfreezes the backbone (a no-op without a strategy)
+        if hasattr(model.net, "on_epoch_start"):  # e.g. the speedrun net freezing its whitening bias
+            model.net.on_epoch_start(epoch)
         t0 = time.perf_counter()
         train_loss, train_acc = _train_epoch(cfg, ds, step, epoch, console)
         state["step"] += steps_per_epoch
