@@ -134,26 +134,27 @@ def two_stage_epochs(n: int) -> tuple[int, int]:
 
 def run_two_stage(ds, size, seed, run_dir, console, cache) -> float:
     epochs, freeze = two_stage_epochs(len(ds.train))
-    cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", f"train.epochs={epochs}",
-                               f"finetune.freeze_epochs={freeze}",
-                               "train.monitor=train_loss", "train.mode=min"])
-    fit(cfg, ds, run_dir, console=console)
-    return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
+    return fit_and_score(ds, run_dir, console, [f"train.seed={seed}", f"train.epochs={epochs}",
+                                                f"finetune.freeze_epochs={freeze}"])
 
 
 def run_scratch_same(ds, size, seed, run_dir, console, cache) -> float:
     epochs, _ = two_stage_epochs(len(ds.train))
-    cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", f"train.epochs={epochs}", "finetune.strategy=none",
-                               "model.kwargs.pretrained=false", "model.kwargs.bn_momentum=0.9",
-                               "train.monitor=train_loss", "train.mode=min"])
-    fit(cfg, ds, run_dir, console=console)
-    return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
+    return fit_and_score(ds, run_dir, console, [f"train.seed={seed}", f"train.epochs={epochs}",
+                                                "finetune.strategy=none", "model.kwargs.pretrained=false",
+                                                "model.kwargs.bn_momentum=0.9"])
 
 
 def run_lora(ds, size, seed, run_dir, console, cache) -> float:
     epochs, _ = two_stage_epochs(len(ds.train))
-    cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", f"train.epochs={epochs}", "finetune.strategy=lora",
-                               "train.monitor=train_loss", "train.mode=min"])
+    return fit_and_score(ds, run_dir, console, [f"train.seed={seed}", f"train.epochs={epochs}",
+                                                "finetune.strategy=lora"])
+
+
+def fit_and_score(ds, run_dir, console, overrides: list[str]) -> float:
+    """The fine-tuning recipe with `overrides`, trained on `ds` (no validation split: the last
+    epoch's weights are kept), scored on the test split."""
+    cfg = load_config(RECIPE, [*OVERRIDES, *overrides, "train.monitor=train_loss", "train.mode=min"])
     fit(cfg, ds, run_dir, console=console)
     return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
 
