@@ -58,7 +58,9 @@ class Finetune:
 
     def frozen_at(self, epoch: int) -> bool:
         """Is the backbone frozen during (0-based) `epoch`?"""
-        return self.cfg.strategy in ("linear", "lora") or (self.cfg.strategy == "two-stage" and epoch < self.cfg.freeze_epochs)
+        if self.cfg.strategy == "two-stage":
+            return epoch < self.cfg.freeze_epochs
+        return self.cfg.strategy in ("linear", "lora")
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.active:

@@ -54,9 +54,7 @@ def add_adapters(net: nn.Module, rank: int, alpha: float, skip_layers: int = 0) 
         raise ValueError(f"finetune.strategy=lora found no 1x1 convs to adapt past the first {skip_layers} "
                          f"backbone layers (finetune.freeze_layers)")
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = net.backbone.get_submodule(parent_name) if parent_name else net.backbone
-        setattr(parent, child, _plain(getattr(parent, child)))
+        net.backbone.set_submodule(name, _plain(net.backbone.get_submodule(name)))
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     peft.inject_adapter_in_model(config, net.backbone)
     return [p for name, p in net.backbone.named_parameters() if "lora_" in name]
@@ -77,6 +75,5 @@ def merged(model: nn.Module) -> nn.Module:
     wrappers = [(name, m) for name, m in out.named_modules() if isinstance(m, LoraLayer)]
     for name, wrapper in wrappers:
         wrapper.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent_name) if parent_name else out, child, wrapper.get_base_layer())
+        out.set_submodule(name, wrapper.get_base_layer())
     return out
