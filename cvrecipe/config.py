@@ -84,6 +84,9 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels; resume is then bit-identical on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 20  # steps between progress/NaN checks (each check costs a device sync)
+    checkpoint_every_s: float = 0.0  # write last.ckpt (and, without a val split, best.safetensors) when
+    #                                  this many seconds have passed since the last write, and after the
+    #                                  last epoch; 0 = after every epoch. A resume restarts from the last write
     num_threads: int | None = None  # torch CPU threads; None = torch default
     sanity: bool = True  # run the sanity checks (`cvrecipe doctor`) before training; a fail stops the run
 

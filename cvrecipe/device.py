@@ -52,6 +52,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def tune_backend(device: torch.device, deterministic: bool = False) -> None:
+    """On CUDA let cuDNN time its convolution algorithms for each new shape and keep the fastest
+    (a one-time cost per shape; a fixed-shape training loop pays it in its first steps only)."""
+    if device.type == "cuda" and not deterministic:
+        torch.backends.cudnn.benchmark = True
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

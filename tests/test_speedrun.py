@@ -129,6 +129,29 @@ def test_whitening_bias_trains_for_its_epochs_then_stays(tmp_path):
     assert not torch.equal(convs[1], convs[2])  # while the rest of the network went on training
 
 
+def test_checkpoints_can_be_spaced_out_in_time(tmp_path):
+    """checkpoint_every_s longer than the run: nothing is written until the last epoch, which is."""
+    cfg = _tiny_speedrun(tmp_path, ["train.epochs=3", "train.checkpoint_every_s=3600"])
+    ds = load_dataset(cfg.data, seed=0)
+    run_dir = tmp_path / "run"
+    seen = []
+
+    class Look:
+        def on_epoch_end(self, row, model):
+            seen.append(((run_dir / "last.ckpt").exists(), (run_dir / "best.safetensors").exists()))
+
+    fit(cfg, ds, run_dir, callbacks=[Look()])
+    assert seen == [(False, False)] * 3  # on_epoch_end runs before that epoch's writes
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["epoch"] == 3
+    assert load_file(run_dir / "best.safetensors")
+
+    every_epoch = tmp_path / "every"
+    seen.clear()
+    run_dir = every_epoch
+    fit(_tiny_speedrun(tmp_path, ["train.epochs=3"]), ds, run_dir, callbacks=[Look()])
+    assert seen == [(False, False), (True, True), (True, True)]
+
+
 def test_no_val_split_trains_on_everything_and_keeps_the_last_weights(tmp_path):
     cfg = _tiny_speedrun(tmp_path, ["train.epochs=2", "train.ema=ema"])
     ds = load_dataset(cfg.data, seed=0)

@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cvrecipe.config import Config
 from cvrecipe.data import ImageDataset
 from cvrecipe.data.augment import augment_batch
-from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything
+from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything, tune_backend
 from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.models import ImageClassifier, create_model
 from cvrecipe.models.head import set_bias_to_prior
@@ -94,6 +94,7 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     tc = cfg.train
     device = resolve_device(tc.device)
     seed_everything(tc.seed, tc.deterministic)
+    tune_backend(device, tc.deterministic)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     dtype = autocast_dtype(device, tc.precision)
@@ -129,6 +130,7 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
         console.print(f"resuming {run_dir} at epoch {state['epoch'] + 1} (step {state['step']})")
     writer = SummaryWriter(str(run_dir), purge_step=state["step"] if resume else None)
     _notify(callbacks, "on_train_start", model, cfg, run_dir)
+    last_write = time.perf_counter()
 
     for epoch in range(state["epoch"], tc.epochs):
         if state["stopped_early"]:
@@ -139,7 +141,10 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
         t0 = time.perf_counter()
         train_loss, train_acc = _train_epoch(cfg, ds, step, epoch, console)
         state["step"] += steps_per_epoch
-        scored = _averaged(step)  # the weights that are validated and saved: the EMA when there is one
+        # on a fast GPU an epoch can take less time than writing its checkpoint: writes can be spaced out
+        due = epoch + 1 == tc.epochs or time.perf_counter() - last_write >= tc.checkpoint_every_s
+        # the weights that are validated and saved: the EMA when there is one
+        scored = _averaged(step) if has_val or due else None
         val_loss, val_acc = (_validate(scored, ds, batch_size, device, dtype, tc.channels_last) if has_val
                              else (math.nan, math.nan))
         elapsed = time.perf_counter() - t0
@@ -152,7 +157,8 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
 
         value = row[tc.monitor]
         if not has_val:  # nothing to select on: keep the latest weights
-            save_weights(finetune.deployable(scored), run_dir / "best.safetensors", {"epoch": epoch + 1})
+            if due:
+                save_weights(finetune.deployable(scored), run_dir / "best.safetensors", {"epoch": epoch + 1})
         elif _improved(value, state["best"], tc.mode, tc.min_delta):
             state["best"], state["bad_epochs"] = value, 0
             save_weights(finetune.deployable(scored), run_dir / "best.safetensors",
@@ -161,7 +167,9 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["stopped_early"] = tc.early_stopping and state["bad_epochs"] >= tc.patience
-        save_resume(_snapshot(state, step), run_dir / "last.ckpt")
+        if due or state["stopped_early"]:
+            save_resume(_snapshot(state, step), run_dir / "last.ckpt")
+            last_write = time.perf_counter()
         if state["stopped_early"]:
             console.print(f"early stopping: {tc.monitor} has not improved for {tc.patience} epochs "
                           f"(best {state['best']:.4f})")
