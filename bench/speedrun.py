@@ -4,6 +4,8 @@ framework overhead against a bare PyTorch loop, the data path's share of a step,
     python bench/speedrun.py --runs 5                       # cifar10-speedrun, seeds 0..4
     python bench/speedrun.py --recipe cifar10-speedrun-muon --runs 5
     python bench/speedrun.py --runs 1 --reference-steps 20 train.compile=true
+    python bench/speedrun.py --runs 5 --phases --variant "train.epochs=11"   # + where fit()'s time goes,
+                                                                            # + the same seeds at 11 epochs
 
 Training time is `fit()` from the first step to the last (device-synchronised; on CUDA also timed
 with CUDA events), after the dataset is already in memory. One-time costs — a warm-up run that
@@ -35,7 +37,8 @@ from cvrecipe.data.augment import augment_batch
 from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything
 from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.train.checkpoint import load_model
-from cvrecipe.train.loop import build_model, epoch_generator, fit
+from cvrecipe.train import loop
+from cvrecipe.train.loop import Step, build_model, epoch_batches, epoch_generator, fit
 from cvrecipe.train.optim import build_optimizer, build_scheduler
 
 
@@ -116,20 +119,88 @@ def reference_loop(cfg, ds, device, steps: int) -> float:
     return timer.stop() / steps
 
 
-def data_path_seconds(cfg, ds, device, steps: int) -> float:
-    """Seconds per batch to gather, augment and lay out a training batch (what the loop does)."""
+def data_path_seconds(cfg, ds, device) -> float:
+    """Seconds per batch to gather, augment and lay out one epoch's training batches, exactly as
+    the loop does it (on a GPU, several batches at once)."""
     tc = cfg.train
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    x_all = torch.from_numpy(ds.train.x).to(device)
-    base_flip = torch.rand(len(x_all), device=device) < 0.5
+    x_all, y_all = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
+    steps = len(x_all) // tc.batch_size
+    step = Step(model=None, train_model=None, optimizer=None, scheduler=None, scaler=None, ema=None,
+                train_x=x_all, train_y=y_all, base_flip=torch.rand(len(x_all), device=device) < 0.5,
+                steps_per_epoch=steps, batch_size=tc.batch_size, device=device, dtype=None,
+                memory_format=memory_format)
     gen = epoch_generator(tc.seed, 0, device)
     order = torch.randperm(len(x_all), generator=gen, device=device)
-    n = min(steps, len(x_all) // tc.batch_size)
+    for _ in epoch_batches(step, cfg.augment, ds.hflip_ok, order, gen, 0):  # warm-up, not timed
+        pass
     timer = Timer(device).start()
-    for i in range(n):
-        idx = order[i * tc.batch_size:(i + 1) * tc.batch_size]
-        augment_batch(x_all[idx], cfg.augment, ds.hflip_ok, gen, base_flip[idx], 0).contiguous(memory_format=memory_format)
-    return timer.stop() / n
+    for _ in epoch_batches(step, cfg.augment, ds.hflip_ok, order, gen, 1):
+        pass
+    return timer.stop() / steps
+
+
+class PhaseTimes:
+    """Device-synchronised time spent in the named functions of cvrecipe.train.loop during a fit()."""
+
+    PHASES = ("build_model", "_train_epoch", "_averaged", "_validate", "_log_epoch", "save_weights", "save_resume",
+              "SummaryWriter", "Finetune")
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.saved = device, {}, {}
+
+    def __enter__(self) -> "PhaseTimes":
+        for name in self.PHASES:
+            self.saved[name] = getattr(loop, name)
+            setattr(loop, name, self._timed(name, self.saved[name]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.saved.items():
+            setattr(loop, name, fn)
+
+    def _timed(self, name, fn):
+        def timed(*args, **kwargs):
+            timer = Timer(self.device).start()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + timer.stop()
+        return timed
+
+
+def run_seeds(cfg, ds, device, seeds, quiet: Console) -> list[dict]:
+    runs = []
+    for seed in seeds:
+        cfg.train.seed = seed
+        timer, history, run_dir = train_once(cfg, ds, device, quiet)
+        seconds, cuda_seconds = timer.seconds, timer.cuda_seconds
+        # epochs = training steps + end-of-epoch averaging/validation; the rest of fit() is set-up
+        # (model, whitening from data, dataset to device) and checkpoints and logs
+        epoch_seconds = sum(row["epoch_time_s"] for row in history)
+        accuracy = test_accuracy(run_dir, ds, device, cfg.eval.tta)
+        plain = test_accuracy(run_dir, ds, device, 0)
+        runs.append({"seed": seed, "train_seconds": seconds, "cuda_event_seconds": cuda_seconds,
+                     "epoch_seconds": epoch_seconds, "setup_and_checkpoint_seconds": seconds - epoch_seconds,
+                     "epoch_times": [row["epoch_time_s"] for row in history],
+                     "test_accuracy": accuracy, "test_accuracy_no_tta": plain})
+        print(f"seed {seed}: test accuracy {accuracy * 100:.2f}% (TTA {cfg.eval.tta}), {plain * 100:.2f}% without; "
+              f"training {seconds:.2f}s" + (f" (CUDA events {cuda_seconds:.2f}s)" if cuda_seconds else "")
+              + f" = epochs {epoch_seconds:.2f}s + set-up/checkpoints/logs {seconds - epoch_seconds:.2f}s",
+              flush=True)
+    return runs
+
+
+def summarise(runs: list[dict]) -> dict:
+    def mean_std(key):
+        values = [r[key] for r in runs]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    (acc, acc_sd), (plain, plain_sd) = mean_std("test_accuracy"), mean_std("test_accuracy_no_tta")
+    (secs, secs_sd), (epochs, _) = mean_std("train_seconds"), mean_std("epoch_seconds")
+    return {"runs": runs, "test_accuracy_mean": acc, "test_accuracy_std": acc_sd, "test_accuracy_no_tta_mean": plain,
+            "test_accuracy_no_tta_std": plain_sd, "train_seconds_mean": secs, "train_seconds_std": secs_sd,
+            "epoch_seconds_mean": epochs}
 
 
 def main() -> None:
@@ -138,6 +209,10 @@ def main() -> None:
     parser.add_argument("--recipe", default="cifar10-speedrun")
     parser.add_argument("--runs", type=int, default=5, help="number of seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+runs-1")
+    parser.add_argument("--variant", action="append", default=[], metavar="'KEY=VALUE ...'",
+                        help="also run the same seeds with these overrides on top (repeatable)")
+    parser.add_argument("--phases", action="store_true",
+                        help="one more run that reports the time of each part of fit() (device-synchronised)")
     parser.add_argument("--reference-steps", type=int, default=None,
                         help="steps of the bare reference loop (default: one epoch's worth)")
     parser.add_argument("--warmup-images", type=int, default=4096, help="training images in the warm-up run")
@@ -161,61 +236,54 @@ def main() -> None:
     warmup_seconds = train_once(warm, warm_ds, device, quiet)[0].seconds
     print(f"warm-up (one-time, not counted): {warmup_seconds:.1f}s", flush=True)
 
-    runs = []
-    for seed in range(args.first_seed, args.first_seed + args.runs):
-        cfg.train.seed = seed
-        timer, history, run_dir = train_once(cfg, ds, device, quiet)
-        seconds, cuda_seconds = timer.seconds, timer.cuda_seconds
-        # epochs = training steps + end-of-epoch averaging/validation; the rest of fit() is set-up
-        # (model, whitening from data, dataset to device) and per-epoch checkpoints and logs
-        epoch_seconds = sum(row["epoch_time_s"] for row in history)
-        accuracy = test_accuracy(run_dir, ds, device, cfg.eval.tta)
-        plain = test_accuracy(run_dir, ds, device, 0)
-        runs.append({"seed": seed, "train_seconds": seconds, "cuda_event_seconds": cuda_seconds,
-                     "epoch_seconds": epoch_seconds, "setup_and_checkpoint_seconds": seconds - epoch_seconds,
-                     "epoch_times": [row["epoch_time_s"] for row in history],
-                     "test_accuracy": accuracy, "test_accuracy_no_tta": plain})
-        print(f"seed {seed}: test accuracy {accuracy * 100:.2f}% (TTA {cfg.eval.tta}), {plain * 100:.2f}% without; "
-              f"training {seconds:.2f}s" + (f" (CUDA events {cuda_seconds:.2f}s)" if cuda_seconds else "")
-              + f" = epochs {epoch_seconds:.2f}s + set-up/checkpoints/logs {seconds - epoch_seconds:.2f}s",
-              flush=True)
+    seeds = range(args.first_seed, args.first_seed + args.runs)
+    summary = {"recipe": args.recipe, "overrides": args.overrides, "device": str(device), "hardware": _hardware(device),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "warmup_seconds": warmup_seconds,
+               **summarise(run_seeds(cfg, ds, device, seeds, quiet))}
+
+    if args.phases:
+        with PhaseTimes(device) as phases:
+            total = train_once(cfg, ds, device, quiet)[0].seconds
+        summary["phases"] = {**phases.seconds, "rest": total - sum(phases.seconds.values()), "total": total}
+        print("where fit() spends its time (one more run): "
+              + ", ".join(f"{k} {v:.3f}s" for k, v in summary["phases"].items()), flush=True)
 
     ref_steps = args.reference_steps or steps_per_epoch
     reference = reference_loop(cfg, ds, device, ref_steps)
-    data_seconds = data_path_seconds(cfg, ds, device, min(ref_steps, 20))
-    framework = statistics.mean(r["train_seconds"] for r in runs) / (cfg.train.epochs * steps_per_epoch)
-    summary = {
-        "recipe": args.recipe, "overrides": args.overrides, "device": str(device), "hardware": _hardware(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs,
-        "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in runs),
-        "test_accuracy_std": statistics.stdev([r["test_accuracy"] for r in runs]) if len(runs) > 1 else 0.0,
-        "test_accuracy_no_tta_mean": statistics.mean(r["test_accuracy_no_tta"] for r in runs),
-        "test_accuracy_no_tta_std": (statistics.stdev([r["test_accuracy_no_tta"] for r in runs])
-                                     if len(runs) > 1 else 0.0),
-        "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs),
-        "train_seconds_std": statistics.stdev([r["train_seconds"] for r in runs]) if len(runs) > 1 else 0.0,
-        "epoch_seconds_mean": statistics.mean(r["epoch_seconds"] for r in runs),
-        "warmup_seconds": warmup_seconds, "cvrecipe_step_seconds": framework, "reference_step_seconds": reference,
-        "overhead_ratio": framework / reference, "data_path_seconds_per_batch": data_seconds,
-        "data_path_fraction": data_seconds / framework,
+    data_seconds = data_path_seconds(cfg, ds, device)
+    framework = summary["train_seconds_mean"] / (cfg.train.epochs * steps_per_epoch)
+    in_epochs = summary["epoch_seconds_mean"] / (cfg.train.epochs * steps_per_epoch)
+    summary.update({
+        "cvrecipe_step_seconds": framework, "cvrecipe_step_seconds_in_epochs": in_epochs,
+        "reference_step_seconds": reference, "overhead_ratio": framework / reference,
+        "overhead_ratio_in_epochs": in_epochs / reference, "data_path_seconds_per_batch": data_seconds,
+        "data_path_fraction": data_seconds / in_epochs,
         "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_device_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+    })
     s = summary
     print(f"\ntest accuracy {s['test_accuracy_mean'] * 100:.2f} ± {s['test_accuracy_std'] * 100:.2f} % "
-          f"(n={len(runs)}, TTA {cfg.eval.tta}; {s['test_accuracy_no_tta_mean'] * 100:.2f} ± "
+          f"(n={args.runs}, TTA {cfg.eval.tta}; {s['test_accuracy_no_tta_mean'] * 100:.2f} ± "
           f"{s['test_accuracy_no_tta_std'] * 100:.2f} % without TTA)")
     print(f"training time {s['train_seconds_mean']:.2f} ± {s['train_seconds_std']:.2f} s per run "
           f"(warm-up {warmup_seconds:.1f} s once, not counted); of which epochs {s['epoch_seconds_mean']:.2f} s, "
           f"set-up, checkpoints and logs {s['train_seconds_mean'] - s['epoch_seconds_mean']:.2f} s")
-    in_epochs = s["epoch_seconds_mean"] / (cfg.train.epochs * steps_per_epoch)
     print(f"time per step: cvrecipe {framework * 1000:.2f} ms (whole fit() / steps; {in_epochs * 1000:.2f} ms "
           f"inside the epochs), bare PyTorch loop {reference * 1000:.2f} ms -> ratio {s['overhead_ratio']:.3f} "
-          f"({in_epochs / reference:.3f} inside the epochs)")
+          f"({s['overhead_ratio_in_epochs']:.3f} inside the epochs)")
     print(f"data path (gather + augment): {data_seconds * 1000:.2f} ms per batch = "
           f"{s['data_path_fraction'] * 100:.2f} % of a step")
     print(f"peak host memory {s['peak_host_memory_gib']:.2f} GiB"
           + (f", peak device memory {s['peak_device_memory_gib']:.2f} GiB" if s["peak_device_memory_gib"] else ""))
+
+    summary["variants"] = {}
+    for variant in args.variant:
+        print(f"\n== variant: {variant}", flush=True)
+        vcfg = load_config(args.recipe, [*args.overrides, *variant.split()])
+        v = summary["variants"][variant] = summarise(run_seeds(vcfg, ds, device, seeds, quiet))
+        print(f"variant {variant}: test accuracy {v['test_accuracy_mean'] * 100:.2f} ± {v['test_accuracy_std'] * 100:.2f} % "
+              f"({v['test_accuracy_no_tta_mean'] * 100:.2f} ± {v['test_accuracy_no_tta_std'] * 100:.2f} % without TTA), "
+              f"training {v['train_seconds_mean']:.2f} ± {v['train_seconds_std']:.2f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
 

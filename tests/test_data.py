@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cvrecipe.config import DataConfig
@@ -166,3 +167,13 @@ def test_cifar10_jpeg_archive_real():
     ds = load_source(f"folder:{SHARED_DATA / 'cifar10-jpeg.tar.gz'}")
     assert len(ds.train) == 50000 and len(ds.test) == 10000 and ds.image_shape == (3, 32, 32)
     assert ds.classes[:3] == ["airplane", "automobile", "bird"] and not ds.skipped
+
+
+def test_pixel_mean_std_by_chunks_matches_torch_on_the_whole_set():
+    from cvrecipe.data.dataset import pixel_mean_std
+
+    x = np.random.default_rng(0).integers(0, 256, (500, 3, 6, 7), dtype=np.uint8)
+    mean, std = pixel_mean_std(x, chunk=64)  # several chunks, the last one ragged
+    pixels = torch.from_numpy(x).double().div(255).transpose(0, 1).reshape(3, -1)
+    np.testing.assert_allclose(mean, pixels.mean(1).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(std, pixels.std(1).numpy(), rtol=1e-9)  # unbiased, as torch.std

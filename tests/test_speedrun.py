@@ -82,7 +82,8 @@ def _tiny_speedrun(tmp_path, overrides=()):
     data = make_image_folder(tmp_path / "imgs", per_class={"train": 40, "test": 10}, size=16)
     return load_config("cifar10-speedrun", [f"data.name=folder:{data}", "model.kwargs.widths=[8, 16, 16]",
                                             "train.batch_size=32", "train.epochs=4", "train.ema_every=1",
-                                            "train.log_every=1", "train.deterministic=true", *overrides])
+                                            "train.log_every=1", "train.deterministic=true", "train.checkpoint_every_s=0",
+                                            *overrides])
 
 
 def test_resume_with_ema_and_alternating_flip_is_exact(tmp_path):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cvrecipe.data.dataset import ImageDataset
+from cvrecipe.data.dataset import ImageDataset, pixel_mean_std
 
 SPLITS = ("train", "val", "test")
 # Near duplicates, in two stages (thresholds measured on planted copies of 300-500 images each):
@@ -54,17 +54,9 @@ def class_balance(ds: ImageDataset) -> dict:
 
 
 def channel_stats(x: np.ndarray, chunk: int = 8192) -> dict:
-    """Per-channel mean and std of (N, C, H, W) uint8 pixels, in [0, 1] units (float64 sums by chunk)."""
-    c = x.shape[1]
-    total, total_sq, n = np.zeros(c), np.zeros(c), 0
-    for start in range(0, len(x), chunk):
-        part = torch.from_numpy(x[start:start + chunk]).transpose(0, 1).reshape(c, -1).double()
-        total += part.sum(1).numpy()
-        total_sq += part.square().sum(1).numpy()
-        n += part.shape[1]
-    mean = total / max(n, 1)
-    var = np.maximum(total_sq / max(n, 1) - mean ** 2, 0.0)
-    return {"mean": (mean / 255).round(4).tolist(), "std": (np.sqrt(var) / 255).round(4).tolist()}
+    """Per-channel mean and (population) std of (N, C, H, W) uint8 pixels, in [0, 1] units."""
+    mean, std = pixel_mean_std(x, chunk, ddof=0)
+    return {"mean": mean.round(4).tolist(), "std": std.round(4).tolist()}
 
 
 def file_header(data: bytes) -> tuple[str, str, str] | None:

@@ -15,14 +15,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 
-from cvrecipe.config import Config
+from cvrecipe.config import AugmentConfig, Config
 from cvrecipe.data import ImageDataset
+from cvrecipe.data.dataset import pixel_mean_std
 from cvrecipe.data.augment import augment_batch
 from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything, tune_backend
 from cvrecipe.evaluate.predict import predict_logits
@@ -41,19 +43,25 @@ class TrainingDiverged(RuntimeError):
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s"]
 
 
-def build_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
+def build_model(cfg: Config, ds: ImageDataset, train_x: torch.Tensor | None = None) -> ImageClassifier:
+    """The configured model, with its input normalisation (and any data-dependent initialisation)
+    computed from the training images; `train_x`: those images already on the training device,
+    where the statistics are then computed (a GPU does it in milliseconds). The model comes back on
+    the CPU, or on train_x's device when it had data-dependent initialisation to do there."""
     c, h, w = ds.image_shape
+    pixels = torch.from_numpy(ds.train.x) if train_x is None else train_x
     mean = std = None
     if cfg.data.normalize:
-        pixels = torch.from_numpy(ds.train.x).float().div_(255).transpose(0, 1).reshape(c, -1)  # (C, N·H·W)
-        mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+        mean, std = pixel_mean_std(pixels)
+        mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
     model = create_model(cfg.model.name, num_classes=len(ds.classes), in_channels=c, input_size=(h, w),
                          mean=mean, std=std, class_names=ds.classes, dropout=cfg.model.dropout, **cfg.model.kwargs)
     if cfg.model.init_bias_prior:
         set_bias_to_prior(model, ds.train.y, len(ds.classes))
     if hasattr(model.net, "init_from_data"):  # e.g. the speedrun net's whitening layer, from 5,000 images
+        model.to(pixels.device)  # computed where the images are
         sample = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:5000]
-        model.net.init_from_data(model, torch.from_numpy(ds.train.x[sample.sort().values.numpy()]))
+        model.net.init_from_data(model, pixels[sample.sort().values.to(pixels.device)])
     return model
 
 
@@ -104,13 +112,14 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     if not has_val and tc.early_stopping:
         raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
 
-    model = build_model(cfg, ds).to(device, memory_format=memory_format)
+    train_x, train_y = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
+    model = build_model(cfg, ds, train_x).to(device, memory_format=memory_format)
     finetune = Finetune(model, cfg.finetune, tc.epochs)
     if finetune.feature_cache:  # a linear probe on features computed once: no per-step backbone at all
         from cvrecipe.train.probe import fit_probe
 
+        del train_x, train_y
         return fit_probe(cfg, ds, model, run_dir, device, console, callbacks)
-    train_x, train_y = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
     batch_size = min(tc.batch_size, len(train_y))
     steps_per_epoch = len(train_y) // batch_size  # the ragged last batch is dropped; order changes every epoch
     optimizer = build_optimizer(model, tc, finetune.param_groups())
@@ -200,11 +209,8 @@ def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console:
     t0 = time.perf_counter()
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("train", total=steps, info="")
-        for i in range(steps):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            x = augment_batch(step.train_x[idx], cfg.augment, ds.hflip_ok, gen, step.base_flip[idx], epoch)
-            x = x.contiguous(memory_format=step.memory_format)
-            y = step.train_y[idx]
+        batches = epoch_batches(step, cfg.augment, ds.hflip_ok, order, gen, epoch)
+        for i, (x, y) in enumerate(batches):
             with autocast(device, step.dtype):
                 logits = step.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
@@ -225,7 +231,8 @@ def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console:
             if (i + 1) % tc.log_every == 0 or i + 1 == steps:
                 mean_loss = loss_sum.item() / (i + 1)
                 if not math.isfinite(mean_loss):
-                    kept = (f"the last good checkpoint (end of epoch {epoch}) is kept as last.ckpt" if epoch
+                    spaced = " or earlier, with train.checkpoint_every_s" if tc.checkpoint_every_s else ""
+                    kept = (f"the last good checkpoint (end of epoch {epoch}{spaced}) is kept as last.ckpt" if epoch
                             else "no epoch had completed, so there is no checkpoint")
                     raise TrainingDiverged(
                         f"loss became {mean_loss} during epoch {epoch + 1} (by step {i + 1} of {steps}); "
@@ -233,6 +240,33 @@ def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console:
                 rate = (i + 1) * batch_size / (time.perf_counter() - t0)
                 progress.update(task, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
     return loss_sum.item() / steps, correct.item() / (steps * batch_size)
+
+
+AUGMENT_CHUNK_BYTES = 256 * 2**20  # uint8 images augmented in one go on a GPU (reflect padding: 4x in float)
+
+
+def epoch_batches(step: Step, augment: AugmentConfig, hflip_ok: bool, order: torch.Tensor, gen: torch.Generator,
+                  epoch: int, chunk: int | None = None):
+    """The epoch's (x, y) training batches in `order`: gathered from the on-device dataset and augmented.
+
+    On a GPU, several batches (the whole epoch for CIFAR-10) are augmented with one set of kernel
+    launches: per batch that costs a dozen launches, a few % of a 5 ms step. On a CPU each batch is
+    augmented as it is needed, so no second copy of the data is held in host memory. `chunk`
+    (batches augmented together) overrides that choice.
+    """
+    batch_size, steps = step.batch_size, step.steps_per_epoch
+    if chunk is None:
+        chunk = 1
+        if step.device.type == "cuda":
+            chunk = max(1, min(steps, AUGMENT_CHUNK_BYTES // (batch_size * step.train_x[0].numel())))
+    for first in range(0, steps, chunk):
+        n = min(chunk, steps - first)
+        idx = order[first * batch_size:(first + n) * batch_size]
+        x = augment_batch(step.train_x[idx], augment, hflip_ok, gen, step.base_flip[idx], epoch)
+        x = x.contiguous(memory_format=step.memory_format)  # batch slices of it stay contiguous
+        y = step.train_y[idx]
+        for j in range(n):
+            yield x[j * batch_size:(j + 1) * batch_size], y[j * batch_size:(j + 1) * batch_size]
 
 
 def _averaged(step: Step) -> ImageClassifier:
