@@ -89,7 +89,7 @@ def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return held
 
 
-def pixel_mean_std(x, chunk: int = 8192, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def pixel_mean_std(x, chunk: int = 1024, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (C,) of (N, C, H, W) uint8 pixels (numpy or a torch tensor on any
     device, where the sums then run), in [0, 1] units.
 

@@ -117,11 +117,16 @@ def init_whitening(model: ImageClassifier, images: torch.Tensor, eps: float = 5e
     """
     whiten = model.net[0]
     k = whiten.kernel_size[0]
-    x = model.normalize(images.to(whiten.weight.device)).float()
-    patches = image_patches(x, k).double()  # (P, C·k·k)
-    cov = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    c = images.shape[1]
+    cov = torch.zeros(c * k * k, c * k * k, dtype=torch.float64, device=whiten.weight.device)
+    count = 0
+    for start in range(0, len(images), 500):  # by chunks: all 4.8M patches in float64 would be 460 MB
+        x = model.normalize(images[start:start + 500].to(whiten.weight.device)).float()
+        patches = image_patches(x, k).double()  # (P, C·k·k)
+        cov += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov / count)  # ascending
     filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0)  # largest variance first
-    filters = filters.reshape(-1, x.shape[1], k, k).to(whiten.weight.dtype)
+    filters = filters.reshape(-1, c, k, k).to(whiten.weight.dtype)
     whiten.weight.copy_(torch.cat([filters, -filters]))
     whiten.bias.zero_()
