@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from cvrecipe.config import DataConfig
 from cvrecipe.data.cache import cache_root
@@ -52,11 +51,15 @@ def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageD
             if channels == 3 and x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             elif channels == 1 and x.shape[1] == 3:
-                x = TF.rgb_to_grayscale(x)
+                from torchvision.transforms.v2.functional import rgb_to_grayscale  # see images.py on imports
+
+                x = rgb_to_grayscale(x)
             else:
                 raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
         if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = TF.resize(x, [size, size], antialias=True)
+            from torchvision.transforms.v2.functional import resize
+
+            x = resize(x, [size, size], antialias=True)
         return Split(np.ascontiguousarray(x.numpy()), split.y)
 
     return dataclasses.replace(ds, train=fix(ds.train), val=fix(ds.val), test=fix(ds.test))

@@ -13,8 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 # torchvision 0.29 announces a future move of its decoders; they are what this module relies on
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -46,7 +44,13 @@ def _pil_decode(data: bytes, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy())
 
 
+# torchvision is imported where images are decoded or resized, not with this module: its import
+# alone holds ~160 MB of host memory, which a run that reads the decoded cache does not need.
+
+
 def _decode_one(data: bytes, channels: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     if len(data) == 0:
         raise ValueError("empty file (0 bytes)")
     if data[:3] == JPEG_MAGIC:
@@ -62,6 +66,8 @@ def _decode_one(data: bytes, channels: int) -> torch.Tensor:
 
 def _decode_chunk(items: list[tuple[str, bytes]], channels: int) -> list[torch.Tensor | str]:
     """Decode one chunk; each entry is a (C, H, W) tensor or the reason the file was skipped."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     if all(data[:3] == JPEG_MAGIC for _, data in items):
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in items]
@@ -122,6 +128,8 @@ def decode_images(
     for row, i in enumerate(good):
         img = decoded[i]
         if tuple(img.shape[1:]) != target:
-            img = TF.resize(img, list(target), antialias=True)
+            from torchvision.transforms.v2.functional import resize
+
+            img = resize(img, list(target), antialias=True)
         out[row] = img.numpy()
     return out, good, skipped
