@@ -104,3 +104,24 @@ def test_weight_ema_math_and_lookahead():
     ema.update(model, decay=0.5, lookahead=True)
     expected = 0.5 * (0.9 * start + 0.1 * (start + 1)) + 0.5 * (start + 1)
     assert torch.allclose(model.weight, expected) and torch.allclose(ema.shadow["weight"], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_max_pool_matches_max_pool_and_keeps_no_indices(dtype):
+    from cvrecipe.models.speedrun import LeanMaxPool2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 15, 15, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 8, 7, 7, generator=gen).to(dtype)
+    lean_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        lean = LeanMaxPool2d(2)(lean_x)
+    ref = torch.nn.MaxPool2d(2)(ref_x)
+    assert torch.equal(lean, ref)
+    lean.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(lean_x.grad, ref_x.grad)
+    assert torch.int64 not in saved  # only the input is kept; indices are found again in backward
+    with torch.no_grad():  # evaluation and export take the plain pooling path
+        assert torch.equal(LeanMaxPool2d(2).eval()(x), ref.detach())

@@ -11,6 +11,7 @@ About 1.97M parameters at the default widths.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cvrecipe.models.registry import ImageClassifier, register
@@ -42,11 +43,40 @@ class IdentityInitConv(nn.Conv2d):
             nn.init.dirac_(self.weight.data[: self.in_channels])
 
 
+class _MaxPoolRecomputingIndices(torch.autograd.Function):
+    """Non-overlapping max-pool whose backward finds the argmax again from the saved input instead
+    of keeping int64 indices from the forward pass: for this net at batch 1024 that is 230 MB less
+    held between forward and backward (a quarter of all saved activations), for one extra pooling
+    pass per layer in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.size = size
+        return F.max_pool2d(x, size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        _, indices = F.max_pool2d(x, ctx.size, return_indices=True)
+        # each window's gradient goes to its maximum: max_unpool2d is that scatter
+        return F.max_unpool2d(grad, indices, ctx.size, output_size=x.shape[-2:]), None
+
+
+class LeanMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d(size) (stride = size, no padding) that keeps no indices for its backward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and x.requires_grad:
+            return _MaxPoolRecomputingIndices.apply(x, self.kernel_size)
+        return super().forward(x)
+
+
 class ConvGroup(nn.Module):
     def __init__(self, cin: int, cout: int, bn_momentum: float, bn_affine_weight: bool, identity_init: bool):
         super().__init__()
         self.conv1 = IdentityInitConv(cin, cout, identity_init)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = LeanMaxPool2d(2)
         self.norm1 = FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight)
         self.conv2 = IdentityInitConv(cout, cout, identity_init)
         self.norm2 = FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight)
