@@ -53,7 +53,7 @@ def class_balance(ds: ImageDataset) -> dict:
     return out
 
 
-def channel_stats(x: np.ndarray, chunk: int = 8192) -> dict:
+def channel_stats(x: np.ndarray, chunk: int | None = None) -> dict:
     """Per-channel mean and (population) std of (N, C, H, W) uint8 pixels, in [0, 1] units."""
     mean, std = pixel_mean_std(x, chunk, ddof=0)
     return {"mean": mean.round(4).tolist(), "std": std.round(4).tolist()}

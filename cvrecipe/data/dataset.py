@@ -89,15 +89,17 @@ def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return held
 
 
-def pixel_mean_std(x, chunk: int = 1024, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def pixel_mean_std(x, chunk: int | None = None, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (C,) of (N, C, H, W) uint8 pixels (numpy or a torch tensor on any
     device, where the sums then run), in [0, 1] units.
 
-    Float64 sums over chunks of `chunk` images: memory stays at one chunk in float64 instead of a
-    float copy of the whole set (600 MB for CIFAR-10's training split), and the sums are exact
-    enough (255² · 10⁹ is far inside float64's 2⁵³)."""
+    Float64 sums over chunks of `chunk` images (default 1,024 on a CPU, 8,192 on a GPU): memory
+    stays at one chunk in float64 instead of a float copy of the whole set (600 MB for CIFAR-10's
+    training split), and the sums are exact enough (255² · 10⁹ is far inside float64's 2⁵³)."""
     x = torch.as_tensor(x)
     c = x.shape[1]
+    if chunk is None:  # host memory is what is short on a CPU; on a GPU, fewer launches
+        chunk = 1024 if x.device.type == "cpu" else 8192
     total = torch.zeros(c, dtype=torch.float64, device=x.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, len(x), chunk):

@@ -64,10 +64,12 @@ class _MaxPoolRecomputingIndices(torch.autograd.Function):
 
 
 class LeanMaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d(size) (stride = size, no padding) that keeps no indices for its backward pass."""
+    """nn.MaxPool2d(size) (stride = size, no padding) that, when training on a CPU, keeps no indices
+    for its backward pass: there activations are host memory. On a GPU it is plain max-pooling,
+    whose backward kernel needs no second pass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and x.requires_grad:
+        if self.training and torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu":
             return _MaxPoolRecomputingIndices.apply(x, self.kernel_size)
         return super().forward(x)
 
@@ -150,8 +152,10 @@ def init_whitening(model: ImageClassifier, images: torch.Tensor, eps: float = 5e
     c = images.shape[1]
     cov = torch.zeros(c * k * k, c * k * k, dtype=torch.float64, device=whiten.weight.device)
     count = 0
-    for start in range(0, len(images), 500):  # by chunks: all 4.8M patches in float64 would be 460 MB
-        x = model.normalize(images[start:start + 500].to(whiten.weight.device)).float()
+    # on a CPU by chunks (all 4.8M patches in float64 would be 460 MB of host memory); on a GPU in one go
+    chunk = 500 if whiten.weight.device.type == "cpu" else len(images)
+    for start in range(0, len(images), chunk):
+        x = model.normalize(images[start:start + chunk].to(whiten.weight.device)).float()
         patches = image_patches(x, k).double()  # (P, C·k·k)
         cov += patches.T @ patches
         count += len(patches)
