@@ -59,8 +59,9 @@ class _MaxPoolRecomputingIndices(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         _, indices = F.max_pool2d(x, ctx.size, return_indices=True)
-        # each window's gradient goes to its maximum: max_unpool2d is that scatter
-        return F.max_unpool2d(grad, indices, ctx.size, output_size=x.shape[-2:]), None
+        # the kernel autograd itself uses for max_pool2d: each window's gradient to its (first) maximum
+        k = [ctx.size, ctx.size]
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, k, k, [0, 0], [1, 1], False, indices), None
 
 
 class LeanMaxPool2d(nn.MaxPool2d):
