@@ -109,6 +109,13 @@ def _hardware(device: torch.device) -> dict:
 def evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
              console: Console | None = None) -> dict:
     """Evaluate the run's best checkpoint on its held-out split (or another dataset); writes eval.json."""
+    return _evaluate(run_dir, data, split, console)[0]
+
+
+def _evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
+              console: Console | None = None) -> tuple[dict, torch.Tensor]:
+    """evaluate(), also returning the logits (N, K) it scored, so that the report need not compute
+    them again (with TTA 2 that pass is 6 forward passes over the split)."""
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -131,7 +138,7 @@ def evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
               **result}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     console.print(metrics_table(result))
-    return result
+    return result, logits
 
 
 def metrics_table(result: dict) -> Table:
@@ -166,17 +173,19 @@ def run(recipe: str | None, overrides: list[str], console: Console | None = None
     console = console or Console(soft_wrap=True)
     cfg = load_config(recipe, overrides)
     run_dir = train(cfg, console=console)
-    evaluate(run_dir, console=console)
-    report(run_dir, console=console)
+    _, logits = _evaluate(run_dir, console=console)
+    report(run_dir, console=console, eval_logits=logits)  # the same predictions, not computed twice
     console.print(f"done: {run_dir}")
     return run_dir
 
 
-def report(run_dir: Path, calibrate: bool = False, console: Console | None = None) -> Path:
-    """RUN/report.html + RUN/plots/; attached to the run's MLflow run when it was tracked."""
+def report(run_dir: Path, calibrate: bool = False, console: Console | None = None,
+           eval_logits: torch.Tensor | None = None) -> Path:
+    """RUN/report.html + RUN/plots/; attached to the run's MLflow run when it was tracked.
+    `eval_logits`: the best checkpoint's logits on the held-out split, when the caller has them."""
     from cvrecipe.evaluate.report import write_report
     from cvrecipe.tracking import log_report
 
-    path = write_report(run_dir, calibrate, console)
+    path = write_report(run_dir, calibrate, console, eval_logits)
     log_report(run_dir)
     return path

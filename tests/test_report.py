@@ -2,6 +2,7 @@
 lives in one region, FLOPs against a hand count, and one tracked run end to end: report files,
 temperature stored with the weights, the page in a real browser, and the MLflow record."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from cvrecipe.cli import main
 from cvrecipe.evaluate.calibration import fit_temperature, nll, reliability
 from cvrecipe.evaluate.explain import grad_cam, last_feature_layer
-from cvrecipe.evaluate.report import model_facts
+from cvrecipe.evaluate.report import model_facts, write_report
 from cvrecipe.models import create_model
 from cvrecipe.runs import load_run_config
 from cvrecipe.tracking import flatten
@@ -148,6 +149,19 @@ def test_run_writes_the_report_and_plots(tracked_run):
     assert "data:image/png;base64," in html and "src=\"http" not in html  # self-contained
     for text in ("FLOPs", "parameters", "Per-class precision", "Calibration", "Top losses", "Grad-CAM"):
         assert text in html
+
+
+def test_the_run_report_shows_the_evaluation_it_was_handed(tracked_run):
+    """`cvrecipe run` passes its evaluation's logits to the report instead of computing them twice:
+    every table must be what a report that computes its own shows."""
+    run_dir, _ = tracked_run
+    tables = re.compile(r"<table.*?</table>", re.S)
+    html = (run_dir / "report.html").read_text()
+    accuracy = json.loads((run_dir / "eval.json").read_text())["accuracy"]
+    assert f"{accuracy:.4f}" in html
+    write_report(run_dir)
+    from_run = tables.findall(html)
+    assert len(from_run) >= 3 and tables.findall((run_dir / "report.html").read_text()) == from_run
 
 
 def test_calibrate_stores_the_temperature_with_the_weights(tracked_run):

@@ -39,8 +39,12 @@ TOP_LOSSES = 16  # most confidently wrong images shown
 CAM_SAMPLES = 8  # Grad-CAM images per row (correct, wrong)
 
 
-def write_report(run_dir: Path, calibrate: bool = False, console: Console | None = None) -> Path:
-    """Evaluate RUN's best checkpoint on its held-out split and write RUN/report.html + RUN/plots/."""
+def write_report(run_dir: Path, calibrate: bool = False, console: Console | None = None,
+                 eval_logits: torch.Tensor | None = None) -> Path:
+    """Evaluate RUN's best checkpoint on its held-out split and write RUN/report.html + RUN/plots/.
+
+    `eval_logits` (N, K): that checkpoint's logits on that split with the run's TTA, as `cvrecipe run`
+    has them from its evaluation; without them they are computed here."""
     from cvrecipe.runs import load_run_config
 
     console = console or Console(soft_wrap=True)
@@ -52,7 +56,13 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     model = load_model(checkpoint, device)
     ds = load_dataset(dataclasses.replace(cfg.data, subset=None), seed=cfg.train.seed)
     split, part = ds.eval_split
-    logits, y = predict_logits(model, part.x, 512, device, tta=cfg.eval.tta), torch.from_numpy(part.y)
+    if eval_logits is None:
+        eval_logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last,
+                                     tta=cfg.eval.tta)
+    elif eval_logits.shape != (len(part.y), model.meta["num_classes"]):
+        raise ValueError(f"eval_logits have shape {tuple(eval_logits.shape)}; the {split} split needs "
+                         f"({len(part.y)}, {model.meta['num_classes']})")
+    logits, y = eval_logits, torch.from_numpy(part.y)
     metrics = classification_metrics(logits, y, model.meta["class_names"])
     temperature = _temperature(model, checkpoint, ds, device, calibrate, console)
     plots = run_dir / "plots"
