@@ -34,7 +34,7 @@ from rich.console import Console
 from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.data.augment import augment_batch
-from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything
+from cvrecipe.device import autocast, autocast_dtype, backend_settings, resolve_device, seed_everything
 from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.train.checkpoint import load_model
 from cvrecipe.train import loop
@@ -86,7 +86,13 @@ def test_accuracy(run_dir: Path, ds, device, tta: int) -> float:
 
 
 def reference_loop(cfg, ds, device, steps: int) -> float:
-    """Seconds per step of a bare PyTorch loop: same net/optimizer/schedule, pre-made batches."""
+    """Seconds per step of a bare PyTorch loop: same net/optimizer/schedule, pre-made batches,
+    under the same backend settings as fit() (cuDNN autotuning on CUDA, thread count)."""
+    with backend_settings(device, cfg.train.deterministic, cfg.train.num_threads):
+        return _reference_loop(cfg, ds, device, steps)
+
+
+def _reference_loop(cfg, ds, device, steps: int) -> float:
     tc = cfg.train
     seed_everything(tc.seed)
     dtype = autocast_dtype(device, tc.precision)

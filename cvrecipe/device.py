@@ -42,21 +42,38 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
-def tune_backend(device: torch.device, deterministic: bool = False) -> None:
-    """On CUDA let cuDNN time its convolution algorithms for each new shape and keep the fastest
-    (a one-time cost per shape; a fixed-shape training loop pays it in its first steps only)."""
-    if device.type == "cuda" and not deterministic:
-        torch.backends.cudnn.benchmark = True
+@contextlib.contextmanager
+def backend_settings(device: torch.device, deterministic: bool = False, num_threads: int | None = None):
+    """Torch's process-wide settings for one training run, put back as they were when it ends
+    (fit() is also called from library code and tests, which must not inherit them):
+
+    - deterministic: deterministic kernels only, cuDNN's autotuner off;
+    - otherwise on CUDA, cuDNN times its convolution algorithms for each new shape and keeps the
+      fastest (a one-time cost per shape; a fixed-shape training loop pays it in its first steps);
+    - num_threads: the CPU thread count (None: leave it).
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.get_num_threads())
+    try:
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.set_num_threads(saved[3])
 
 
 def sync(device: torch.device) -> None:

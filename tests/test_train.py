@@ -93,6 +93,24 @@ def test_early_stopping_stops_and_keeps_best(tmp_path):
     assert len(read_metrics(run_dir)) == 3
 
 
+class _SettingsSeen:
+    """A training callback that records torch's process-wide settings while the run trains."""
+
+    def on_train_start(self, model, cfg, run_dir):
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.threads = torch.get_num_threads()
+
+
+def test_deterministic_kernels_and_thread_count_hold_for_the_run_only(tmp_path):
+    threads = torch.get_num_threads()
+    seen = _SettingsSeen()
+    cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=1", "train.sanity=false",
+                                       "train.deterministic=true", f"train.num_threads={threads + 1}"])
+    train(cfg, callbacks=[seen])
+    assert seen.deterministic and seen.threads == threads + 1
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+
+
 class _NanAfter(nn.Module):
     """A real model that starts producing NaN after `steps` training forward passes."""
 

@@ -26,7 +26,7 @@ from cvrecipe.config import AugmentConfig, Config
 from cvrecipe.data import ImageDataset
 from cvrecipe.data.dataset import pixel_mean_std
 from cvrecipe.data.augment import augment_batch
-from cvrecipe.device import autocast, autocast_dtype, resolve_device, seed_everything, tune_backend
+from cvrecipe.device import autocast, autocast_dtype, backend_settings, resolve_device, seed_everything
 from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.models import ImageClassifier, create_model
 from cvrecipe.models.head import set_bias_to_prior
@@ -97,14 +97,16 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     `callbacks`: objects with any of `on_train_start(model, cfg, run_dir)`, `on_epoch_end(row, model)`
     and `on_train_end(history, run_dir)`; used by experiment trackers.
     """
-    callbacks = callbacks or []
-    console = console or Console(soft_wrap=True)
     tc = cfg.train
     device = resolve_device(tc.device)
-    seed_everything(tc.seed, tc.deterministic)
-    tune_backend(device, tc.deterministic)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
+    with backend_settings(device, tc.deterministic, tc.num_threads):
+        seed_everything(tc.seed)
+        return _fit(cfg, ds, run_dir, device, resume, console or Console(soft_wrap=True), callbacks or [])
+
+
+def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, resume: bool, console: Console,
+         callbacks: list) -> list[dict]:
+    tc = cfg.train
     dtype = autocast_dtype(device, tc.precision)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
 
