@@ -31,6 +31,30 @@ def test_whitening_makes_patch_covariance_identity():
     assert torch.equal(whiten.weight[12:], -whiten.weight[:12]) and not whiten.weight.requires_grad
 
 
+def test_padded_whitening_keeps_the_image_size_and_repeats_edge_pixels():
+    model = create_model("speedrun-net", num_classes=10, in_channels=1, input_size=(28, 28),
+                         whiten_kernel=3, whiten_padding=1)
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    init_whitening(model, images)
+    whiten = model.net[0]
+    x = model.normalize(images)
+    with torch.no_grad():
+        ours = whiten(x)
+        ref = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), whiten.weight, whiten.bias)
+    assert ours.shape == (8, 18, 28, 28) and torch.allclose(ours, ref, atol=1e-5)
+    assert model(images).shape == (8, 10)
+
+
+def test_a_third_conv_per_group_adds_layers_and_keeps_the_two_conv_names():
+    two = create_model("speedrun-net", num_classes=10, in_channels=1, input_size=(28, 28))
+    three = create_model("speedrun-net", num_classes=10, in_channels=1, input_size=(28, 28), convs_per_group=3)
+    keys2, keys3 = set(two.state_dict()), set(three.state_dict())
+    assert keys2 < keys3  # checkpoints of the 2-conv net keep their parameter names
+    added = {k.split(".")[2] for k in keys3 - keys2}
+    assert added == {"conv3", "norm3"}
+    assert three(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)).shape == (2, 10)
+
+
 def test_image_patches_match_unfold():
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
     ours = image_patches(x, 2)

@@ -76,18 +76,26 @@ class LeanMaxPool2d(nn.MaxPool2d):
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, cin: int, cout: int, bn_momentum: float, bn_affine_weight: bool, identity_init: bool):
+    """conv → pool → BN → GELU, then `convs - 1` more conv → BN → GELU at the pooled size
+    (2 in airbench94; a third adds depth where it is cheap, after the pool)."""
+
+    def __init__(self, cin: int, cout: int, bn_momentum: float, bn_affine_weight: bool, identity_init: bool,
+                 convs: int = 2):
         super().__init__()
         self.conv1 = IdentityInitConv(cin, cout, identity_init)
         self.pool = LeanMaxPool2d(2)
         self.norm1 = FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight)
-        self.conv2 = IdentityInitConv(cout, cout, identity_init)
-        self.norm2 = FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight)
+        for i in range(2, convs + 1):  # conv2/norm2 (, conv3/norm3 ...): the names checkpoints hold
+            setattr(self, f"conv{i}", IdentityInitConv(cout, cout, identity_init))
+            setattr(self, f"norm{i}", FrozenScaleBatchNorm(cout, bn_momentum, affine_weight=bn_affine_weight))
+        self.convs = convs
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
-        return self.act(self.norm2(self.conv2(x)))
+        for i in range(2, self.convs + 1):
+            x = self.act(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(x)))
+        return x
 
 
 class Scale(nn.Module):
@@ -119,13 +127,18 @@ class SpeedrunNet(nn.Sequential):
 def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int], widths=(64, 256, 256),
                  whiten_kernel: int = 2, bn_momentum: float = 0.6, bn_affine_weight: bool = False,
                  identity_init: bool = True, logit_scale: float = 1 / 9, dropout: float = 0.0,
-                 whiten_bias_epochs: int | None = None) -> nn.Module:
+                 whiten_bias_epochs: int | None = None, whiten_padding: int = 0,
+                 convs_per_group: int = 2) -> nn.Module:
+    """`whiten_padding` pads the input by repeating its edge pixels before the whitening conv, so a
+    k×k whitening keeps more of the image's size (28×28 Fashion-MNIST with k=3, padding 1: 28×28
+    maps, which pool to 14, 7, 3, against 26, 13, 6, 3 unpadded)."""
     whiten_width = 2 * in_channels * whiten_kernel**2  # eigenvector filters and their negatives
-    whiten = nn.Conv2d(in_channels, whiten_width, whiten_kernel, padding=0, bias=True)
+    whiten = nn.Conv2d(in_channels, whiten_width, whiten_kernel, padding=whiten_padding,
+                       padding_mode="replicate" if whiten_padding else "zeros", bias=True)
     whiten.weight.requires_grad = False  # frozen; set from data by init_whitening()
     groups, cin = [], whiten_width
     for width in widths:
-        groups.append(ConvGroup(cin, width, bn_momentum, bn_affine_weight, identity_init))
+        groups.append(ConvGroup(cin, width, bn_momentum, bn_affine_weight, identity_init, convs_per_group))
         cin = width
     net = SpeedrunNet(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                       nn.Linear(cin, num_classes, bias=False), Scale(logit_scale))
