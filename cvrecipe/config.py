@@ -93,7 +93,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tta: int = 0  # test-time augmentation: 0 off | 1 image + mirror | 2 also 1-pixel shifts (6 views)
+    tta: int = 0  # test-time augmentation: 0 off | 1 image + mirror | 2 also 1-pixel shifts (6 views);
+    # mirrored views only when the model trained on mirrored images (augment.hflip, on a dataset that allows it)
 
 
 @dataclass

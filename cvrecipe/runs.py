@@ -131,7 +131,8 @@ def _evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
     split_name, part = (split, getattr(ds, split)) if split else ds.eval_split
     if list(ds.classes) != list(meta["class_names"]):
         raise ValueError(f"dataset {ds.name} has classes {ds.classes}, the model was trained on {meta['class_names']}")
-    logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last, tta=cfg.eval.tta)
+    logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last, tta=cfg.eval.tta,
+                            tta_mirror=cfg.augment.hflip and ds.hflip_ok)
     result = classification_metrics(logits, torch.from_numpy(part.y), meta["class_names"])
     _, extra = read_metadata(run_dir / "best.safetensors")
     result = {"dataset": ds.name, "split": split_name, "checkpoint_epoch": extra.get("epoch"), "tta": cfg.eval.tta,

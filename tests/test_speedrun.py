@@ -169,21 +169,26 @@ def test_no_val_split_trains_on_everything_and_keeps_the_last_weights(tmp_path):
         fit(_tiny_speedrun(tmp_path, ["train.early_stopping=true"]), ds, tmp_path / "run")
 
 
-def test_evaluation_uses_the_recipes_tta(tmp_path):
-    cfg = _tiny_speedrun(tmp_path, ["train.epochs=1", f"runs_dir={tmp_path / 'runs'}", "train.sanity=false"])
-    from cvrecipe.runs import train
+@pytest.mark.parametrize("hflip", [True, False])
+def test_evaluation_uses_the_recipes_tta(tmp_path, hflip):
+    """TTA 2 as the recipe asks; a model trained without flips is not shown mirrored views."""
+    cfg = _tiny_speedrun(tmp_path, ["train.epochs=1", f"runs_dir={tmp_path / 'runs'}", "train.sanity=false",
+                                    f"augment.hflip={str(hflip).lower()}"])
+    from cvrecipe.runs import _evaluate, train
 
     run_dir = train(cfg)
-    result = evaluate(run_dir)
+    result, logits = _evaluate(run_dir)
     assert result["tta"] == 2
     model = load_model(run_dir)
     ds = load_dataset(cfg.data, seed=0)
     x = torch.from_numpy(ds.test.x)
     with torch.no_grad():
         model.eval()
-        expected = tta_logits(model, x, 2).argmax(1)
-    assert result["accuracy"] == pytest.approx((expected == torch.from_numpy(ds.test.y)).float().mean().item())
-    torch.testing.assert_close(predict_logits(model, x, 7, tta=2), tta_logits(model, x, 2))
+        expected = tta_logits(model, x, 2, mirror=hflip)
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(expected, tta_logits(model, x, 2, mirror=not hflip))
+    assert result["accuracy"] == pytest.approx((expected.argmax(1) == torch.from_numpy(ds.test.y)).float().mean().item())
+    torch.testing.assert_close(predict_logits(model, x, 7, tta=2, tta_mirror=hflip), expected)
 
 
 @pytest.mark.skipif(not CIFAR_JPEG.is_file(), reason=f"needs the CIFAR-10 JPEG archive at {CIFAR_JPEG}")

@@ -94,6 +94,10 @@ def test_tta_views_are_the_exact_shifted_and_flipped_inputs():
         manual = sum(w * model(v) for w, v in zip([0.25, 0.25] + [0.125] * 4, expected))
     assert torch.allclose(tta_logits(model, x, 2), manual, atol=1e-6)
     assert torch.equal(tta_views(x, 0)[0][1], x)
+    unmirrored = tta_views(x, 2, mirror=False)  # a model trained without flips
+    assert [w for w, _ in unmirrored] == [0.5, 0.25, 0.25]
+    assert all(torch.equal(view, ref) for (_, view), ref in zip(unmirrored, [x, up_left, down_right]))
+    assert [(w, torch.equal(v, x)) for w, v in tta_views(x, 1, mirror=False)] == [(1.0, True)]
 
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])

@@ -12,10 +12,11 @@ from cvrecipe.device import autocast
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512,
                    device: torch.device | None = None, dtype: torch.dtype | None = None,
-                   channels_last: bool = False, tta: int = 0) -> torch.Tensor:
+                   channels_last: bool = False, tta: int = 0, tta_mirror: bool = True) -> torch.Tensor:
     """Logits (N, K) float32 on the CPU for uint8 images (N, C, H, W), in eval mode.
 
-    `tta` > 0 averages the logits of flipped (and at level 2, shifted) views; see tta.py."""
+    `tta` > 0 averages the logits of flipped (and at level 2, shifted) views; `tta_mirror=False`
+    leaves the mirrored ones out; see tta.py."""
     from cvrecipe.evaluate.tta import tta_logits
 
     device = device or next(model.parameters()).device
@@ -30,7 +31,7 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_s
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            out.append(tta_logits(model, batch, tta).float().cpu())
+            out.append(tta_logits(model, batch, tta, tta_mirror).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
 

@@ -58,7 +58,7 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     split, part = ds.eval_split
     if eval_logits is None:
         eval_logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last,
-                                     tta=cfg.eval.tta)
+                                     tta=cfg.eval.tta, tta_mirror=cfg.augment.hflip and ds.hflip_ok)
     elif eval_logits.shape != (len(part.y), model.meta["num_classes"]):
         raise ValueError(f"eval_logits have shape {tuple(eval_logits.shape)}; the {split} split needs "
                          f"({len(part.y)}, {model.meta['num_classes']})")
