@@ -198,15 +198,40 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Resolve a recipe (a path or a name in recipes/) plus overrides into a checked Config."""
-    raw: dict = {}
-    if recipe is not None:
-        path = resolve_recipe(recipe)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    raw = read_recipe(recipe) if recipe is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw)
+
+
+def read_recipe(recipe: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe's YAML as a dict, with `extends: OTHER` resolved: OTHER's settings, then this
+    file's on top (sections merged key by key), so a variant states only what it changes."""
+    path = resolve_recipe(recipe).resolve()
+    if path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"recipe {path}: 'extends' forms a loop ({loop})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top, got {type(raw).__name__}")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: 'extends' expects a recipe name or path, got {base!r}")
+    # a relative path is relative to the extending file; a bare name is looked up in recipes/
+    base_path = path.parent / base
+    return _merge(read_recipe(base_path if base_path.is_file() else base, (*chain, path)), raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
 
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"

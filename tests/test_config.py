@@ -40,3 +40,32 @@ def test_malformed_override_and_recipe(tmp_path):
         load_config("no-such-recipe")
     with pytest.raises(ConfigError, match="expected a mapping"):
         from_dict({"train": 3})
+
+
+def test_extends_takes_the_base_and_merges_sections(tmp_path):
+    base = load_config("cifar10-speedrun")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("extends: cifar10-speedrun\nname: variant\ntrain:\n  batch_size: 256\n"
+                       "model:\n  kwargs:\n    bn_momentum: 0.88\n")
+    cfg = load_config(variant, ["train.epochs=3"])
+    assert cfg.name == "variant" and cfg.train.batch_size == 256 and cfg.train.epochs == 3
+    assert cfg.model.kwargs == {**base.model.kwargs, "bn_momentum": 0.88}  # nested section merged key by key
+    # everything the variant does not state is the base's
+    assert cfg.train.lr == base.train.lr and cfg.augment == base.augment and cfg.eval == base.eval
+    assert cfg.data == base.data
+
+
+def test_extends_resolves_paths_next_to_the_file_and_names_loops(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\ntrain:\n  epochs: 2\n")
+    (tmp_path / "b.yaml").write_text("name: from-b\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert cfg.name == "from-b" and cfg.train.lr == 0.5 and cfg.train.epochs == 2
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: no-such-recipe\n")
+    with pytest.raises(ConfigError, match="no-such-recipe"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a, b]\n")
+    with pytest.raises(ConfigError, match="extends"):
+        load_config(tmp_path / "d.yaml")
