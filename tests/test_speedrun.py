@@ -45,6 +45,23 @@ def test_per1024_units_match_the_speedrun_formulas():
     assert half.param_groups[0]["lr"] == pytest.approx(weights["lr"] / 2)
 
 
+def test_cpu_recipe_is_the_speedrun_in_smaller_batches_over_the_same_images():
+    """cifar10-speedrun-cpu changes the batch and only what counts in steps, so that every setting
+    still spans as many images as in cifar10-speedrun."""
+    base, cpu = load_config("cifar10-speedrun"), load_config("cifar10-speedrun-cpu")
+    ratio = base.train.batch_size / cpu.train.batch_size
+    assert ratio == 4
+    assert cpu.train.ema_every * cpu.train.batch_size == base.train.ema_every * base.train.batch_size
+    # running statistics keep k of the old per step: k_cpu^ratio = k_base per 1024 images
+    keep_base, keep_cpu = base.model.kwargs["bn_momentum"], cpu.model.kwargs["bn_momentum"]
+    assert keep_cpu ** ratio == pytest.approx(keep_base, abs=0.005)
+    # and nothing else moved (lr and weight decay are per 1024 examples already)
+    for section, changed in (("train", {"batch_size", "ema_every"}), ("augment", set()), ("eval", set()), ("data", set())):
+        a, b = getattr(base, section).__dict__, getattr(cpu, section).__dict__
+        assert {k for k in a if a[k] != b[k]} == changed, section
+    assert {k for k in base.model.kwargs if base.model.kwargs[k] != cpu.model.kwargs[k]} == {"bn_momentum"}
+
+
 def test_triangular_schedule_endpoints_and_peak():
     cfg = TrainConfig(schedule="triangular", onecycle_pct=0.25, triangle_ends=[0.2, 0.07])
     assert lr_factor(0, 100, cfg, 10) == pytest.approx(0.2)
