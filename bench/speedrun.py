@@ -3,6 +3,7 @@ framework overhead against a bare PyTorch loop, the data path's share of a step,
 
     python bench/speedrun.py --runs 5                       # cifar10-speedrun, seeds 0..4
     python bench/speedrun.py --recipe cifar10-speedrun-muon --runs 5
+    python bench/speedrun.py --recipe cifar10-speedrun-cpu --runs 3     # batches of 256, for CPUs
     python bench/speedrun.py --runs 1 --reference-steps 20 train.compile=true
     python bench/speedrun.py --runs 5 --phases --variant "train.epochs=11"   # + where fit()'s time goes,
                                                                             # + the same seeds at 11 epochs
