@@ -47,7 +47,7 @@ def test_per1024_units_match_the_speedrun_formulas():
 
 def test_cpu_recipe_is_the_speedrun_in_smaller_batches_over_the_same_images():
     """cifar10-speedrun-cpu changes the batch and only what counts in steps, so that every setting
-    still spans as many images as in cifar10-speedrun."""
+    still spans as many images as in cifar10-speedrun, and trains one epoch longer."""
     base, cpu = load_config("cifar10-speedrun"), load_config("cifar10-speedrun-cpu")
     ratio = base.train.batch_size / cpu.train.batch_size
     assert ratio == 4
@@ -56,7 +56,8 @@ def test_cpu_recipe_is_the_speedrun_in_smaller_batches_over_the_same_images():
     keep_base, keep_cpu = base.model.kwargs["bn_momentum"], cpu.model.kwargs["bn_momentum"]
     assert keep_cpu ** ratio == pytest.approx(keep_base, abs=0.005)
     # and nothing else moved (lr and weight decay are per 1024 examples already)
-    for section, changed in (("train", {"batch_size", "ema_every"}), ("augment", set()), ("eval", set()), ("data", set())):
+    assert cpu.train.epochs == base.train.epochs + 1
+    for section, changed in (("train", {"batch_size", "ema_every", "epochs"}), ("augment", set()), ("eval", set()), ("data", set())):
         a, b = getattr(base, section).__dict__, getattr(cpu, section).__dict__
         assert {k for k in a if a[k] != b[k]} == changed, section
     assert {k for k in base.model.kwargs if base.model.kwargs[k] != cpu.model.kwargs[k]} == {"bn_momentum"}
