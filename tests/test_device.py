@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-# Five training steps of a small conv net in a fresh process (glibc's settings are process-wide);
-# prints the page faults they took, after three warm-up steps that first touch the memory.
+# Training steps of a small conv net in a fresh process (glibc's settings are process-wide);
+# prints the page faults of ten steps, after three warm-up steps that first touch the memory.
 STEPS = """
 import resource, sys, torch
 from torch import nn
@@ -24,7 +24,7 @@ def faults():
     for _ in range(3):
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(10):
         step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
@@ -46,6 +46,7 @@ def _faults(mode: str) -> int:
 def test_cpu_training_steps_reuse_freed_memory_instead_of_faulting_it_in():
     plain, training = _faults("plain"), _faults("cpu-training")
     # glibc's defaults hand the freed activations back to the kernel: thousands of faults a step
-    assert plain > 5 * 2000, plain
-    assert training * 10 < plain, (training, plain)
+    assert plain > 10 * 2000, plain
+    # kept for reuse: a few thousand at most (one more heap growth now and then), not thousands a step
+    assert training * 4 < plain, (training, plain)
 
