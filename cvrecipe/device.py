@@ -53,8 +53,8 @@ def seed_everything(seed: int) -> None:
 # glibc's malloc gives big freed blocks back to the kernel at once, so a CPU training step that frees
 # and re-allocates the same activation buffers (tens of MB each at batch 256) takes a page fault and
 # a page zeroing per 4 KiB of them on every step: ~30,000 faults per step of the speedrun net on
-# 2 cores, 5-7 % of its time. Serving blocks up to 32 MiB (glibc's ceiling) from the heap and keeping
-# up to 256 MiB of freed heap for reuse cuts that to ~5,500 faults per step (README, CPU table).
+# 2 cores, 5-8 % of its time. Serving blocks up to 32 MiB (glibc's ceiling) from the heap and keeping
+# up to 256 MiB of freed heap for reuse cuts that to ~5,500 faults per step (README, "Freed memory on the CPU").
 _MMAP_THRESHOLD_BYTES = 32 << 20
 _TRIM_THRESHOLD_BYTES = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h

@@ -49,4 +49,3 @@ def test_cpu_training_steps_reuse_freed_memory_instead_of_faulting_it_in():
     assert plain > 10 * 2000, plain
     # kept for reuse: a few thousand at most (one more heap growth now and then), not thousands a step
     assert training * 4 < plain, (training, plain)
-
