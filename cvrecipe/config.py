@@ -68,6 +68,10 @@ class TrainConfig:
     ema: str = "none"  # none | ema: evaluate an average of the weights | lookahead: also pull the weights to it
     ema_decay: float = 0.774  # peak decay per update (0.95 ** 5), ramped up as (step / total) ** 3
     ema_every: int = 5  # optimisation steps between weight-average updates
+    bn_recalibrate: int = 0  # recompute BatchNorm statistics for the weights that are evaluated (the
+    #                          average, with train.ema) over this many random training images, without
+    #                          augmentation: after the last epoch, and after every epoch with a val split.
+    #                          0 = keep the running averages from training
     muon_lr: float = 0.24  # optimizer=muon: lr of the orthogonalised conv-filter updates (other params: SGD)
     muon_momentum: float = 0.6  # optimizer=muon: momentum of the conv-filter updates
     compile: bool = False  # torch.compile the model (first steps pay a one-time compile)

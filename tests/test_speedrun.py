@@ -187,6 +187,37 @@ def test_no_val_split_trains_on_everything_and_keeps_the_last_weights(tmp_path):
         fit(_tiny_speedrun(tmp_path, ["train.early_stopping=true"]), ds, tmp_path / "run")
 
 
+def test_bn_recalibration_touches_only_the_saved_weights(tmp_path):
+    """With train.bn_recalibrate the saved average has BatchNorm statistics recomputed for its own
+    weights: the same as recalibrating the weight average from last.ckpt with the run's sample; the
+    weights themselves, and the training state in last.ckpt, are as without it."""
+    from cvrecipe.train.batchnorm import recalibrate_batchnorm
+    from cvrecipe.train.loop import epoch_generator
+
+    ds = load_dataset(_tiny_speedrun(tmp_path).data, seed=0)
+    runs = {}
+    for count in (0, 64):
+        run_dir = tmp_path / f"run{count}"
+        run_dir.mkdir()
+        fit(_tiny_speedrun(tmp_path, ["train.epochs=2", f"train.bn_recalibrate={count}"]), ds, run_dir)
+        runs[count] = (load_file(run_dir / "best.safetensors"), torch.load(run_dir / "last.ckpt", weights_only=True))
+    (plain, plain_ckpt), (recal, recal_ckpt) = runs[0], runs[64]
+    stats = [k for k in plain if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.allclose(plain[k], recal[k]) for k in stats)
+    for key in set(plain) - set(stats) - {k for k in plain if k.endswith("num_batches_tracked")}:
+        torch.testing.assert_close(plain[key], recal[key], msg=key)
+    for key, value in plain_ckpt["model"].items():
+        torch.testing.assert_close(value, recal_ckpt["model"][key], msg=key)
+
+    model = load_model(tmp_path / "run0")  # the plain run's average, recalibrated here as the run did it
+    recalibrate_batchnorm(model, torch.from_numpy(ds.train.x), 64, 32, epoch_generator(0, -2, torch.device("cpu")),
+                          torch.bfloat16, torch.channels_last)
+    for key in stats:
+        torch.testing.assert_close(model.state_dict()[key], recal[key], msg=key)
+    with pytest.raises(ValueError, match="bn_recalibrate"):
+        fit(_tiny_speedrun(tmp_path, ["train.bn_recalibrate=-1"]), ds, tmp_path / "run0")
+
+
 @pytest.mark.parametrize("hflip", [True, False])
 def test_evaluation_uses_the_recipes_tta(tmp_path, hflip):
     """TTA 2 as the recipe asks; a model trained without flips is not shown mirrored views."""

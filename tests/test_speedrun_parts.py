@@ -8,6 +8,7 @@ from cvrecipe.data.augment import alternating_flip
 from cvrecipe.evaluate.tta import tta_logits, tta_views
 from cvrecipe.models import create_model
 from cvrecipe.models.speedrun import IdentityInitConv, image_patches, init_whitening
+from cvrecipe.train.batchnorm import recalibrate_batchnorm
 from cvrecipe.train.ema import WeightEMA
 from cvrecipe.train.muon import Muon, orthogonalize
 
@@ -154,3 +155,56 @@ def test_lean_max_pool_matches_max_pool_and_keeps_no_indices(dtype):
     assert torch.int64 not in saved  # only the input is kept; indices are found again in backward
     with torch.no_grad():  # evaluation and export take the plain pooling path
         assert torch.equal(LeanMaxPool2d(2).eval()(x), ref.detach())
+
+
+def _speedrun_model(size: int = 12):
+    return create_model("speedrun-net", num_classes=10, in_channels=3, input_size=(size, size),
+                        mean=[0.5] * 3, std=[0.25] * 3, widths=[8, 16, 16])
+
+
+def test_batchnorm_recalibration_is_the_batch_statistics_of_the_sample():
+    """Every BN's running mean/var become the mean and unbiased variance of its own input over the
+    sampled images (one batch here), as captured from a training-mode forward pass of that sample."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 12, 12), generator=gen, dtype=torch.uint8)
+    model, reference = _speedrun_model(), _speedrun_model()
+    reference.load_state_dict(model.state_dict())
+    norms = lambda m: [n for n in m.modules() if isinstance(n, torch.nn.BatchNorm2d)]  # noqa: E731
+    for norm in norms(model):  # stale statistics that the recalibration must replace, not blend with
+        norm.running_mean.fill_(3.0), norm.running_var.fill_(7.0)
+    pick = torch.randperm(50, generator=torch.Generator().manual_seed(1))[:30]  # the sample it draws
+    inputs = []
+    for norm in norms(reference):
+        norm.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        reference.train()(images[pick])
+
+    model.eval()
+    recalibrate_batchnorm(model, images, 30, 64, torch.Generator().manual_seed(1))
+    assert not model.training  # mode kept
+    assert len(inputs) == len(norms(model)) == 6
+    for norm, x in zip(norms(model), inputs):
+        torch.testing.assert_close(norm.running_mean, x.mean((0, 2, 3)))
+        torch.testing.assert_close(norm.running_var, x.var((0, 2, 3), unbiased=True))
+
+
+def test_batchnorm_recalibration_averages_over_batches_and_follows_the_sample():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 12, 12), generator=gen, dtype=torch.uint8)
+    model = _speedrun_model()
+    first = model.net[2].norm1
+
+    def stats(count, batch, seed):
+        recalibrate_batchnorm(model, images, count, batch, torch.Generator().manual_seed(seed))
+        return first.running_mean.clone(), first.running_var.clone()
+
+    # the first BN's input does not depend on the batch's split, so its mean over 4 batches of 10 is
+    # the mean over all 40 images; its variance is the average of the 4 per-batch variances
+    mean_all, var_all = stats(40, 40, 0)
+    mean_4, var_4 = stats(40, 10, 0)
+    torch.testing.assert_close(mean_4, mean_all)
+    assert not torch.allclose(var_4, var_all)
+    assert torch.equal(stats(10, 10, 5)[0], stats(10, 10, 5)[0])  # seeded: the same sample
+    assert not torch.allclose(stats(10, 10, 5)[0], stats(10, 10, 6)[0])  # another seed, another sample
+    with pytest.raises(ValueError, match="bn_recalibrate"):
+        stats(0, 10, 0)

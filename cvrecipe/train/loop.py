@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 
-from cvrecipe.config import AugmentConfig, Config
+from cvrecipe.config import AugmentConfig, Config, TrainConfig
 from cvrecipe.data import ImageDataset
 from cvrecipe.data.dataset import pixel_mean_std
 from cvrecipe.data.augment import augment_batch
@@ -30,6 +30,7 @@ from cvrecipe.device import autocast, autocast_dtype, backend_settings, resolve_
 from cvrecipe.evaluate.predict import predict_logits
 from cvrecipe.models import ImageClassifier, create_model
 from cvrecipe.models.head import set_bias_to_prior
+from cvrecipe.train.batchnorm import recalibrate_batchnorm
 from cvrecipe.train.checkpoint import load_resume, save_resume, save_weights
 from cvrecipe.train.ema import WeightEMA
 from cvrecipe.train.finetune import Finetune
@@ -134,6 +135,8 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
                 memory_format=memory_format)
     if tc.ema not in ("none", "ema", "lookahead"):
         raise ValueError(f"train.ema must be none, ema or lookahead, got '{tc.ema}'")
+    if tc.bn_recalibrate < 0:
+        raise ValueError(f"train.bn_recalibrate must be a number of training images (0 = off), got {tc.bn_recalibrate}")
 
     state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if resume:
@@ -156,6 +159,8 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
         due = epoch + 1 == tc.epochs or time.perf_counter() - last_write >= tc.checkpoint_every_s
         # the weights that are validated and saved: the EMA when there is one
         scored = _averaged(step) if has_val or due else None
+        if tc.bn_recalibrate and (has_val or epoch + 1 == tc.epochs):
+            scored = _recalibrated(scored, step, tc)
         val_loss, val_acc = (_validate(scored, ds, batch_size, device, dtype, tc.channels_last) if has_val
                              else (math.nan, math.nan))
         elapsed = time.perf_counter() - t0
@@ -277,6 +282,17 @@ def _averaged(step: Step) -> ImageClassifier:
         return step.model
     scored = copy.deepcopy(step.model)
     step.ema.copy_to(scored)
+    return scored
+
+
+def _recalibrated(scored: ImageClassifier, step: Step, tc: TrainConfig) -> ImageClassifier:
+    """`scored` with BatchNorm statistics recomputed for its weights (see batchnorm.py). The training
+    model's own running averages carry on untouched, so a resumed run trains exactly as one that was
+    not stopped. The sample of images is the same at every call of a run (seeded by train.seed)."""
+    if scored is step.model:
+        scored = copy.deepcopy(scored)
+    recalibrate_batchnorm(scored, step.train_x, tc.bn_recalibrate, step.batch_size,
+                          epoch_generator(tc.seed, -2, step.device), step.dtype, step.memory_format)
     return scored
 
 
