@@ -189,7 +189,7 @@ def test_no_val_split_trains_on_everything_and_keeps_the_last_weights(tmp_path):
 
 def test_bn_recalibration_touches_only_the_saved_weights(tmp_path):
     """With train.bn_recalibrate the saved average has BatchNorm statistics recomputed for its own
-    weights: the same as recalibrating the weight average from last.ckpt with the run's sample; the
+    weights: the same as recalibrating the plain run's saved average with the run's sample; the
     weights themselves, and the training state in last.ckpt, are as without it."""
     from cvrecipe.train.batchnorm import recalibrate_batchnorm
     from cvrecipe.train.loop import epoch_generator
