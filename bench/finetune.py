@@ -48,10 +48,13 @@ from rich.console import Console
 from cvrecipe.config import DataConfig, load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.data.dataset import Split, stratified_subset
-from cvrecipe.evaluate.predict import predict_logits
+from cvrecipe.artifact.inference import predict_logits
 from cvrecipe.models import create_model
-from cvrecipe.train.checkpoint import load_model
-from cvrecipe.train.loop import build_model, fit
+from cvrecipe.artifact.checkpoint import load_model
+from cvrecipe.artifact.build import build_model
+from cvrecipe.tasks import get_task
+from cvrecipe.train.book import EpochBook
+from cvrecipe.train.loop import fit
 from cvrecipe.train.probe import backbone_features, fit_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +157,7 @@ def run_lora(ds, size, seed, run_dir, console, cache) -> float:
 def fit_and_score(ds, run_dir, console, overrides: list[str]) -> float:
     """The fine-tuning recipe with `overrides`, trained on `ds` (no validation split: the last
     epoch's weights are kept), scored on the test split."""
-    cfg = load_config(RECIPE, [*OVERRIDES, *overrides, "train.monitor=train_loss", "train.mode=min"])
+    cfg = load_config(RECIPE, [*OVERRIDES, *overrides, "checkpoint.monitor=train_loss", "checkpoint.mode=min"])
     fit(cfg, ds, run_dir, console=console)
     return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
 
@@ -162,10 +165,10 @@ def fit_and_score(ds, run_dir, console, overrides: list[str]) -> float:
 def run_linear(ds, size, seed, run_dir, console, cache) -> float:
     cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", "finetune.strategy=linear",
                                "finetune.feature_cache=true",
-                               "train.epochs=30", "train.lr=0.01", "train.monitor=train_loss", "train.mode=min"])
+                               "train.epochs=30", "optim.lr=0.01", "checkpoint.monitor=train_loss", "checkpoint.mode=min"])
     model = build_model(cfg, ds)
-    fit_probe(cfg, ds, model, run_dir, torch.device("cpu"), console,
-              features=(cache.train(ds.train.x), cache.train(ds.val.x)))
+    book = EpochBook(cfg, get_task(cfg.task), run_dir, console, has_val=len(ds.val) > 0)
+    fit_probe(cfg, ds, model, book, torch.device("cpu"), features=(cache.train(ds.train.x), cache.train(ds.val.x)))
     head = load_model(run_dir / "best.safetensors").net.head
     with torch.no_grad():
         predicted = head(cache.test).argmax(1)
@@ -175,8 +178,8 @@ def run_linear(ds, size, seed, run_dir, console, cache) -> float:
 def run_scratch(ds, size, seed, run_dir, console, cache) -> float:
     epochs = min(100, max(10, math.ceil(SCRATCH_IMAGES / len(ds.train))))  # each epoch also writes checkpoints
     cfg = load_config("seed-cnn-cifar10", [f"train.seed={seed}", f"train.epochs={epochs}", "augment.hflip=true",
-                                           "augment.crop_padding=4", "train.early_stopping=false",
-                                           "train.monitor=train_loss", "train.mode=min"])
+                                           "augment.crop_padding=4", "stop.early=false",
+                                           "checkpoint.monitor=train_loss", "checkpoint.mode=min"])
     fit(cfg, ds, run_dir, console=console)
     return test_accuracy(load_model(run_dir / "best.safetensors"), ds)
 

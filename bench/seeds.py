@@ -16,7 +16,7 @@ import time
 import torch
 from rich.console import Console
 
-from cvrecipe.runs import run
+from cvrecipe.evaluate.job import run
 
 
 def main() -> None:

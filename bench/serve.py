@@ -34,7 +34,8 @@ from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.export import export_run
 from cvrecipe.export.onnx import OnnxRunner
-from cvrecipe.runs import load_run_config, train
+from cvrecipe.config import load_run_config
+from cvrecipe.train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

@@ -36,10 +36,13 @@ from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.data.augment import augment_batch
 from cvrecipe.device import autocast, autocast_dtype, backend_settings, resolve_device, seed_everything
-from cvrecipe.evaluate.predict import predict_logits
-from cvrecipe.train.checkpoint import load_model
-from cvrecipe.train import loop
-from cvrecipe.train.loop import Step, build_model, epoch_batches, epoch_generator, fit
+from cvrecipe.artifact.inference import predict_logits
+from cvrecipe.artifact.checkpoint import load_model
+from cvrecipe.artifact.build import build_model
+from cvrecipe.device import epoch_generator
+from cvrecipe.tasks import get_task
+from cvrecipe.train import book, loop
+from cvrecipe.train.loop import Step, epoch_batches, fit
 from cvrecipe.train.optim import build_optimizer, build_scheduler
 
 
@@ -99,8 +102,8 @@ def _reference_loop(cfg, ds, device, steps: int) -> float:
     dtype = autocast_dtype(device, tc.precision)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model = build_model(cfg, ds).to(device, memory_format=memory_format).train()
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, steps)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
     gen = epoch_generator(tc.seed, 0, device)
     x_all, y_all = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
     batches = []  # pre-augmented, contiguous in the training memory format: nothing left to do per step
@@ -133,7 +136,7 @@ def data_path_seconds(cfg, ds, device) -> float:
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     x_all, y_all = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
     steps = len(x_all) // tc.batch_size
-    step = Step(model=None, train_model=None, optimizer=None, scheduler=None, scaler=None, ema=None,
+    step = Step(task=get_task(cfg.task), model=None, train_model=None, optimizer=None, scheduler=None, scaler=None, ema=None,
                 train_x=x_all, train_y=y_all, base_flip=torch.rand(len(x_all), device=device) < 0.5,
                 steps_per_epoch=steps, batch_size=tc.batch_size, device=device, dtype=None,
                 memory_format=memory_format)
@@ -148,23 +151,25 @@ def data_path_seconds(cfg, ds, device) -> float:
 
 
 class PhaseTimes:
-    """Device-synchronised time spent in the named functions of cvrecipe.train.loop during a fit()."""
+    """Device-synchronised time spent in the named functions of the training loop and its
+    bookkeeping (cvrecipe.train.loop, cvrecipe.train.book) during a fit()."""
 
-    PHASES = ("build_model", "_train_epoch", "_averaged", "_validate", "_log_epoch", "save_weights", "save_resume",
-              "SummaryWriter", "Finetune")
+    PHASES = ((loop, "build_model"), (loop, "_train_epoch"), (loop, "_averaged"), (loop, "_validate"),
+              (loop, "Finetune"), (book.EpochBook, "_log"), (book, "save_weights"), (book, "save_resume"),
+              (book, "SummaryWriter"))
 
     def __init__(self, device: torch.device):
         self.device, self.seconds, self.saved = device, {}, {}
 
     def __enter__(self) -> "PhaseTimes":
-        for name in self.PHASES:
-            self.saved[name] = getattr(loop, name)
-            setattr(loop, name, self._timed(name, self.saved[name]))
+        for owner, name in self.PHASES:
+            self.saved[owner, name] = getattr(owner, name)
+            setattr(owner, name, self._timed(name, self.saved[owner, name]))
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self.saved.items():
-            setattr(loop, name, fn)
+        for (owner, name), fn in self.saved.items():
+            setattr(owner, name, fn)
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):

@@ -1,4 +1,6 @@
-"""`cvrecipe <verb>`: a thin command line over cvrecipe.runs and cvrecipe.data."""
+"""`cvrecipe <verb>`: a thin command line over the jobs (cvrecipe.train.job, cvrecipe.evaluate.job),
+the data tools, export and serve. A recipe and its overrides are loaded and checked first, before
+anything heavy is imported or any data is read."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 RECIPE_HELP = "recipe name in recipes/ (e.g. fashion-mnist) or path to a YAML file"
 OVERRIDE_HELP = "dotted config overrides, e.g. train.lr=0.01 train.epochs=5 data.subset=2000"
@@ -18,7 +21,7 @@ def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "fashion-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvrecipe", description="Train, evaluate and use image classifiers.")
+    parser = argparse.ArgumentParser(prog="cvrecipe", description="Train, evaluate, export and serve image models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("run", help="train a recipe, then evaluate it (the main job)",
@@ -112,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", help="allow browser calls from this origin (default: CORS off)")
 
     verbs.add_parser("models", help="list registered models", description="List the registered model names.")
+
+    p = verbs.add_parser("config", help="print a recipe's resolved config with each field's doc",
+                         description="Resolve RECIPE with the overrides, check it, and print it as YAML with "
+                                     "each field's doc; or explain one field (type, allowed values, default, doc).")
+    _add_recipe_args(p)
+    p.add_argument("--explain", metavar="KEY", help="explain one field, e.g. --explain average.name")
     return parser
 
 
@@ -123,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "recipe", None) and "=" in args.recipe and hasattr(args, "overrides"):
+        # `cvrecipe train train.lr=0.1`: no recipe named, only overrides of the default one
+        args.overrides.insert(0, args.recipe)
+        args.recipe = "fashion-mnist"
     console = Console(soft_wrap=True)
     try:
         return _dispatch(args, console)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; the last completed epoch is saved in last.ckpt (resume with --resume RUN)")
@@ -135,20 +148,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
-    from cvrecipe import runs
     from cvrecipe.config import load_config
 
     no_sanity = ["train.sanity=false"] if getattr(args, "no_sanity", False) else []
+    if args.verb == "config":
+        return _config(args, console)
+    if args.verb in ("run", "train", "doctor"):
+        extra = ["train.deterministic=true"] if getattr(args, "deterministic", False) else []
+        cfg = load_config(args.recipe, args.overrides + extra + no_sanity)  # checked whole, before any data
     if args.verb == "run":
-        runs.run(args.recipe, args.overrides + no_sanity, console)
+        from cvrecipe.evaluate.job import run
+
+        run(args.recipe, args.overrides + no_sanity, console)
     elif args.verb == "train":
-        overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else []) + no_sanity
-        cfg = load_config(args.recipe, overrides)
-        runs.train(cfg, resume_dir=args.resume, console=console)
+        from cvrecipe.train.job import train
+
+        train(cfg, resume_dir=args.resume, console=console)
     elif args.verb == "eval":
-        runs.evaluate(args.run, args.data, args.split, console)
+        from cvrecipe.evaluate.job import evaluate
+
+        evaluate(args.run, args.data, args.split, console)
     elif args.verb == "predict":
-        _print_predictions(runs.predict(args.run, args.images, args.top_k), args.json, console)
+        from cvrecipe.evaluate.job import predict, prediction_lines
+
+        results = predict(args.run, args.images, args.top_k)
+        if args.json:
+            print(json.dumps(results, indent=1))
+        else:
+            for line in prediction_lines(args.run, results):
+                console.print(line, highlight=False)
     elif args.verb == "data" and args.data_verb == "inspect":
         from cvrecipe.data.report import inspect_data
 
@@ -156,12 +184,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "data":
         _data(args, console)
     elif args.verb == "doctor":
-        from cvrecipe.sanity import doctor
+        from cvrecipe.train.sanity import doctor
 
-        results = doctor(load_config(args.recipe, args.overrides), console)
+        results = doctor(cfg, console)
         return 1 if any(r.status == "fail" for r in results) else 0
     elif args.verb == "report":
-        runs.report(args.run, args.calibrate, console)
+        from cvrecipe.evaluate.job import report
+
+        report(args.run, args.calibrate, console)
     elif args.verb == "export":
         _export(args, console)
     elif args.verb == "serve":
@@ -179,16 +209,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _print_predictions(results: list[dict], as_json: bool, console: Console) -> None:
-    if as_json:
-        print(json.dumps(results, indent=1))
-        return
-    for r in results:
-        if "error" in r:
-            console.print(f"{r['file']}: [red]unreadable[/] ({r['error']})", highlight=False)
-        else:
-            top = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            console.print(f"{r['file']}: {top}", highlight=False)
+def _config(args: argparse.Namespace, console: Console) -> int:
+    from cvrecipe.config import described, explain, load_config
+
+    if args.explain:
+        print(explain(args.explain))
+        return 0
+    print(described(load_config(args.recipe, args.overrides)), end="")
+    return 0
 
 
 def _data(args: argparse.Namespace, console: Console) -> None:

@@ -50,6 +50,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator that draws epoch `epoch`'s data order and augmentation: seeded by (seed, epoch)
+    alone, so a resumed run draws exactly what an uninterrupted one would have."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 100_003 + epoch)
+    return gen
+
+
 # glibc's malloc gives big freed blocks back to the kernel at once, so a CPU training step that frees
 # and re-allocates the same activation buffers (tens of MB each at batch 256) takes a page fault and
 # a page zeroing per 4 KiB of them on every step: ~30,000 faults per step of the speedrun net on

@@ -50,3 +50,15 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=None,
                 ext = "jpg" if fmt == "JPEG" else fmt.lower()
                 (folder / f"{i}.{ext}").write_bytes(encode(pattern_image(label, size, rng), fmt))
     return root
+
+
+def tiny_speedrun(tmp_path: Path, overrides=()):
+    """cifar10-speedrun shrunk to seconds: 3 classes of 16×16 learnable patterns (40 train, 10 test
+    per class), widths 8/16/16, batch 32, deterministic, a checkpoint every epoch."""
+    from cvrecipe.config import load_config
+
+    data = make_image_folder(tmp_path / "imgs", per_class={"train": 40, "test": 10}, size=16)
+    return load_config("cifar10-speedrun", [f"data.name=folder:{data}", "model.kwargs.widths=[8, 16, 16]",
+                                            "train.batch_size=32", "train.epochs=4", "average.every=1",
+                                            "train.log_every=1", "train.deterministic=true", "checkpoint.every_s=0",
+                                            *overrides])

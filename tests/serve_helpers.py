@@ -15,7 +15,7 @@ import uvicorn
 from rich.console import Console
 
 from cvrecipe.config import load_config
-from cvrecipe.runs import train
+from cvrecipe.train.job import train
 from cvrecipe.serve import ServeSettings, create_app
 
 from conftest import make_image_folder

@@ -9,8 +9,8 @@ from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.data.augment import alternating_flip, crop_at, cutout
 from cvrecipe.device import autocast_dtype
-from cvrecipe.evaluate.predict import predict_logits
-from cvrecipe.train.checkpoint import load_model
+from cvrecipe.artifact.inference import predict_logits
+from cvrecipe.artifact.checkpoint import load_model
 from cvrecipe.train.ema import WeightEMA
 from cvrecipe.train.loop import fit
 from cvrecipe.train.muon import orthogonalize

@@ -57,7 +57,7 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tup
 def model_view(cfg: Config, name: str, n: int = MODEL_VIEW) -> dict:
     """A training batch through the real pipeline: load_dataset (resize, channels, val split) →
     augmentation → the model's own Normalize; then de-normalised back to pixels for display."""
-    from cvrecipe.train.loop import build_model
+    from cvrecipe.artifact.build import build_model
 
     data_cfg = dataclasses.replace(cfg.data, name=name)
     ds = load_dataset(data_cfg, seed=cfg.train.seed)

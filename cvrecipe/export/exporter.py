@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvrecipe.evaluate.predict import predict_logits
+from cvrecipe.artifact.inference import predict_logits
 from cvrecipe.export import manifest as mf
 from cvrecipe.export import parity
 from cvrecipe.export.onnx import OnnxRunner, write_onnx
 from cvrecipe.export.torchscript import TorchScriptRunner, write_torchscript
-from cvrecipe.models import ImageClassifier
+from cvrecipe.models import ImageModel
+from cvrecipe.tasks import get_task
 
 # format → (file name, writer, runner)
 FORMATS = {
@@ -47,7 +48,7 @@ class HalfPrecision(nn.Module):
     """Normalise in fp32 (exact for uint8 input), run the network in fp16, return fp32 logits, so
     the exported interface (uint8 in, float32 out) does not depend on the precision."""
 
-    def __init__(self, model: ImageClassifier):
+    def __init__(self, model: ImageModel):
         super().__init__()
         self.normalize = copy.deepcopy(model.normalize)
         self.net = copy.deepcopy(model.net).half()
@@ -56,12 +57,12 @@ class HalfPrecision(nn.Module):
         return self.net(self.normalize(x).half()).float()
 
 
-def export_model(model: ImageClassifier, images: np.ndarray, out_dir: Path, fmt: str = "onnx",
+def export_model(model: ImageModel, images: np.ndarray, out_dir: Path, fmt: str = "onnx",
                  dynamic_batch: bool = False, half: bool = False, source: dict | None = None,
                  atol: float | None = None, min_agreement: float | None = None) -> ExportResult:
     """Export `model` to `out_dir` in `fmt`, checked on `images` (N, C, H, W) uint8.
 
-    `atol`/`min_agreement` override the tolerances of cvrecipe.export.parity. Another format
+    `atol`/`min_agreement` override the task's parity tolerances. Another format
     already in `out_dir` is kept when it was exported from the same weights; exports of other
     weights are removed so the folder never mixes two models.
     """
@@ -96,15 +97,14 @@ def export_model(model: ImageClassifier, images: np.ndarray, out_dir: Path, fmt:
     return ExportResult(out_dir / filename, manifest, report)
 
 
-def check(model: ImageClassifier, runner, images: np.ndarray, half: bool, atol: float | None = None,
+def check(model: ImageModel, runner, images: np.ndarray, half: bool, atol: float | None = None,
           min_agreement: float | None = None) -> parity.ParityReport:
-    """Compare `runner.predict` with the eager fp32 model on `images`; see cvrecipe.export.parity."""
+    """Compare `runner.predict` with the eager fp32 model on `images`, by the model's task's measure."""
     reference = predict_logits(model, images, batch_size=256, device=torch.device("cpu")).numpy()
     sizes = [runner.fixed_batch] if runner.fixed_batch else CHECK_BATCH_SIZES
     exported = parity.run_in_batches(runner.predict, images, sizes)
-    default_atol, default_agreement = parity.tolerances(reference, half)
-    return parity.compare(reference, exported, sizes, default_atol if atol is None else atol,
-                          default_agreement if min_agreement is None else min_agreement)
+    return get_task(model.meta.get("task", "classification")).parity(reference, exported, sizes, half, atol,
+                                                                     min_agreement)
 
 
 def _merge(out_dir: Path, manifest: dict, filename: str, entry: dict) -> dict:
@@ -134,9 +134,9 @@ def export_run(run_dir: Path, fmt: str = "onnx", dynamic_batch: bool = False, ha
                out_dir: Path | None = None, max_images: int = MAX_CHECK_IMAGES) -> ExportResult:
     """Export a run's best checkpoint to RUN/export/, checked on up to `max_images` images of the
     run's own held-out split (test when the dataset has one, else val)."""
+    from cvrecipe.artifact.checkpoint import load_model, read_metadata
+    from cvrecipe.config import load_run_config
     from cvrecipe.data import load_dataset
-    from cvrecipe.runs import load_run_config
-    from cvrecipe.train.checkpoint import load_model, read_metadata
 
     run_dir = Path(run_dir)
     checkpoint = run_dir / "best.safetensors"

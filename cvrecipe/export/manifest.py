@@ -45,7 +45,7 @@ def build_manifest(meta: dict, source: dict) -> dict:
     channels = meta["in_channels"]
     return {
         "format_version": FORMAT_VERSION,
-        "task": "classification",
+        "task": meta.get("task", "classification"),
         "model": {"name": meta["name"], "num_classes": meta["num_classes"], "kwargs": meta.get("kwargs", {})},
         "class_names": list(meta["class_names"]),
         "preprocessing": {

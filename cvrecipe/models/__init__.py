@@ -1,5 +1,5 @@
 """Model registry. Importing this package registers every model family."""
 from cvrecipe.models import cnn, pretrained, resnet, speedrun  # noqa: F401  (registration side effect)
-from cvrecipe.models.registry import ImageClassifier, create_model, list_models, list_pretrained, model_from_meta
+from cvrecipe.models.registry import ImageModel, create_model, list_models, list_pretrained, model_from_meta
 
-__all__ = ["ImageClassifier", "create_model", "list_models", "list_pretrained", "model_from_meta"]
+__all__ = ["ImageModel", "create_model", "list_models", "list_pretrained", "model_from_meta"]

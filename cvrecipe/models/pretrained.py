@@ -1,6 +1,6 @@
 """Pretrained backbones by name, with the preprocessing they were trained with.
 
-A `PretrainedNet` is resize → backbone → dropout → new head. It sits inside `ImageClassifier`
+A `PretrainedNet` is resize → backbone → dropout → new head. It sits inside `ImageModel`
 after `Normalize`, so the resize to the backbone's resolution runs batched on the training device
 and travels into export and serving; callers keep sending images at the dataset's native size.
 

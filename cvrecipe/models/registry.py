@@ -1,8 +1,9 @@
 """One registry, one `create_model`: every model is wrapped with its own preprocessing.
 
-An `ImageClassifier` takes uint8 (B, C, H, W) images straight from the data cache and does the
+An `ImageModel` takes uint8 (B, C, H, W) images straight from the data cache and does the
 rescale-and-normalise itself, so training, evaluation, export and serving all share one
-preprocessing path and can never disagree about it.
+preprocessing path and can never disagree about it. Its `meta` (task, classes, input size,
+mean/std, constructor arguments) travels into checkpoints and exports.
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class ImageClassifier(nn.Module):
-    """Normalize → backbone network → logits (B, num_classes). `meta` travels into checkpoints."""
+class ImageModel(nn.Module):
+    """Normalize → network → outputs: logits (B, num_classes) for classification. `meta` travels
+    into checkpoints; meta["task"] says what the outputs mean."""
 
     def __init__(self, net: nn.Module, meta: dict):
         super().__init__()
@@ -90,8 +92,9 @@ def create_model(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     class_names: list[str] | None = None,
+    task: str = "classification",
     **kwargs,
-) -> ImageClassifier:
+) -> ImageModel:
     """Build a registered model wrapped with its preprocessing metadata.
 
     mean/std are in [0, 1] pixel units (None = no standardisation, pixels only rescaled to [0, 1]).
@@ -103,6 +106,7 @@ def create_model(
     if backbone is not None:
         mean, std = backbone["mean"], backbone["std"]
     meta = {
+        "task": task,
         "name": name,
         "num_classes": num_classes,
         "in_channels": in_channels,
@@ -113,15 +117,15 @@ def create_model(
         "kwargs": kwargs,
         **({"backbone": backbone} if backbone is not None else {}),  # input_size stays what callers send
     }
-    return ImageClassifier(net, meta)
+    return ImageModel(net, meta)
 
 
-def model_from_meta(meta: dict | str) -> ImageClassifier:
+def model_from_meta(meta: dict | str) -> ImageModel:
     meta = json.loads(meta) if isinstance(meta, str) else meta
     kwargs = dict(meta["kwargs"])
     if "backbone" in meta:
         kwargs["pretrained"] = False  # the checkpoint holds the weights; the original file is not needed
     model = create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
-                         meta["mean"], meta["std"], meta["class_names"], **kwargs)
+                         meta["mean"], meta["std"], meta["class_names"], meta.get("task", "classification"), **kwargs)
     model.meta["kwargs"] = meta["kwargs"]  # keep the record as trained
     return model

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvrecipe.models.registry import ImageClassifier, register
+from cvrecipe.models.registry import ImageModel, register
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -113,7 +113,7 @@ class SpeedrunNet(nn.Sequential):
 
     whiten_bias_epochs: int | None = None
 
-    def init_from_data(self, model: ImageClassifier, images: torch.Tensor) -> None:
+    def init_from_data(self, model: ImageModel, images: torch.Tensor) -> None:
         init_whitening(model, images)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -154,7 +154,7 @@ def image_patches(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_whitening(model: ImageClassifier, images: torch.Tensor, eps: float = 5e-4) -> None:
+def init_whitening(model: ImageModel, images: torch.Tensor, eps: float = 5e-4) -> None:
     """Set the frozen first conv to whiten 2×2 patches of `images` (uint8 (N, C, H, W), a few thousand).
 
     Filters are the eigenvectors of the (uncentred) patch covariance scaled by 1/sqrt(λ + eps), so

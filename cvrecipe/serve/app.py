@@ -2,7 +2,9 @@
 
 A thin adapter over the model code: read the request and refuse unsafe files by their header
 (cvrecipe.serve.inputs) → queue them for a batched decode and forward pass (cvrecipe.serve.state,
-cvrecipe.serve.batching) → turn logits into top-k classes → JSON.
+cvrecipe.serve.batching) → the task's answer → JSON. The routes that answer with a task's
+outputs (for a classifier: /v1/predict and /v1/predict/batch, classification.py) come from the
+task's own module in TASK_ROUTES; this file holds what every server has.
 """
 from __future__ import annotations
 
@@ -11,11 +13,9 @@ import contextlib
 import hmac
 import signal
 import threading
-import time
 from importlib import resources
 
-import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,7 +23,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cvrecipe.serve.inputs import ServeError, read_images, refusal
+from cvrecipe.serve import classification
+from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response
 from cvrecipe.serve.settings import ServeSettings
 from cvrecipe.serve.state import ServerState, log
@@ -38,14 +39,6 @@ async def require_token(request: Request) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise ServeError(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer TOKEN'",
                          {"WWW-Authenticate": "Bearer"})
-
-
-def top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
-    """Per image, the k most probable classes (softmax over the logits), most probable first."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
-    return [[{"class": class_names[i], "probability": float(p[i])} for i in row] for p, row in zip(probs, order)]
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -115,6 +108,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", f"{type(err).__name__}: {err}", rid(request))
 
 
+# task name → add_routes(app, require_token): the routes that serve that task's answers
+TASK_ROUTES = {"classification": classification.add_routes}
+
+
 def _add_routes(app: FastAPI) -> None:
     page = resources.files("cvrecipe.serve").joinpath("static/index.html").read_text()
 
@@ -147,50 +144,9 @@ def _add_routes(app: FastAPI) -> None:
     async def metrics(request: Request):
         return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/predict", dependencies=[Depends(require_token)])
-    async def predict(request: Request, k: int = Query(5, ge=1, le=1000)):
-        result = await _classify(request, max_files=1, k=k)
-        _, answer = result["entries"][0]
-        if isinstance(answer, ServeError):
-            raise answer
-        # a JSONResponse skips FastAPI's generic encoder, which costs more than the rest of the route
-        return JSONResponse({"request_id": result["request_id"], "model": result["model"], "top": answer,
-                             "latency_ms": result["latency_ms"]})
-
-    @app.post("/v1/predict/batch", dependencies=[Depends(require_token)])
-    async def predict_batch(request: Request, k: int = Query(5, ge=1, le=1000)):
-        result = await _classify(request, max_files=request.app.state.server.settings.max_files, k=k)
-        entries = result["entries"]
-        if all(isinstance(answer, ServeError) for _, answer in entries):
-            name, err = entries[0]
-            raise ServeError(err.status, err.code, f"no image could be used; {name}: {err.message}")
-        results = [{"file": name, "error": {"status": a.status, "code": a.code, "message": a.message}}
-                   if isinstance(a, ServeError) else {"file": name, "top": a} for name, a in entries]
-        return JSONResponse({"request_id": result["request_id"], "model": result["model"], "results": results,
-                             "latency_ms": result["latency_ms"]})
+    for add_task_routes in TASK_ROUTES.values():
+        add_task_routes(app, require_token)
 
     @app.post("/admin/reload", dependencies=[Depends(require_token)])
     async def reload(request: Request):
         return await request.app.state.server.reload()
-
-
-async def _classify(request: Request, max_files: int, k: int) -> dict:
-    """Read → refuse unsafe files by header → batcher (decode + forward on the inference
-    thread) → top-k. 'entries' holds (file name, top-k list or ServeError) per file, in order."""
-    start = time.perf_counter()
-    state: ServerState = request.app.state.server
-    used = state.require_ready()
-    with state.arrival():
-        items = await read_images(request, max_files)
-        if len(items) > max_files:
-            raise ServeError(400, "too_many_files", f"{len(items)} files sent; this route takes at most {max_files}")
-        answers = {i: refusal(data, state.settings.max_pixels) for i, (_, data) in enumerate(items)}
-    to_run = [i for i, answer in answers.items() if answer is None]
-    if to_run:
-        outputs, used = await state.infer([items[i][1] for i in to_run], deadline=start + state.settings.timeout_s)
-        answers.update(zip(to_run, outputs))  # logits (K,) or the ServeError of a file that did not decode
-    good = [i for i, answer in answers.items() if isinstance(answer, np.ndarray)]
-    ranked = dict(zip(good, top_k(np.stack([answers[i] for i in good]), used.info["class_names"], k))) if good else {}
-    return {"request_id": request.state.request_id, "model": {"name": used.info["name"], "version": used.version},
-            "entries": [(name, ranked.get(i, answers[i])) for i, (name, _) in enumerate(items)],
-            "latency_ms": round((time.perf_counter() - start) * 1000, 3)}

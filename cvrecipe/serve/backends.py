@@ -77,7 +77,7 @@ class EagerRunner:
     def __init__(self, path: Path, device):
         import torch
 
-        from cvrecipe.train.checkpoint import load_model
+        from cvrecipe.artifact.checkpoint import load_model
 
         self.torch, self.device = torch, device
         self.model = load_model(path, device)
@@ -115,17 +115,19 @@ def load_backend(source: ModelSource) -> Backend:
     from cvrecipe.device import resolve_device
 
     if source.kind == "safetensors":
-        from cvrecipe.train.checkpoint import read_metadata
+        from cvrecipe.artifact.checkpoint import read_metadata
 
         meta, _ = read_metadata(source.path)
         version = mf.sha256_file(source.path)[:12]
-        info = {"name": meta["name"], "class_names": meta["class_names"], "in_channels": meta["in_channels"],
+        info = {"task": meta.get("task", "classification"), "name": meta["name"], "class_names": meta["class_names"],
+                "in_channels": meta["in_channels"],
                 "input_size": list(meta["input_size"]), "precision": "fp32", "run": str(source.path.parent)}
         return Backend(EagerRunner(source.path, resolve_device("auto")), source, version, info)
     entry = mf.verify_file(source.path.parent, source.path.name)
     manifest = mf.read_manifest(source.path.parent)
     pre = manifest["preprocessing"]
-    info = {"name": manifest["model"]["name"], "class_names": manifest["class_names"], "in_channels": pre["channels"],
+    info = {"task": manifest.get("task", "classification"), "name": manifest["model"]["name"],
+            "class_names": manifest["class_names"], "in_channels": pre["channels"],
             "input_size": list(pre["input_size"]), "precision": entry["precision"],
             "run": manifest["source"].get("run")}
     if source.kind == "onnx":

@@ -100,6 +100,14 @@ class ServerState:
             raise ServeError(503, "not_ready", reason, {"Retry-After": "1"})
         return self.backend
 
+    def require_task(self, task: str) -> Backend:
+        """The served model, when it is ready and answers `task`; otherwise the error to send."""
+        backend = self.require_ready()
+        if backend.info.get("task", "classification") != task:
+            raise ServeError(409, "wrong_task", f"this route serves {task} models; the served model is a "
+                                                f"{backend.info['task']} model")
+        return backend
+
     async def infer(self, blobs: list[bytes], deadline: float) -> tuple[list, Backend]:
         """Per image file, logits (K,) or the ServeError that refused it, through the batcher;
         raises 503 when the queue is full and 504 when `deadline` (time.perf_counter) passes first."""
@@ -139,6 +147,10 @@ class ServerState:
                 self.metrics.reloads.labels("failed").inc()
                 message = f"could not load {self.settings.source}: {type(err).__name__}: {err}"
                 raise ServeError(500, "reload_failed", f"{message}; still serving {old.version}") from err
+            if new.info.get("task") != old.info.get("task"):
+                self.metrics.reloads.labels("failed").inc()
+                raise ServeError(409, "task_changed", f"the new model is a {new.info.get('task')} model, the served "
+                                                      f"one a {old.info.get('task')} model; restart the server instead")
             if new.input_shape != old.input_shape:
                 self.metrics.reloads.labels("failed").inc()
                 message = f"the new model takes {new.input_shape} images, the served one {old.input_shape}"

@@ -21,31 +21,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cvrecipe.config import FinetuneConfig, TrainConfig
+from cvrecipe.config import Config, FinetuneConfig
 from cvrecipe.train.optim import build_scheduler, lr_factor
-
-STRATEGIES = ("none", "linear", "full", "two-stage", "lora")
 
 
 class Finetune:
     """The strategy for one model. `active` is False for strategy "none": the loop's defaults apply."""
 
     def __init__(self, model: nn.Module, cfg: FinetuneConfig, epochs: int):
-        if cfg.strategy not in STRATEGIES:
-            raise ValueError(f"finetune.strategy must be one of {', '.join(STRATEGIES)}, got '{cfg.strategy}'")
         self.cfg, self.epochs = cfg, epochs
         self.active = cfg.strategy != "none"
         self.net = getattr(model, "net", model)
         if self.active and not hasattr(self.net, "freeze"):
             raise ValueError(f"finetune.strategy={cfg.strategy} needs a pretrained model (see `cvrecipe models`)")
-        if cfg.strategy == "two-stage" and not 0 < cfg.freeze_epochs < epochs:
-            raise ValueError(f"finetune.freeze_epochs must be between 1 and train.epochs - 1 ({epochs - 1}) "
-                             f"for two-stage, got {cfg.freeze_epochs}")
-        if cfg.feature_cache and cfg.strategy != "linear":
-            raise ValueError("finetune.feature_cache needs finetune.strategy=linear (the backbone must stay frozen)")
-        if cfg.strategy == "lora" and (cfg.lora_rank < 1 or cfg.lora_alpha <= 0):
-            raise ValueError(f"finetune.lora_rank must be >= 1 and finetune.lora_alpha > 0, "
-                             f"got {cfg.lora_rank} and {cfg.lora_alpha}")
         self.adapters = []
         if cfg.strategy == "lora":
             from cvrecipe.train.lora import add_adapters
@@ -87,17 +75,18 @@ class Finetune:
         groups += _split_decay(rest, self.cfg.backbone_lr_scale)
         return [g for g in groups if g["params"]]
 
-    def scheduler(self, optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int):
-        """train.schedule over the whole run; for two-stage, once over each stage."""
+    def scheduler(self, optimizer: torch.optim.Optimizer, run_cfg: Config, steps_per_epoch: int):
+        """The configured schedule over the whole run; for two-stage, once over each stage."""
         if self.cfg.strategy != "two-stage":
-            return build_scheduler(optimizer, tc, steps_per_epoch)
+            return build_scheduler(optimizer, run_cfg, steps_per_epoch)
+        schedule = run_cfg.schedule
         first = self.cfg.freeze_epochs * steps_per_epoch
         second = (self.epochs - self.cfg.freeze_epochs) * steps_per_epoch
 
         def factor(step: int) -> float:
             if step < first:
-                return lr_factor(step, first, tc, steps_per_epoch)
-            return lr_factor(step - first, second, tc, steps_per_epoch)
+                return lr_factor(step, first, schedule, steps_per_epoch)
+            return lr_factor(step - first, second, schedule, steps_per_epoch)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from cvrecipe.evaluate.metrics import classification_metrics
+from cvrecipe.tasks.classification import classification_metrics
 
 
 @pytest.mark.parametrize("num_classes, seed", [(3, 0), (10, 1), (10, 2)])

@@ -12,17 +12,17 @@ import torch
 from cvrecipe.cli import main
 from cvrecipe.config import load_config
 from cvrecipe.data.images import decode_images
-from cvrecipe.evaluate.predict import predict_logits
+from cvrecipe.artifact.inference import predict_logits
 from cvrecipe.export import ExportError, export_model
 from cvrecipe.export.manifest import sha256_file
 from cvrecipe.export.onnx import OnnxRunner
 from cvrecipe.models import create_model, list_models
-from cvrecipe.runs import train
+from cvrecipe.train.job import train
 
 from conftest import encode, pattern_image
 from serve_helpers import one_torch_thread  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = 32  # an input size every registered model takes (seed-cnn's three valid convs need 32)
 
@@ -53,7 +53,7 @@ def test_every_model_exports_and_matches_eager(tmp_path, name, fmt):
     model = make_model(name)
     x, _ = real_images(12)
     result = export_model(model, x, tmp_path / "export", fmt, dynamic_batch=True)
-    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4 and result.parity.top1_agreement == 1.0
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4 and result.parity.agreement == 1.0
     manifest = json.loads((tmp_path / "export" / "model.json").read_text())
     entry = manifest["files"][result.path.name]
     assert entry["sha256"] == sha256_file(result.path) and entry["format"] == fmt and entry["precision"] == "fp32"
@@ -152,7 +152,7 @@ def test_cli_export_of_a_run_checks_on_its_own_test_images(tmp_path, capsys):
     n = onnx_entry["parity"]["images"]  # digits' whole test split (a fifth of 1,797 images)
     assert 300 < n <= 1000 and manifest["source"]["check_images"] == f"digits test, first {n}"
     assert onnx_entry["batch_size"] == 1
-    assert onnx_entry["parity"]["max_abs_diff"] <= 1e-4 and onnx_entry["parity"]["top1_agreement"] == 1.0
+    assert onnx_entry["parity"]["max_abs_diff"] <= 1e-4 and onnx_entry["parity"]["agreement"] == 1.0
     assert manifest["files"]["model.pt"]["parity"]["passed"]
     # a fixed-batch file still answers any number of images, one slice at a time
     runner = OnnxRunner(run_dir / "export" / "model.onnx")

@@ -13,13 +13,13 @@ import torch
 
 from cvrecipe.data.images import decode_images
 from cvrecipe.export import export_run
-from cvrecipe.train.checkpoint import load_model
+from cvrecipe.artifact.checkpoint import load_model
 
 from serve_helpers import CLASSES, one_torch_thread, running_server, train_stripes_run  # noqa: F401 (fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
 

@@ -15,8 +15,9 @@ from cvrecipe.cli import main
 from cvrecipe.config import FinetuneConfig, load_config
 from cvrecipe.models import create_model, model_from_meta
 from cvrecipe.models.pretrained import MissingWeights
-from cvrecipe.runs import evaluate, train
-from cvrecipe.train.checkpoint import load_model, read_metadata
+from cvrecipe.evaluate.job import evaluate
+from cvrecipe.train.job import train
+from cvrecipe.artifact.checkpoint import load_model, read_metadata
 from cvrecipe.train.finetune import Finetune
 from cvrecipe.train.optim import build_optimizer
 from cvrecipe.train.probe import backbone_features
@@ -69,7 +70,7 @@ def test_freezing_keeps_backbone_weights_and_batchnorm_statistics():
     model = lite0()
     finetune = Finetune(model, FinetuneConfig(strategy="linear"), epochs=1)
     finetune.on_epoch_start(0)
-    optimizer = build_optimizer(model, load_config(overrides=["train.lr=0.1"]).train, finetune.param_groups())
+    optimizer = build_optimizer(model, load_config(overrides=["optim.lr=0.1"]), finetune.param_groups())
     before = {k: v.clone() for k, v in model.net.backbone.state_dict().items()}  # weights and BN running stats
     head_before = model.net.head.weight.clone()
     model.train()
@@ -131,7 +132,7 @@ def test_lora_trains_only_adapters_and_head_and_checkpoints_merge_them():
     assert adapted and len(adapted) < len(pointwise_convs(lite0().net))  # the first 3 layers get none
     assert {n.rpartition(".lora_A")[0] for n, _ in model.net.backbone.named_modules() if n.endswith("lora_A")} \
         == set(adapted)
-    optimizer = build_optimizer(model, load_config(overrides=["train.lr=0.05"]).train, finetune.param_groups())
+    optimizer = build_optimizer(model, load_config(overrides=["optim.lr=0.05"]), finetune.param_groups())
     frozen = {k: v.clone() for k, v in model.net.backbone.state_dict().items() if "lora_" not in k}
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -161,7 +162,7 @@ def test_lora_trains_only_adapters_and_head_and_checkpoints_merge_them():
 
 
 def test_two_stage_switches_at_freeze_epochs_with_layer_decayed_lrs():
-    cfg = load_config(overrides=["train.lr=0.01", "train.schedule=constant", "finetune.strategy=two-stage",
+    cfg = load_config(overrides=["optim.lr=0.01", "schedule.name=constant", "finetune.strategy=two-stage",
                                  "finetune.freeze_epochs=2", "finetune.backbone_lr_scale=0.1",
                                  "finetune.layer_decay=0.5"])
     model = lite0()
@@ -175,7 +176,7 @@ def test_two_stage_switches_at_freeze_epochs_with_layer_decayed_lrs():
     assert scale_of[id(layers[-2]._project_conv.weight)] == pytest.approx(0.05)
     assert scale_of[id(layers[0][0].weight)] == pytest.approx(0.1 * 0.5 ** 17)  # the stem
     assert len(scale_of) == sum(1 for _ in model.parameters())  # every parameter is in the optimizer
-    optimizer = build_optimizer(model, cfg.train, groups)
+    optimizer = build_optimizer(model, cfg, groups)
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert lrs[id(layers[0][0].weight)] == pytest.approx(0.01 * 0.1 * 0.5 ** 17)
 
@@ -193,10 +194,10 @@ def test_two_stage_switches_at_freeze_epochs_with_layer_decayed_lrs():
     assert all(p.requires_grad for layer in layers[3:] for p in layer.parameters()) and layers[3].training
 
     # each stage runs its own schedule: the second restarts its warm-up at the switch
-    cfg = load_config(overrides=["train.schedule=cosine", "train.warmup_epochs=1", "finetune.strategy=two-stage",
+    cfg = load_config(overrides=["schedule.name=cosine", "schedule.warmup_epochs=1", "finetune.strategy=two-stage",
                                  "finetune.freeze_epochs=2"])
-    scheduler = Finetune(model, cfg.finetune, epochs=4).scheduler(build_optimizer(model, cfg.train, groups),
-                                                                   cfg.train, steps_per_epoch=10)
+    scheduler = Finetune(model, cfg.finetune, epochs=4).scheduler(build_optimizer(model, cfg, groups),
+                                                                   cfg, steps_per_epoch=10)
     factors = [scheduler.lr_lambdas[0](step) for step in range(40)]
     assert factors[0] == pytest.approx(0.1) and factors[20] == pytest.approx(0.1)
     assert factors[9] == pytest.approx(1.0) and factors[29] == pytest.approx(1.0)
@@ -234,8 +235,8 @@ def folder(tmp_path):
 def finetune_config(folder, tmp_path, *overrides):
     return load_config(overrides=[f"data.name=folder:{folder}", f"runs_dir={tmp_path / 'runs'}",
                                   "model.name=efficientnet-lite0", "model.kwargs={resize: 64}", "train.epochs=4",
-                                  "train.batch_size=30", "train.optimizer=adamw", "train.lr=0.003",
-                                  "train.weight_decay=0.01", "train.num_threads=2", "train.sanity=false",
+                                  "train.batch_size=30", "optim.name=adamw", "optim.lr=0.003",
+                                  "optim.weight_decay=0.01", "train.num_threads=2", "train.sanity=false",
                                   *overrides])
 
 
@@ -255,7 +256,7 @@ def test_two_stage_run_learns_and_checkpoint_exports_without_the_weight_file(fol
 
 def test_lora_run_learns_and_its_checkpoint_is_the_plain_model(folder, tmp_path):
     pytest.importorskip("peft")
-    cfg = finetune_config(folder, tmp_path, "finetune.strategy=lora", "finetune.lora_rank=4", "train.lr=0.01")
+    cfg = finetune_config(folder, tmp_path, "finetune.strategy=lora", "finetune.lora_rank=4", "optim.lr=0.01")
     run_dir = train(cfg)
     from safetensors import safe_open
 
@@ -266,7 +267,7 @@ def test_lora_run_learns_and_its_checkpoint_is_the_plain_model(folder, tmp_path)
 
 def test_feature_cached_linear_probe_saves_the_whole_model(folder, tmp_path):
     cfg = finetune_config(folder, tmp_path, "finetune.strategy=linear", "finetune.feature_cache=true",
-                          "train.epochs=30", "train.lr=0.01")
+                          "train.epochs=30", "optim.lr=0.01")
     run_dir = train(cfg)
     model = load_model(run_dir, "cpu")
     pretrained = lite0(pretrained=True, resize=64).eval()
@@ -279,3 +280,37 @@ def test_feature_cached_linear_probe_saves_the_whole_model(folder, tmp_path):
         expected = model.net.head(backbone_features(pretrained, x, torch.device("cpu")))
         assert torch.allclose(model(x), expected, atol=1e-4)
     assert evaluate(run_dir)["accuracy"] > 0.8
+
+
+class _StopAt:
+    """Interrupts training at the end of epoch `epoch`, before that epoch's checkpoint is written."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, row, model):
+        if row["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_feature_cached_probe_keeps_the_loops_bookkeeping(folder, tmp_path):
+    """The probe shares the loop's per-epoch bookkeeping: a stopped probe resumes from last.ckpt to
+    the uninterrupted run's exact head and metrics, and early stopping stops it."""
+    from safetensors.torch import load_file
+
+    overrides = ("finetune.strategy=linear", "finetune.feature_cache=true", "train.epochs=6", "optim.lr=0.01")
+    straight = train(finetune_config(folder, tmp_path / "a", *overrides))
+    stopped_cfg = finetune_config(folder, tmp_path / "b", *overrides)
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped_cfg, callbacks=[_StopAt(4)])
+    run_dir = tmp_path / "b" / "runs" / stopped_cfg.name
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["epoch"] == 3
+    train(stopped_cfg, resume_dir=run_dir)
+    a, b = load_file(straight / "best.safetensors"), load_file(run_dir / "best.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "metrics.csv").read_text().count("\n") == (run_dir / "metrics.csv").read_text().count("\n") == 7
+
+    # a tiny lr leaves the val loss still within min_delta: patience 2 stops after epoch 3
+    early = train(finetune_config(folder, tmp_path / "c", *overrides, "optim.lr=1e-9", "stop.early=true",
+                                  "stop.patience=2", "stop.min_delta=0.5", "checkpoint.monitor=val_loss"))
+    assert (early / "metrics.csv").read_text().count("\n") == 4

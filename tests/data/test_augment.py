@@ -4,7 +4,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from cvrecipe.config import AugmentConfig
-from cvrecipe.data.augment import augment_batch, crop_at, cutout, random_flip
+from cvrecipe.data.augment import alternating_flip, augment_batch, crop_at, cutout, random_flip
 
 
 @pytest.mark.parametrize("pad_mode, tv_mode", [("reflect", "reflect"), ("constant", "constant")])
@@ -49,32 +49,11 @@ def test_augment_is_reproducible_and_respects_hflip_ok():
     assert torch.equal(augment_batch(x, only_flip, False, torch.Generator().manual_seed(3)), x)
 
 
-def test_epoch_batches_in_chunks_follow_the_order_and_augment_each_image_from_itself():
-    """What the training loop feeds: batches in the epoch's order, whether augmented one at a time
-    (CPU) or several at once (GPU), each image a crop/mirror of its own source."""
-    from cvrecipe.train.loop import Step, epoch_batches
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8, generator=gen)
-    y = torch.arange(100)
-    step = Step(model=None, train_model=None, optimizer=None, scheduler=None, scaler=None, ema=None,
-                train_x=x, train_y=y, base_flip=torch.rand(100, generator=gen) < 0.5, steps_per_epoch=6,
-                batch_size=16, device=torch.device("cpu"), dtype=None, memory_format=torch.channels_last)
-    order = torch.randperm(100, generator=gen)
-    for chunk in (1, 4, 6):
-        batches = list(epoch_batches(step, AugmentConfig(), True, order, gen, 0, chunk))
-        assert len(batches) == 6  # the ragged last 4 images are dropped
-        for i, (bx, by) in enumerate(batches):
-            idx = order[i * 16:(i + 1) * 16]
-            assert torch.equal(by, y[idx]) and torch.equal(bx, x[idx])
-            assert bx.is_contiguous(memory_format=torch.channels_last)
-
-    augment = AugmentConfig(hflip=True, flip_mode="alternate", crop_padding=2)
-    for bx, by in epoch_batches(step, augment, True, order, gen, 1, chunk=6):
-        for image, label in zip(bx, by):
-            src = x[label][None]
-            views = [crop_at(src, 2, torch.tensor([dy]), torch.tensor([dx]), "reflect")[0]
-                     for dy in range(5) for dx in range(5)]
-            flipped = bool(step.base_flip[label]) ^ True  # odd epoch: the opposite of the run's coin
-            views = [v.flip(-1) if flipped else v for v in views]
-            assert any(torch.equal(image, v) for v in views)
+def test_alternating_flip_flips_each_image_in_exactly_one_of_two_epochs():
+    x = torch.arange(16 * 1 * 2 * 3, dtype=torch.float32).reshape(16, 1, 2, 3)
+    base = torch.rand(16, generator=torch.Generator().manual_seed(1)) < 0.5
+    for epoch in range(4):
+        a, b = alternating_flip(x, base, epoch), alternating_flip(x, base, epoch + 1)
+        flipped_a = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(a, x)])
+        flipped_b = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(b, x)])
+        assert torch.equal(flipped_a ^ flipped_b, torch.ones(16, dtype=torch.bool))

@@ -26,19 +26,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from cvrecipe.artifact.build import build_model
 from cvrecipe.config import Config
 from cvrecipe.data import ImageDataset, load_dataset
-from cvrecipe.data.augment import augment_batch
 from cvrecipe.device import resolve_device, seed_everything
-from cvrecipe.models import ImageClassifier
+from cvrecipe.models import ImageModel
 from cvrecipe.models.head import class_prior
+from cvrecipe.tasks import get_task
 from cvrecipe.train.finetune import Finetune
-from cvrecipe.train.loop import build_model
 
 # Budgets, chosen so the four checks take seconds for small-cnn on Fashion-MNIST on 2 CPU cores
 # while healthy setups pass with a margin (measured, zero-input: held-out accuracy 0.48 on
@@ -62,6 +61,7 @@ LEAK_SIGMAS_WARN, LEAK_SIGMAS_FAIL = 4.0, 8.0  # held-out accuracy above chance,
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 InputFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # → (right (B,), loss (B,))
 
 
 class SanityCheckFailed(RuntimeError):
@@ -105,7 +105,7 @@ def cpu_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def initial_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
+def initial_model(cfg: Config, ds: ImageDataset) -> ImageModel:
     """The model exactly as `fit` builds it: same seed, same draws, hence the same weights, and
     frozen as its first epoch trains it (a pretrained backbone then costs forward passes only)."""
     seed_everything(cfg.train.seed)
@@ -115,22 +115,27 @@ def initial_model(cfg: Config, ds: ImageDataset) -> ImageClassifier:
 
 
 def training_loss(cfg: Config) -> LossFn:
-    return lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+    task = get_task(cfg.task)
+    return lambda outputs, y: task.loss(outputs, y, cfg.train.label_smoothing)
 
 
 def training_inputs(cfg: Config, ds: ImageDataset) -> InputFn:
-    """The training input pipeline (augmentation); it never sees the labels."""
-    return lambda x, y, gen: augment_batch(x, cfg.augment, ds.hflip_ok, gen)
+    """The training input pipeline (the task's augmentation): images in, images out; any targets
+    it moves along with them are dropped, so a label cannot flow into the input through it."""
+    task = get_task(cfg.task)
+    return lambda x, y, gen: task.augment(x, y, cfg.augment, ds.hflip_ok, gen)[0]
 
 
 def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, loss_fn: LossFn | None = None,
                make_inputs: InputFn | None = None, device: torch.device | None = None) -> list[CheckResult]:
-    """All four checks on copies of `model` (default: the model `fit` would start from)."""
+    """All four checks on copies of `model` (default: the model `fit` would start from). Items are
+    scored by the task (`Task.item_scores`: for classification, top-1 right and cross-entropy)."""
     device = device or resolve_device(cfg.train.device)
     with preserved_rng(device), cpu_threads(cfg.train.num_threads):
         model = (model if model is not None else initial_model(cfg, ds)).to(device)
         loss_fn = loss_fn or training_loss(cfg)
         make_inputs = make_inputs or training_inputs(cfg, ds)
+        score = get_task(cfg.task).item_scores
         gen = torch.Generator().manual_seed(cfg.train.seed + SEED_OFFSET)
         pool_x, pool_y = _draw(ds.train.x, ds.train.y, TRAIN_STEPS * TRAIN_BATCH, gen)
         held = ds.val if ds.val is not None and len(ds.val) else ds.train
@@ -139,9 +144,9 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
         expected = _expected_init_loss(cfg, ds, pool_y[:INIT_BATCH], num_classes)
         return [
             check_init_loss(model, pool_x[:INIT_BATCH], pool_y[:INIT_BATCH], loss_fn, expected, device),
-            check_overfit_batch(model, pool_x[:OVERFIT_BATCH], pool_y[:OVERFIT_BATCH], loss_fn, device),
-            check_zero_input(model, (pool_x, pool_y), (held_x, held_y), loss_fn, make_inputs, gen, device),
-            check_label_leak(model, (pool_x, pool_y), (held_x, held_y), loss_fn, make_inputs, gen, device),
+            check_overfit_batch(model, pool_x[:OVERFIT_BATCH], pool_y[:OVERFIT_BATCH], loss_fn, device, score),
+            check_zero_input(model, (pool_x, pool_y), (held_x, held_y), loss_fn, make_inputs, gen, device, score),
+            check_label_leak(model, (pool_x, pool_y), (held_x, held_y), loss_fn, make_inputs, gen, device, score),
         ]
 
 
@@ -177,7 +182,7 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
 
 
 def check_overfit_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                        device: torch.device) -> CheckResult:
+                        device: torch.device, score: ScoreFn) -> CheckResult:
     """Memorise one batch (no augmentation, dropout off); stop as soon as every image is right."""
     model = copy.deepcopy(model).train()
     for m in model.modules():
@@ -189,7 +194,7 @@ def check_overfit_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss
     while steps < OVERFIT_STEPS:
         logits = model(x)
         loss_t = loss_fn(logits, y)
-        acc, loss = (logits.argmax(1) == y).float().mean().item(), loss_t.item()
+        acc, loss = score(logits.detach(), y)[0].mean().item(), loss_t.item()
         if acc >= OVERFIT_PASS or optimizer is None or not loss_t.requires_grad or not math.isfinite(loss):
             break
         optimizer.zero_grad(set_to_none=True)
@@ -225,16 +230,15 @@ def _train_copy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
 
 
 @torch.no_grad()
-def _held_out(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+def _held_out(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, score: ScoreFn,
               zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image (correct, cross-entropy) on held-out images; the zero-input model sees zeros here too."""
+    """Per-image (right, loss) on held-out images; the zero-input model sees zeros here too."""
     x = torch.zeros_like(x) if zeros else x
-    logits = model(x.to(device)).float().cpu()
-    return (logits.argmax(1) == y).float(), F.cross_entropy(logits, y, reduction="none")
+    return score(model(x.to(device)).float().cpu(), y)
 
 
 def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossFn, make_inputs: InputFn,
-                     gen: torch.Generator, device: torch.device) -> CheckResult:
+                     gen: torch.Generator, device: torch.device, score: ScoreFn) -> CheckResult:
     """Same steps, same batches, once with the images and once with zeros; compare on held-out images.
 
     Evidence that the images help, either of: held-out accuracy above the better of the zero-input
@@ -244,7 +248,8 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     ResNet-18 gains accuracy (+0.09) but is over-confident after so few steps (higher loss)."""
     real = _train_copy(model, *train, loss_fn, make_inputs, gen, device)
     blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True)
-    (real_ok, real_loss), (zero_ok, zero_loss) = _held_out(real, *held, device), _held_out(blind, *held, device, True)
+    (real_ok, real_loss) = _held_out(real, *held, device, score)
+    (zero_ok, zero_loss) = _held_out(blind, *held, device, score, zeros=True)
     y = held[1]
     baseline = max(zero_ok.mean().item(), np.bincount(y.numpy()).max() / len(y))  # best input-free accuracy
     acc_sigmas = (real_ok.mean().item() - baseline) / math.sqrt(baseline * (1 - baseline) / len(y))
@@ -266,7 +271,7 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
 
 
 def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossFn, make_inputs: InputFn,
-                     gen: torch.Generator, device: torch.device) -> CheckResult:
+                     gen: torch.Generator, device: torch.device, score: ScoreFn) -> CheckResult:
     """Train on labels shuffled against their images; held-out accuracy on shuffled labels must stay
     at chance unless the pipeline puts the label into the input. Held-out inputs go through the
     same pipeline (with their own shuffled labels), so a leak there shows too."""
@@ -276,7 +281,7 @@ def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device)
     with torch.no_grad():
         inputs = make_inputs(hx.to(device), hy_shuffled.to(device), gen)
-    acc = _held_out(trained, inputs.cpu(), hy_shuffled, device)[0].mean().item()
+    acc = _held_out(trained, inputs.cpu(), hy_shuffled, device, score)[0].mean().item()
     chance = float(np.bincount(hy_shuffled.numpy()).max() / len(hy))  # always answering the commonest class
     sigma = math.sqrt(chance * (1 - chance) / len(hy))
     excess = (acc - chance) / sigma

@@ -19,12 +19,12 @@ import torch
 from cvrecipe.cli import main
 from cvrecipe.data.images import decode_images
 from cvrecipe.export import export_model, export_run
-from cvrecipe.train.checkpoint import load_model
+from cvrecipe.artifact.checkpoint import load_model
 
 from serve_helpers import (CLASSES, SlowUpload, loopback_socket, metric_samples, one_torch_thread,  # noqa: F401
                            running_server, train_stripes_run, wait_until)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),

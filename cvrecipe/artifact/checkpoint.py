@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cvrecipe.models import ImageClassifier, model_from_meta
+from cvrecipe.models import ImageModel, model_from_meta
 
 
 def _atomic(path: Path, write) -> None:
@@ -24,7 +24,7 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: ImageClassifier, path: Path, extra: dict | None = None) -> None:
+def save_weights(model: ImageModel, path: Path, extra: dict | None = None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"cvrecipe.model": json.dumps(model.meta), "cvrecipe.extra": json.dumps(extra or {})}
     _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
@@ -38,7 +38,7 @@ def read_metadata(path: Path) -> tuple[dict, dict]:
     return json.loads(meta["cvrecipe.model"]), json.loads(meta.get("cvrecipe.extra", "{}"))
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> ImageClassifier:
+def load_model(path: Path, device: torch.device | str = "cpu") -> ImageModel:
     """Rebuild the model from its stored metadata and load its weights; no training code needed."""
     from safetensors.torch import load_file
 

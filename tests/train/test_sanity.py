@@ -13,15 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvrecipe import sanity
+from cvrecipe.tasks import get_task
+from cvrecipe.train import sanity
 from cvrecipe.cli import main
 from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.models.head import class_prior, classifier_head
 from cvrecipe.models.registry import register
-from cvrecipe.runs import train
-from cvrecipe.train.checkpoint import load_resume
+from cvrecipe.train.job import train
+from cvrecipe.artifact.checkpoint import load_resume
 
+SCORE = get_task("classification").item_scores  # top-1 right, cross-entropy
 CPU = torch.device("cpu")
 
 
@@ -71,13 +73,13 @@ def test_overfit_fails_on_a_frozen_model_and_a_loss_that_ignores_labels(digits, 
     model = sanity.initial_model(cfg, ds)
     (x, y), _, _ = batches(ds)
     frozen = copy.deepcopy(model).requires_grad_(False)
-    result = sanity.check_overfit_batch(frozen, x[:32], y[:32], F.cross_entropy, CPU)
+    result = sanity.check_overfit_batch(frozen, x[:32], y[:32], F.cross_entropy, CPU, SCORE)
     assert result.status == "fail" and "no trainable parameters" in result.message
 
     def wrong_loss(logits, y):  # pushes every image towards class 0, whatever its label
         return F.cross_entropy(logits, torch.zeros_like(y))
 
-    result = sanity.check_overfit_batch(model, x[:32], y[:32], wrong_loss, CPU)
+    result = sanity.check_overfit_batch(model, x[:32], y[:32], wrong_loss, CPU, SCORE)
     assert result.status == "fail" and result.values["accuracy"] < 0.5
 
 
@@ -85,11 +87,11 @@ def test_zero_input_fails_when_labels_are_shuffled(digits):
     cfg, ds = digits
     model = sanity.initial_model(cfg, ds)
     (x, y), (hx, hy), gen = batches(ds)
-    healthy = sanity.check_zero_input(model, (x, y), (hx, hy), F.cross_entropy, identity_inputs, gen, CPU)
+    healthy = sanity.check_zero_input(model, (x, y), (hx, hy), F.cross_entropy, identity_inputs, gen, CPU, SCORE)
     assert healthy.status == "pass"
     shuffle = torch.Generator().manual_seed(5)
     y_bad, hy_bad = y[torch.randperm(len(y), generator=shuffle)], hy[torch.randperm(len(hy), generator=shuffle)]
-    broken = sanity.check_zero_input(model, (x, y_bad), (hx, hy_bad), F.cross_entropy, identity_inputs, gen, CPU)
+    broken = sanity.check_zero_input(model, (x, y_bad), (hx, hy_bad), F.cross_entropy, identity_inputs, gen, CPU, SCORE)
     assert broken.status == "fail" and broken.values["accuracy_sigmas"] < healthy.values["accuracy_sigmas"]
 
 
@@ -97,7 +99,7 @@ def test_label_leak_fails_when_the_pipeline_writes_the_label_into_the_image(digi
     cfg, ds = digits
     model = sanity.initial_model(cfg, ds)
     (x, y), (hx, hy), gen = batches(ds)
-    healthy = sanity.check_label_leak(model, (x, y), (hx, hy), F.cross_entropy, identity_inputs, gen, CPU)
+    healthy = sanity.check_label_leak(model, (x, y), (hx, hy), F.cross_entropy, identity_inputs, gen, CPU, SCORE)
     assert healthy.status == "pass"
 
     def leaky_inputs(images, labels, gen):  # a pipeline bug: the label ends up in the top half
@@ -105,7 +107,7 @@ def test_label_leak_fails_when_the_pipeline_writes_the_label_into_the_image(digi
         images[:, :, :4, :] = (labels * 25).to(torch.uint8)[:, None, None, None]
         return images
 
-    broken = sanity.check_label_leak(model, (x, y), (hx, hy), F.cross_entropy, leaky_inputs, gen, CPU)
+    broken = sanity.check_label_leak(model, (x, y), (hx, hy), F.cross_entropy, leaky_inputs, gen, CPU, SCORE)
     assert broken.status == "fail" and broken.values["sigmas"] > sanity.LEAK_SIGMAS_FAIL
 
 

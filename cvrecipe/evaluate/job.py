@@ -1,0 +1,103 @@
+"""The jobs after training: evaluate a run, predict on image files, write the report, and `run`
+(train, then evaluate and report: the main job). Each reads the run folder the train job wrote."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from cvrecipe.artifact.checkpoint import load_model, read_metadata
+from cvrecipe.artifact.inference import expand_image_paths, load_images_for_model, predict_logits
+from cvrecipe.config import load_config, load_run_config
+from cvrecipe.data import load_dataset
+from cvrecipe.device import resolve_device
+from cvrecipe.tasks import get_task
+from cvrecipe.train.job import train
+
+
+def evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
+             console: Console | None = None) -> dict:
+    """Evaluate the run's best checkpoint on its held-out split (or another dataset); writes eval.json."""
+    return evaluate_run(run_dir, data, split, console)[0]
+
+
+def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = None,
+                 console: Console | None = None) -> tuple[dict, torch.Tensor]:
+    """evaluate(), also returning the outputs it scored, so that the report need not compute them
+    again (with TTA 2 that pass is 6 forward passes over the split)."""
+    console = console or Console(soft_wrap=True)
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    device = resolve_device(cfg.train.device)
+    model = load_model(run_dir / "best.safetensors", device)
+    meta = model.meta
+    task = get_task(meta.get("task", "classification"))
+    data_cfg = dataclasses.replace(cfg.data, subset=None)
+    if data:  # another dataset: bring its images to the model's input shape
+        height, width = meta["input_size"]
+        data_cfg = dataclasses.replace(data_cfg, name=data, channels=meta["in_channels"],
+                                       image_size=height if height == width else None)
+    ds = load_dataset(data_cfg, seed=cfg.train.seed)
+    split_name, part = (split, getattr(ds, split)) if split else ds.eval_split
+    if part is None or len(part) == 0:
+        raise ValueError(f"dataset {ds.name} has no {split_name} split to evaluate on")
+    if list(ds.classes) != list(meta["class_names"]):
+        raise ValueError(f"dataset {ds.name} has classes {ds.classes}, the model was trained on {meta['class_names']}")
+    logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last, tta=cfg.eval.tta,
+                            tta_mirror=cfg.augment.hflip and ds.hflip_ok)
+    _, extra = read_metadata(run_dir / "best.safetensors")
+    result = {"task": task.name, "dataset": ds.name, "split": split_name, "checkpoint_epoch": extra.get("epoch"),
+              "tta": cfg.eval.tta, **task.evaluate(logits, torch.from_numpy(part.y), meta["class_names"])}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    console.print(task.table(result))
+    return result, logits
+
+
+def predict(run_dir: Path, paths: list[str], k: int = 5) -> list[dict]:
+    """The task's answer (top-k classes for a classifier) for image files (folders expanded).
+    Unreadable files are reported, not fatal."""
+    model = load_model(run_dir, "cpu")
+    task = get_task(model.meta.get("task", "classification"))
+    files = expand_image_paths(paths)
+    x, good, skipped = load_images_for_model(files, model.meta)
+    results = [{"file": name, "error": reason} for name, reason in skipped]
+    if len(good):
+        answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)
+        results += [{"file": str(p), **answer} for p, answer in zip(good, answers)]
+    return results
+
+
+def prediction_lines(run_dir: Path, results: list[dict]) -> list[str]:
+    """predict()'s results as terminal lines, one per file, in the model's task's words."""
+    model_path = Path(run_dir) / "best.safetensors" if Path(run_dir).is_dir() else Path(run_dir)
+    task = get_task(read_metadata(model_path)[0].get("task", "classification"))
+    return [f"{escape(r['file'])}: [red]unreadable[/] ({escape(r['error'])})" if "error" in r
+            else f"{escape(r['file'])}: {escape(task.answer_text(r))}" for r in results]
+
+
+def run(recipe: str | None, overrides: list[str], console: Console | None = None) -> Path:
+    """The main job: train the recipe, then evaluate the best checkpoint on the held-out split and
+    write the report."""
+    console = console or Console(soft_wrap=True)
+    cfg = load_config(recipe, overrides)
+    run_dir = train(cfg, console=console)
+    _, logits = evaluate_run(run_dir, console=console)
+    report(run_dir, console=console, eval_logits=logits)  # the same predictions, not computed twice
+    console.print(f"done: {run_dir}")
+    return run_dir
+
+
+def report(run_dir: Path, calibrate: bool = False, console: Console | None = None,
+           eval_logits: torch.Tensor | None = None) -> Path:
+    """RUN/report.html + RUN/plots/; attached to the run's MLflow run when it was tracked.
+    `eval_logits`: the best checkpoint's outputs on the held-out split, when the caller has them."""
+    from cvrecipe.evaluate.report import write_report
+    from cvrecipe.train.tracking import log_report
+
+    path = write_report(run_dir, calibrate, console, eval_logits)
+    log_report(run_dir)
+    return path

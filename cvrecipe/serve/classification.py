@@ -1,0 +1,73 @@
+"""The serving routes of a classifier: POST /v1/predict (one image) and /v1/predict/batch.
+
+Response schema: {"request_id", "model": {"name", "version"}, "top": [{"class", "probability"}, ...],
+"latency_ms"}; the batch route answers {"results": [{"file", "top"} or {"file", "error"}, ...]}.
+NumPy only: a server of an ONNX export needs no torch for this.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from cvrecipe.serve.inputs import ServeError, read_images, refusal
+from cvrecipe.serve.state import ServerState
+
+TASK = "classification"
+
+
+def top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
+    """Per image, the k most probable classes (softmax over the logits), most probable first."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    return [[{"class": class_names[i], "probability": float(p[i])} for i in row] for p, row in zip(probs, order)]
+
+
+def add_routes(app: FastAPI, require_token: Callable) -> None:
+    @app.post("/v1/predict", dependencies=[Depends(require_token)])
+    async def predict(request: Request, k: int = Query(5, ge=1, le=1000)):
+        result = await _classify(request, max_files=1, k=k)
+        _, answer = result["entries"][0]
+        if isinstance(answer, ServeError):
+            raise answer
+        # a JSONResponse skips FastAPI's generic encoder, which costs more than the rest of the route
+        return JSONResponse({"request_id": result["request_id"], "model": result["model"], "top": answer,
+                             "latency_ms": result["latency_ms"]})
+
+    @app.post("/v1/predict/batch", dependencies=[Depends(require_token)])
+    async def predict_batch(request: Request, k: int = Query(5, ge=1, le=1000)):
+        result = await _classify(request, max_files=request.app.state.server.settings.max_files, k=k)
+        entries = result["entries"]
+        if all(isinstance(answer, ServeError) for _, answer in entries):
+            name, err = entries[0]
+            raise ServeError(err.status, err.code, f"no image could be used; {name}: {err.message}")
+        results = [{"file": name, "error": {"status": a.status, "code": a.code, "message": a.message}}
+                   if isinstance(a, ServeError) else {"file": name, "top": a} for name, a in entries]
+        return JSONResponse({"request_id": result["request_id"], "model": result["model"], "results": results,
+                             "latency_ms": result["latency_ms"]})
+
+
+async def _classify(request: Request, max_files: int, k: int) -> dict:
+    """Read → refuse unsafe files by header → batcher (decode + forward on the inference
+    thread) → top-k. 'entries' holds (file name, top-k list or ServeError) per file, in order."""
+    start = time.perf_counter()
+    state: ServerState = request.app.state.server
+    used = state.require_task(TASK)
+    with state.arrival():
+        items = await read_images(request, max_files)
+        if len(items) > max_files:
+            raise ServeError(400, "too_many_files", f"{len(items)} files sent; this route takes at most {max_files}")
+        answers = {i: refusal(data, state.settings.max_pixels) for i, (_, data) in enumerate(items)}
+    to_run = [i for i, answer in answers.items() if answer is None]
+    if to_run:
+        outputs, used = await state.infer([items[i][1] for i in to_run], deadline=start + state.settings.timeout_s)
+        answers.update(zip(to_run, outputs))  # logits (K,) or the ServeError of a file that did not decode
+    good = [i for i, answer in answers.items() if isinstance(answer, np.ndarray)]
+    ranked = dict(zip(good, top_k(np.stack([answers[i] for i in good]), used.info["class_names"], k))) if good else {}
+    return {"request_id": request.state.request_id, "model": {"name": used.info["name"], "version": used.version},
+            "entries": [(name, ranked.get(i, answers[i])) for i, (name, _) in enumerate(items)],
+            "latency_ms": round((time.perf_counter() - start) * 1000, 3)}

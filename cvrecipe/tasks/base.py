@@ -1,0 +1,102 @@
+"""The task interface, and the parity report every task's export check fills in."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import numpy as np
+import torch
+from rich.table import Table
+
+from cvrecipe.config import TASK_METRICS, AugmentConfig
+
+
+class Meter:
+    """Accumulates a task's metrics over batches. `update` only does device-side arithmetic (no
+    host sync), so it can run every training step; `compute` syncs once and returns
+    {metric: value} for the task's metric names (loss excluded: the caller sums the loss)."""
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass
+class ParityReport:
+    """Does an exported file give the eager model's outputs? `agreement` is the task's own measure
+    (the share of images with the same top-1 class; of pixels with the same class)."""
+    images: int
+    batch_sizes: list[int]  # batch sizes the exported file was run at
+    max_abs_diff: float  # max |exported - eager| over all outputs
+    agreement: float
+    atol: float
+    min_agreement: float
+    measure: str = "top-1 agreement"
+    outputs: str = "logit"  # what max_abs_diff compares
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.agreement >= self.min_agreement
+
+    def summary(self) -> str:
+        return (f"max |{self.outputs} diff| {self.max_abs_diff:.3g} (limit {self.atol:.3g}), {self.measure} "
+                f"{self.agreement:.2%} (limit {self.min_agreement:.2%}) on {self.images} images")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+class Task:
+    """What differs between tasks. Subclasses set `name` and implement the methods."""
+
+    name: str = ""
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Metric names per split, loss first (metrics.csv has train_<m> and val_<m>)."""
+        return TASK_METRICS[self.name]
+
+    # -- training ------------------------------------------------------------------------------
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """The mean training loss of a batch (a scalar)."""
+        raise NotImplementedError
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+                base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented (images, targets) of a training batch, drawn from `gen`."""
+        raise NotImplementedError
+
+    def meter(self, num_classes: int, device: torch.device) -> Meter:
+        """A fresh accumulator of this task's metrics (loss excluded) on `device`."""
+        raise NotImplementedError
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def item_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per item (B,): (how right, in [0, 1]; the unreduced loss). The sanity checks compare these."""
+        raise NotImplementedError
+
+    def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
+        """Everything eval.json holds for one split, from the model's outputs over the whole split."""
+        raise NotImplementedError
+
+    def headline(self, result: dict) -> str:
+        """One line: the main figures of an evaluate() result."""
+        raise NotImplementedError
+
+    def table(self, result: dict) -> Table:
+        """The evaluate() result as a terminal table."""
+        raise NotImplementedError
+
+    # -- export --------------------------------------------------------------------------------
+    def parity(self, reference: np.ndarray, exported: np.ndarray, batch_sizes: list[int], half: bool,
+               atol: float | None = None, min_agreement: float | None = None) -> ParityReport:
+        """Compare an export's outputs with the eager model's on the same images."""
+        raise NotImplementedError
+
+    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
+        """Per image, the answer `cvrecipe predict` gives, as JSON-able fields (e.g. {"top": [...]})."""
+        raise NotImplementedError
+
+    def answer_text(self, answer: dict) -> str:
+        """One answer as one line for the terminal."""
+        raise NotImplementedError
