@@ -150,7 +150,6 @@ def _plots(study: optuna.Study, settings: TuneSettings, best: FrozenTrial | None
     import matplotlib
 
     matplotlib.use("Agg")  # Optuna draws through pyplot; no display here
-    from matplotlib import pyplot as plt
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
 
@@ -170,20 +169,26 @@ def _plots(study: optuna.Study, settings: TuneSettings, best: FrozenTrial | None
             # Optuna sets a pyplot style globally: keep it to these figures
             with warnings.catch_warnings(), matplotlib.rc_context():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                axes = draw()
+                out.append(_draw(draw, title))
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             out.append(f"<p class=note>not drawn: {pages.esc(err)}</p>")
-            continue
-        fig = np.ravel(axes)[0].figure
-        if not fig.axes or not any(ax.has_data() for ax in fig.axes):
-            out.append("<p class=note>not drawn: not enough trials with values yet</p>")
-        else:
-            fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 4))
-            out.append(pages.img(pages.figure_png(fig), title))
-        plt.close(fig)
     if best is not None:
         out += ["<h2>The best trial's curves</h2>", _curves(best)]
     return out
+
+
+def _draw(draw, title: str) -> str:
+    from matplotlib import pyplot as plt
+
+    fig = np.ravel(draw())[0].figure
+    try:
+        if not any(ax.has_data() for ax in fig.axes):
+            return "<p class=note>not drawn: not enough trials with values yet</p>"
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(max(width, 8), max(height, 4))
+        return pages.img(pages.figure_png(fig), title)
+    finally:
+        plt.close(fig)
 
 
 def _curves(best: FrozenTrial) -> str:
