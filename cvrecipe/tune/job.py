@@ -95,14 +95,15 @@ def run_workers(settings: TuneSettings, workers: int, console: Console) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), status, log))
     console.print(f"{workers} worker(s), {threads} torch thread(s) each; logs in {folder}/", highlight=False)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt), signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         _watch(procs, console)
     except KeyboardInterrupt:
         _stop(procs)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
         for _, _, log in procs:
             log.close()
     failed = [(i, p.returncode) for i, (p, _, _) in enumerate(procs) if p.returncode not in (0, None)]

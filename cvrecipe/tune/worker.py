@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", type=Path, required=True, help="file for this worker's status line")
     args = p.parse_args(argv)
     die_with_parent()
+    # a process started in the background inherits SIGINT ignored; the tune process stops us with it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
 
     if args.threads:
