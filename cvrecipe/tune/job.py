@@ -28,7 +28,7 @@ from cvrecipe.config import ConfigError, apply_overrides, from_dict, read_recipe
 from cvrecipe.tune.report import dashboard_command, report
 from cvrecipe.tune.space import load_space
 from cvrecipe.tune.study import (PRUNERS, SAMPLERS, TuneSettings, check_metric, create_study, default_storage,
-                                 grid_size, load_study, safe_url, summary, worker_threads)
+                                 enqueue_grid, grid_size, load_study, safe_url, summary, worker_threads)
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -68,6 +68,8 @@ def tune(settings: TuneSettings, workers: int = 1, console: Console | None = Non
     console = console or Console(soft_wrap=True)
     study = create_study(settings)
     Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
+    if settings.sampler == "grid":
+        enqueue_grid(study, settings)
     counts = summary(study.get_trials(deepcopy=False))
     console.print(f"study {settings.study} in {safe_url(settings.storage)}: {counts['ended']} of {settings.trials} "
                   f"trials ended; {settings.sampler} sampler, {settings.pruner} pruner, {settings.metric} "

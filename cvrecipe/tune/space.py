@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from cvrecipe.config import ConfigError, _field_of, _show, check_value, from_dict
+from cvrecipe.config import _SCIENTIFIC, ConfigError, _field_of, _show, check_value, from_dict
 
 KINDS = ("float", "int", "choice")
 MODIFIERS = ("log", "step", "when")
@@ -130,6 +130,11 @@ def parse_space(raw: Any, base: dict, source: str = "space") -> Space:
     return Space(params, source)
 
 
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 or 1.0e6 (no dot, or no exponent sign) as a string; in a space it means a number."""
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
+
+
 def _parse_param(key: str, spec: Any, earlier: list[Param]) -> Param:
     hint, meta = _field_of(key)  # unknown key: ConfigError naming it and what the section holds
     if dataclasses.is_dataclass(hint):
@@ -143,6 +148,7 @@ def _parse_param(key: str, spec: Any, earlier: list[Param]) -> Param:
         raise ConfigError(f"{key}: expected exactly one of {', '.join(KINDS)} plus any of {', '.join(MODIFIERS)}, "
                           f"got {', '.join(map(str, spec)) or 'nothing'}")
     kind = kinds[0]
+    spec = {**spec, kind: [_number(v) for v in spec[kind]] if isinstance(spec[kind], list) else spec[kind]}
     when = _parse_when(key, spec.get("when"), earlier)
     if kind == "choice":
         choices = spec["choice"]

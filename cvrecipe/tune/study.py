@@ -152,7 +152,9 @@ def make_sampler(settings: TuneSettings, worker_seed: int) -> optuna.samplers.Ba
         if settings.sampler == "random":
             return optuna.samplers.RandomSampler(seed=worker_seed)
         if settings.sampler == "grid":
-            return optuna.samplers.GridSampler(settings.space_obj.grid(), seed=worker_seed)
+            # every grid point is queued once by enqueue_grid; a queued trial's values are fixed, so
+            # this sampler draws nothing (Optuna's GridSampler, drawing in each worker, can repeat a point)
+            return optuna.samplers.RandomSampler(seed=worker_seed)
         # a quarter of the budget (4 to 10 trials) is drawn at random before TPE models the rest;
         # group + multivariate handle conditional entries; constant_liar keeps parallel workers apart
         startup = max(4, min(10, settings.trials // 4))
@@ -168,6 +170,25 @@ def make_pruner(settings: TuneSettings, epochs: int) -> optuna.pruners.BasePrune
     if settings.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs), reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def enqueue_grid(study: optuna.Study, settings: TuneSettings) -> int:
+    """Queue each grid point that no trial holds yet; workers then take them one by one (a queued
+    trial goes to exactly one worker). Returns the number queued."""
+    import itertools
+
+    grid = settings.space_obj.grid()
+    keys = list(grid)
+    held = {tuple(_params(t).get(k) for k in keys) for t in study.get_trials(deepcopy=False) if counted(t)}
+    points = [p for p in itertools.product(*grid.values()) if p not in held]
+    for point in points:
+        study.enqueue_trial(dict(zip(keys, point)))
+    return len(points)
+
+
+def _params(trial: FrozenTrial) -> dict:
+    """A trial's values: drawn, or fixed when it was queued and has not started."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
 
 
 def grid_size(space: Space) -> int:

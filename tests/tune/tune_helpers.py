@@ -23,7 +23,7 @@ def env(cache: Path | None = None) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 
 
-def run_tune(cwd: Path, space: Path, *args: str, timeout: float = 240, cache: Path | None = None
+def run_tune(cwd: Path, space: Path, *args: str, timeout: float = 900, cache: Path | None = None
              ) -> subprocess.CompletedProcess:
     out = subprocess.run(tune_command(space, *args), cwd=cwd, env=env(cache), capture_output=True, text=True,
                          timeout=timeout)
