@@ -173,14 +173,15 @@ def make_pruner(settings: TuneSettings, epochs: int) -> optuna.pruners.BasePrune
 
 
 def enqueue_grid(study: optuna.Study, settings: TuneSettings) -> int:
-    """Queue each grid point that no trial holds yet; workers then take them one by one (a queued
-    trial goes to exactly one worker). Returns the number queued."""
+    """Queue the grid points that no trial holds yet, as many as the budget has room for; workers
+    then take them one by one (a queued trial goes to exactly one worker). Returns the number queued."""
     import itertools
 
     grid = settings.space_obj.grid()
     keys = list(grid)
-    held = {tuple(_params(t).get(k) for k in keys) for t in study.get_trials(deepcopy=False) if counted(t)}
-    points = [p for p in itertools.product(*grid.values()) if p not in held]
+    trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
+    held = {tuple(_params(t).get(k) for k in keys) for t in trials}
+    points = [p for p in itertools.product(*grid.values()) if p not in held][:max(0, settings.trials - len(trials))]
     for point in points:
         study.enqueue_trial(dict(zip(keys, point)))
     return len(points)

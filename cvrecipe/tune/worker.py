@@ -29,7 +29,7 @@ from rich.console import Console
 
 from cvrecipe.tune.space import build_config
 from cvrecipe.tune.study import (TuneSettings, counted, ended, fail_stale, load_study, make_pruner, make_sampler,
-                                 note_in_run_folder, over_budget, summary)
+                                 over_budget, summary)
 
 
 class OverBudget(Exception):
