@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,21 @@ def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
         kwargs = {"connect_args": {"timeout": 120}}  # several workers write to one file: wait for the lock
     else:
         kwargs = {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-            heartbeat_stale_trial_callback=StaleTrialRetry())
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                    heartbeat_stale_trial_callback=StaleTrialRetry())
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # two processes creating Optuna's tables in a new database at once: one loses the race
+            # (PostgreSQL: "duplicate key ... pg_type"); the tables are there when it tries again
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 class StaleTrialRetry:
