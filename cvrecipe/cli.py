@@ -114,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on predict and admin routes")
     p.add_argument("--cors-origin", help="allow browser calls from this origin (default: CORS off)")
 
+    p = verbs.add_parser("tune", help="hyperparameter search with Optuna: pruned, resumable, shared by workers",
+                         description="Search the space in SPACE over RECIPE's keys: each trial is a run folder "
+                                     "runs/<study>/trial-NNN/, stopped early by the pruner when it falls behind. "
+                                     "Run the same command again to resume (or on another machine, with a shared "
+                                     "--storage, to add workers). Ends with runs/<study>/best.yaml, report.html "
+                                     "and a table of the top trials.")
+    p.add_argument("recipe", nargs="?", help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=f"{OVERRIDE_HELP}; applied to every trial")
+    p.add_argument("--space", type=Path, help="search space YAML (see recipes/spaces/)")
+    p.add_argument("--trials", type=int, default=20, help="trial budget, counted over every run and worker (default 20)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study's database (default sqlite:///runs/<study>/study.db; "
+                                     "postgresql+psycopg://USER:PASSWORD@HOST/DB to share it between machines)")
+    p.add_argument("--study", help="study name (default <recipe name>-tune)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes, each with cores/K torch threads")
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="default tpe")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median", help="default median")
+    p.add_argument("--metric", help="per-epoch metric to optimise (default: the recipe's checkpoint.monitor)")
+    p.add_argument("--direction", choices=["max", "min"], help="default: the recipe's checkpoint.mode for its monitor")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (give each machine its own)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                   help="seconds between a running trial's heartbeats; a trial silent for 2x this is retried")
+    p.add_argument("--report", metavar="STUDY", help="only rebuild STUDY's best.yaml and report.html from its storage")
+
     verbs.add_parser("models", help="list registered models", description="List the registered model names.")
 
     p = verbs.add_parser("config", help="print a recipe's resolved config with each field's doc",
@@ -200,12 +223,39 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         serve(ServeSettings(args.source, args.backend, args.host, args.port, args.max_batch_size, args.max_wait_ms,
                             args.queue_size, args.timeout_s, args.max_body_mb, token=args.token,
                             cors_origin=args.cors_origin))
+    elif args.verb == "tune":
+        return _tune(args, console)
     elif args.verb == "models":
         from cvrecipe.models import list_models, list_pretrained
 
         console.print("\n".join(list_models()))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
+    return 0
+
+
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    try:
+        import optuna  # noqa: F401  (an optional dependency)
+    except ImportError:
+        raise RuntimeError("cvrecipe tune needs Optuna: pip install 'cvrecipe[tune]'") from None
+    from cvrecipe.tune import prepare, rebuild_report, tune
+
+    if args.report:
+        rebuild_report(args.report, args.storage, console)
+        return 0
+    if not args.recipe or not args.space:
+        raise ValueError("cvrecipe tune needs a RECIPE and --space SPACE.yaml (or --report STUDY)")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected at least 1")
+    settings = prepare(args.recipe, args.overrides, args.space, args.trials, args.storage, args.study, args.sampler,
+                       args.pruner, args.metric, args.direction, args.seed, args.heartbeat)
+    try:
+        tune(settings, args.workers, console)
+    except KeyboardInterrupt:
+        console.print("interrupted; ended trials are kept and running ones queued again: run the same command "
+                      "to resume")
+        return 130
     return 0
 
 
