@@ -59,7 +59,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                                      expose_headers=["X-Request-ID"]))
-    middleware.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes))
+    middleware.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes, drain_s=settings.timeout_s))
     app = FastAPI(title="cvrecipe", lifespan=lifespan, middleware=middleware, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = state
@@ -126,10 +126,11 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/readyz")
     async def readyz(request: Request):
         state: ServerState = request.app.state.server
-        body = {"status": state.status, "version": state.backend.version if state.backend else None}
+        status = "stopping" if state.stopping and state.status == "ready" else state.status
+        body = {"status": status, "version": state.backend.version if state.backend else None}
         if state.error:
             body["error"] = state.error
-        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/v1/model")
     async def model_info(request: Request):
