@@ -20,6 +20,7 @@ rule for every format (GRAYSCALE_RULE, recorded in an export's model.json).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +112,10 @@ def read_header(data: bytes) -> Header:
             with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                 header = Header(img.format or "?", img.width, img.height, len(img.getbands()))
     except Image.DecompressionBombError as err:  # PIL's own ceiling, also read from the header
-        raise ImageRefused("too_many_pixels", f"{err}; refused without decoding") from err
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        declared = f"declares {int(found.group(1)):,} pixels" if found else str(err)
+        raise ImageRefused("too_many_pixels", f"{declared}, above PIL's own ceiling of {2 * Image.MAX_IMAGE_PIXELS:,}; "
+                                              f"refused without decoding") from err
     except Exception as err:  # noqa: BLE001 - a header PIL cannot parse, whatever the reason
         raise ImageRefused("not_an_image", "not a recognised image format (PNG, JPEG, GIF, BMP, TIFF, WebP, "
                                            "PPM) or a damaged header") from err
@@ -198,8 +202,6 @@ def _batchable(header: Header, target: tuple[int, int]) -> bool:
 def decode_image(data: bytes, channels: int, target: tuple[int, int], max_pixels: int = MAX_PIXELS,
                  header: Header | None = None) -> torch.Tensor:
     """One file → (channels, H, W) uint8 at `target` (H, W). Raises ImageRefused."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     header = header or read_header(data)
     check_pixels(header, max_pixels)
     img = None
@@ -207,6 +209,8 @@ def decode_image(data: bytes, channels: int, target: tuple[int, int], max_pixels
         # ask for twice the target, so the final antialiased resize still does part of the shrinking
         img = _pil_decode(data, draft=(2 * target[1], 2 * target[0]))
     elif header.format == "JPEG" and header.components in (1, 3):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         mode = ImageReadMode.GRAY if header.components == 1 else ImageReadMode.RGB
         try:
             img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
@@ -236,19 +240,17 @@ def _decode_chunk(items: list[tuple[str, bytes]], headers: list, channels: int, 
                   max_pixels: int) -> list[torch.Tensor | str]:
     """Decode one chunk; each entry is a (channels, H, W) tensor at `target` or why it was skipped.
     `headers`: per item a Header or the ImageRefused from reading it."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     results: list[torch.Tensor | str | None] = [None] * len(items)
     batches: dict[int, list[list[int]]] = {1: [[]], 3: [[]]}  # by stored components: lists of indices
     pixels = {1: 0, 3: 0}
     for i, header in enumerate(headers):
-        if isinstance(header, ImageRefused):
-            results[i] = _reason(header)
-        elif header.width * header.height > max_pixels or header.width * header.height == 0:
+        if isinstance(header, Header):
             try:
                 check_pixels(header, max_pixels)
             except ImageRefused as err:
-                results[i] = _reason(err)
+                header = err
+        if isinstance(header, ImageRefused):
+            results[i] = _reason(header)
         elif _batchable(header, target):
             size, group = header.width * header.height, header.components
             if pixels[group] + size > BATCH_PIXELS:
@@ -257,8 +259,10 @@ def _decode_chunk(items: list[tuple[str, bytes]], headers: list, channels: int, 
             batches[group][-1].append(i)
             pixels[group] += size
     for group, lists in batches.items():
-        mode = ImageReadMode.GRAY if group == 1 else ImageReadMode.RGB
         for batch in filter(None, lists):
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            mode = ImageReadMode.GRAY if group == 1 else ImageReadMode.RGB
             try:
                 decoded = decode_jpeg([torch.frombuffer(bytearray(items[i][1]), dtype=torch.uint8) for i in batch],
                                       mode=mode)
