@@ -86,3 +86,57 @@ def webp_declaring(width: int, height: int) -> bytes:
 
 FORGERS = {"JPEG": jpeg_declaring, "PNG": png_declaring, "GIF": gif_declaring, "BMP": bmp_declaring,
            "TIFF": tiff_declaring, "WEBP": webp_declaring}
+
+
+# -- hypothesis strategies: real files, then damaged or forged (the decoder's fuzz tests and bench/fuzz.py) --
+
+MODES = {"JPEG": ("RGB", "L", "CMYK"), "PNG": ("RGB", "L", "RGBA", "P", "I;16"), "GIF": ("P", "L"),
+         "TIFF": ("RGB", "L", "RGBA", "CMYK"), "WEBP": ("RGB", "RGBA"), "BMP": ("RGB", "L", "P")}
+
+
+def strategies():
+    """(real_files, fuzzed_files): hypothesis strategies of (format, bytes). Imported lazily so that
+    this module needs hypothesis only where it fuzzes."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def real_files(draw, formats=FORMATS):
+        fmt = draw(st.sampled_from(formats))
+        mode = draw(st.sampled_from(MODES[fmt]))
+        width, height = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+        seed = draw(st.integers(0, 2**32 - 1))
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        img = Image.fromarray(pixels).convert(mode) if mode != "I;16" else \
+            Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **({"quality": draw(st.integers(5, 95))} if fmt == "JPEG" else {}))
+        return fmt, buf.getvalue()
+
+    @st.composite
+    def fuzzed_files(draw, formats=FORMATS):
+        """A real file then one damage: bytes flipped, cut short, bytes inserted, a region copied
+        elsewhere, or a forged header declaring up to 65535 x 65535 pixels (with more damage on top)."""
+        fmt, data = draw(real_files(formats))
+        data = bytearray(data)
+        kind = draw(st.sampled_from(["flip", "truncate", "insert", "splice", "forge", "intact"]))
+        if kind == "forge":
+            side = 16_384 if fmt == "WEBP" else 65_535
+            data = bytearray(FORGERS[fmt](draw(st.integers(1, side)), draw(st.integers(1, side))))
+            kind = draw(st.sampled_from(["flip", "intact"]))
+        if kind == "flip":
+            for _ in range(draw(st.integers(1, 8))):
+                at = draw(st.integers(0, len(data) - 1))
+                data[at] = draw(st.integers(0, 255))
+        elif kind == "truncate":
+            data = data[:draw(st.integers(0, len(data) - 1))]
+        elif kind == "insert":
+            at = draw(st.integers(0, len(data)))
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif kind == "splice":
+            start = draw(st.integers(0, len(data) - 1))
+            piece = data[start:start + draw(st.integers(1, 256))]
+            at = draw(st.integers(0, len(data)))
+            data[at:at] = piece
+        return fmt, bytes(data)
+
+    return real_files, fuzzed_files
