@@ -172,8 +172,9 @@ def error_line(err: BaseException, debug: bool = False, limit: int = 600) -> str
     """`err` as one line: its message with line breaks folded; errors that are not cvrecipe's own
     messages (a library's, a bug) also get their type and a pointer to --debug."""
     text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, KeyError):
-        text = f"missing key {text}"
+    if isinstance(err, KeyError) and err.args:  # str() of a KeyError is the repr of its key
+        key = err.args[0]
+        text = " ".join(key.split()) if isinstance(key, str) and " " in key else f"missing key {key!r}"
     own = isinstance(err, BAD_INPUT) or type(err).__module__.startswith("cvrecipe")
     if not own:
         text = f"{type(err).__name__}: {text}"
