@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that mean the input was wrong (exit status 2); anything else is a failed run (1).
+# Errors that mean the input was wrong (exit status 2); anything else is a failed run (1), unless the
+# error says otherwise with an `exit_status` attribute.
 BAD_INPUT = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         console.print(f"[bold red]error:[/] {escape(error_line(err, debug))}", highlight=False)
-        return 2 if isinstance(err, BAD_INPUT) else 1
+        return getattr(err, "exit_status", 2 if isinstance(err, BAD_INPUT) else 1)
 
 
 def error_line(err: BaseException, debug: bool = False, limit: int = 600) -> str:
@@ -175,7 +176,7 @@ def error_line(err: BaseException, debug: bool = False, limit: int = 600) -> str
     if isinstance(err, KeyError) and err.args:  # str() of a KeyError is the repr of its key
         key = err.args[0]
         text = " ".join(key.split()) if isinstance(key, str) and " " in key else f"missing key {key!r}"
-    own = isinstance(err, BAD_INPUT) or type(err).__module__.startswith("cvrecipe")
+    own = isinstance(err, BAD_INPUT) or type(err).__module__.startswith("cvrecipe")  # messages written for users
     if not own:
         text = f"{type(err).__name__}: {text}"
     if len(text) > limit:

@@ -71,12 +71,11 @@ def test_a_crash_marks_the_mlflow_run_failed_with_the_error(tmp_path):
 def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_an_uninterrupted_one(tmp_path):
     # checkpoint.every_s=3600: last.ckpt is written only after the last epoch, so a kill before it leaves
     # a folder with config.yaml and metrics.csv but nothing to resume from
-    args = ["digits-quick", "name=r", "train.epochs=6", "train.num_threads=1", "--deterministic", "--no-sanity",
-            "checkpoint.every_s=3600"]
+    overrides = ["name=r", "train.epochs=6", "train.num_threads=1", "checkpoint.every_s=3600"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "cvrecipe", "train", *args]
-    subprocess.run([*cmd, f"runs_dir={tmp_path / 'straight'}"], check=True, env=env, capture_output=True, cwd=ROOT,
-                   timeout=300)
+    cmd = [sys.executable, "-m", "cvrecipe", "train", "digits-quick", *overrides, "--deterministic", "--no-sanity"]
+    straight = train(load_config("digits-quick", [*overrides, "train.deterministic=true", "train.sanity=false",
+                                                  f"runs_dir={tmp_path / 'straight'}"]), console=Console(quiet=True))
     killed = tmp_path / "killed" / "r"
     proc = subprocess.Popen([*cmd, f"runs_dir={tmp_path / 'killed'}"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -94,4 +93,4 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_an_un
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "has no last.ckpt (it stopped before its first checkpoint): starting it again" in " ".join(out.stdout.split())
-    assert rows(killed) == rows(tmp_path / "straight" / "r") and len(rows(killed)) == 6
+    assert rows(killed) == rows(straight) and len(rows(killed)) == 6
