@@ -2,8 +2,9 @@
 
     python bench/reliability.py [--code PATH] [--requests 2000] [--concurrency 64]
 
-1. `cvrecipe predict RUN bomb.jpg` (a 629-byte JPEG declaring 30000x30000): wall time and peak
-   resident memory, next to the same command on an ordinary image;
+1. a 629-byte JPEG declaring 30000x30000: the decoder's time and peak-memory growth on it alone,
+   then `cvrecipe predict RUN bomb.jpg`: wall time and peak resident memory of the whole command,
+   next to the same command on an ordinary image (interpreter and torch start-up included);
 2. `cvrecipe serve RUN`: resident memory before and during 24 concurrent 6000x6000 JPEGs (0.7 MB
    each, inside the default body and pixel limits), and after;
 3. the same server under a mixed load of --requests good and bad requests at --concurrency,
@@ -102,10 +103,30 @@ def start_server(code: Path, run_dir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the server did not become ready")
 
 
+# the decoder alone, in a process of its own: seconds and peak-memory growth of decode_images on the file
+DECODE_ONLY = """
+import sys, time
+from pathlib import Path
+from cvrecipe.data.images import decode_images
+def status(key):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))
+data = Path(sys.argv[1]).read_bytes()
+decode_images([('warm-up', Path(sys.argv[2]).read_bytes())], 3, (32, 32))
+open('/proc/self/clear_refs', 'w').write('5')
+rss, start = status('VmRSS:'), time.perf_counter()
+x, good, skipped = decode_images([('bomb', data)], 3, (32, 32))
+print(f'{(time.perf_counter() - start) * 1000:.2f} ms, peak RSS growth {(status("VmHWM:") - rss) / 1024:,.0f} MB, '
+      f'{"decoded" if good else "refused"}')
+"""
+
+
 def bomb_predict(code: Path, run_dir: Path, tmp: Path) -> None:
     bomb, good = tmp / "bomb.jpg", tmp / "good.jpg"
     bomb.write_bytes(jpeg_declaring(30_000, 30_000))
     good.write_bytes(next((tmp / "images" / "test" / "cat").glob("*.jpg")).read_bytes())
+    out = subprocess.run([sys.executable, "-c", DECODE_ONLY, str(bomb), str(good)], capture_output=True, text=True,
+                         cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
+    print(f"  decode_images on bomb.jpg alone: {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
     for image in (good, bomb):
         proc = cvrecipe(code, "predict", run_dir, image, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seconds, peak = peak_rss_mb(proc)
