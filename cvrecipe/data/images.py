@@ -213,13 +213,14 @@ def decode_image(data: bytes, channels: int, target: tuple[int, int], max_pixels
     if img is None:
         try:
             img = _pil_decode(data)
-        except ImageRefused:
-            raise
         except Exception as err:  # noqa: BLE001 - any decoder failure means "this file is unusable"
             raise ImageRefused("corrupt_image", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
-    if tuple(img.shape[1:]) != (header.height, header.width) and not _drafts(header, target):
+    _, height, width = img.shape
+    reduced = _drafts(header, target)  # a reduced-scale decode is smaller than the header says
+    if (height, width) != (header.height, header.width) and not (reduced and height <= header.height
+                                                                 and width <= header.width):
         # the decoder's size must be the size the limit was checked on (a header read wrongly would be a bypass)
-        raise ImageRefused("corrupt_image", f"decoded {img.shape[2]}x{img.shape[1]} pixels, the header declared "
+        raise ImageRefused("corrupt_image", f"decoded {width}x{height} pixels, the header declared "
                                             f"{header.width}x{header.height}")
     return _fit(img, channels, target)
 

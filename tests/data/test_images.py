@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cvrecipe.cli import build_parser
 from cvrecipe.config import DataConfig
 from cvrecipe.data import load_dataset, load_source
 from cvrecipe.data.images import (MAX_PIXELS, ImageRefused, decode_images, read_header, rgb_to_luma)
@@ -91,6 +92,7 @@ def test_the_pixel_limit_is_a_setting_and_the_server_default_is_the_same(tmp_pat
         ds = load_dataset(DataConfig(name=f"folder:{tmp_path}", max_pixels=1000))
     assert len(ds.train) + len(ds.val) == 30
     assert DataConfig().max_pixels == MAX_PIXELS == ServeSettings(".").max_pixels
+    assert build_parser().parse_args(["serve", "RUN"]).max_pixels == MAX_PIXELS  # `serve --max-pixels`
 
 
 def test_large_jpegs_decode_at_reduced_scale_close_to_a_full_decode_and_resize():
