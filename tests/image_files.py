@@ -75,7 +75,6 @@ def tiff_declaring(width: int, height: int) -> bytes:
 
 def webp_declaring(width: int, height: int) -> bytes:
     """A lossless 8×8 WebP whose VP8L header says width × height (14 bits each: at most 16384)."""
-    data = _tiny("WEBP", "RGB")
     data = bytearray(encode(np.full((8, 8, 3), 128, np.uint8), "WEBP", lossless=True))
     at = data.index(b"VP8L") + 8 + 1  # chunk tag, size, then the 0x2F signature byte
     bits = int.from_bytes(data[at:at + 4], "little")

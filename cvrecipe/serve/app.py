@@ -74,7 +74,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.server = state
     _add_error_handlers(app)
     _add_routes(app)
-    fastapi_schema = app.openapi
+    fastapi_schema = app.openapi  # builds the schema once and keeps it in app.openapi_schema, which finish() corrects
     app.openapi = lambda: app.openapi_schema or schema.finish(fastapi_schema(), settings.token is not None)
     return app
 

@@ -104,11 +104,17 @@ ERROR_TEXT = {
 
 def finish(schema: dict, token: bool) -> dict:
     """FastAPI's schema, corrected: its 422 validation answers do not exist here (a bad parameter is
-    a 400 with ErrorBody), and with a token the protected routes say they need it."""
+    a 400 with ErrorBody); any status a route does not list is an ErrorBody too (the error handlers
+    and the body limit serve every route, a task's new routes included); with a token the protected
+    routes say they need it."""
+    default = {"description": "any other error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
     for path in schema.get("paths", {}).values():
         for operation in path.values():
-            operation.get("responses", {}).pop("422", None)
-            if token and "401" in operation.get("responses", {}):
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            responses.setdefault("default", default)
+            if token and "401" in responses:
                 operation["security"] = [{"bearer": []}]
     components = schema.setdefault("components", {})
     for name in ("HTTPValidationError", "ValidationError"):
