@@ -60,6 +60,9 @@ class DataConfig:
                                          "dataset (no for digits and letters)")
     cache_dir: str | None = option(None, "where decoded uint8 arrays are kept; null = $CVRECIPE_CACHE or "
                                          "~/.cache/cvrecipe")
+    max_pixels: int = option(40_000_000, "image files whose header declares more pixels (width x height) than this "
+                                         "are skipped unread (decompression bombs); also `predict`'s limit for the "
+                                         "run. PIL refuses non-JPEG files above ~179 Mpx in any case", ge=1)
 
 
 @dataclass
@@ -500,8 +503,20 @@ def load_run_config(run_dir: Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raise yaml_error(path, err) from err
     return from_dict(migrate(raw if isinstance(raw, dict) else {"config": raw}))
+
+
+def yaml_error(path: Path, err: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, the line and the problem; a tag that would build a Python object
+    (!!python/object/apply:os.system ...) is refused as such, never constructed."""
+    mark = getattr(err, "problem_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):
+        return ConfigError(f"{path}: not a cvrecipe config (refused: {problem}{where}; configs are plain YAML "
+                           f"with no tags)")
+    return ConfigError(f"{path} is not valid YAML: {problem}{where}")
 
 
 def migrate(raw: dict) -> dict:
@@ -529,7 +544,7 @@ def read_recipe(recipe: str | Path, chain: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+        raise yaml_error(path, err) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top, got {type(raw).__name__}")
     base = raw.pop("extends", None)
