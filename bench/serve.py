@@ -46,7 +46,7 @@ BODIES = 64  # distinct test images sent round-robin
 def trained_run(tmp: Path) -> Path:
     if FASHION.exists():
         overrides = ["data.subset=5000", "train.epochs=1", "data.val_fraction=0.05", "train.sanity=false"]
-        cfg = load_config("fashion-mnist", [f"runs_dir={tmp}", *overrides])
+        cfg = load_config("fashion-mnist-cnn", [f"runs_dir={tmp}", *overrides])
     else:
         cfg = load_config("digits-quick", [f"runs_dir={tmp}", "train.epochs=2", "train.sanity=false"])
     print(f"training {cfg.model.name} on {cfg.data.name} (one short run) ...", flush=True)

@@ -5,15 +5,15 @@ retrained on the full training set against the shipped one, and 2 workers agains
 
 Sized to finish in about an hour on 2 shared CPU cores: trials see a 1,000-image stratified subset
 (600 validation images) for 3 epochs, so the shipped space's batch sizes (128-512) are replaced by
-32/64/128 (bench space written next to the results); everything else is recipes/spaces/fashion-mnist.yaml.
+32/64/128 (bench space written next to the results); everything else is recipes/spaces/fashion-mnist-cnn.yaml.
 
-1. Search: for each study seed, `cvrecipe tune fashion-mnist --space SPACE`
+1. Search: for each study seed, `cvrecipe tune fashion-mnist-cnn --space SPACE`
    with TPE + median pruning and with random sampling without pruning (alternating which goes
    first), on a stratified training subset for short trials. Per study: best validation accuracy,
    epochs trained over all trials, wall time; and for TPE, the epochs it spent until its best
    reached random search's mean best minus one std (its spread over seeds).
 2. Retrain: the best TPE trial's recipe (best.yaml of the best study) and the shipped
-   `fashion-mnist` recipe, each on the full training set for the same --retrain-epochs, seeds
+   `fashion-mnist-cnn` recipe, each on the full training set for the same --retrain-epochs, seeds
    0 1 2; test accuracy (`cvrecipe run`) and wall time per run.
 3. Workers: the same random, unpruned budget (--worker-trials) with --workers 2 and --workers 1.
 
@@ -65,10 +65,10 @@ def study_figures(storage: str, name: str) -> dict:
 
 
 def bench_space(runs: Path) -> Path:
-    """The shipped fashion-mnist space with batch sizes that give a 1,000-image subset enough steps."""
+    """The shipped fashion-mnist-cnn space with batch sizes that give a 1,000-image subset enough steps."""
     import yaml
 
-    space = yaml.safe_load((ROOT / "recipes/spaces/fashion-mnist.yaml").read_text())
+    space = yaml.safe_load((ROOT / "recipes/spaces/fashion-mnist-cnn.yaml").read_text())
     space["train.batch_size"] = {"choice": [32, 64, 128]}
     path = runs / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -83,7 +83,7 @@ def search(args, runs: Path) -> dict:
         for method in order:
             name = f"{method}-s{seed}"
             storage = f"sqlite:///{(runs / name / 'study.db').resolve()}"
-            wall = cli("tune", "fashion-mnist", "--space", str(args.space),
+            wall = cli("tune", "fashion-mnist-cnn", "--space", str(args.space),
                        "--trials", str(args.trials), "--study", name, "--seed", str(seed), *methods[method],
                        f"data.subset={args.subset}", f"data.val_fraction={args.val_fraction}",
                        f"train.epochs={args.epochs}", f"runs_dir={runs}")
@@ -123,7 +123,7 @@ def summarise_search(results: dict, args) -> dict:
 def retrain(args, runs: Path, results: dict) -> dict:
     best = max(results["tpe"], key=lambda r: r["best"])
     best_yaml = runs / f"tpe-s{best['seed']}" / "best.yaml"
-    recipes = {"tuned": str(best_yaml), "shipped": "fashion-mnist"}
+    recipes = {"tuned": str(best_yaml), "shipped": "fashion-mnist-cnn"}
     out: dict = {"best_yaml": str(best_yaml), "tuned": [], "shipped": []}
     for seed in args.seeds:
         for which in (("tuned", "shipped") if seed % 2 == 0 else ("shipped", "tuned")):
@@ -147,7 +147,7 @@ def workers(args, runs: Path) -> dict:
     out = {}
     for k in (2, 1):
         name = f"workers{k}"
-        wall = cli("tune", "fashion-mnist", "--space", str(args.space),
+        wall = cli("tune", "fashion-mnist-cnn", "--space", str(args.space),
                    "--trials", str(args.worker_trials), "--study", name, "--sampler", "random", "--pruner", "none",
                    "--workers", str(k), f"data.subset={args.subset}", f"data.val_fraction={args.val_fraction}",
                    f"train.epochs={args.epochs}", f"runs_dir={runs}")

@@ -23,7 +23,7 @@ PROBE = ("import sys; from cvrecipe.cli import main; code = main(sys.argv[1:]); 
     (["train.optimizer=sgdd"], ["train.optimizer", "optim.name", "sgdd", "sgd, adam, adamw, muon"]),
     (["train.precision=fp8"], ["train.precision", "fp8", "auto, fp32, bf16, fp16"]),
     (["data.val_fraction=1.5"], ["data.val_fraction", "1.5", ">= 0 and < 1"]),
-    (["stop.early=true", "data.val_fraction=0"], ["stop.early", "val_acc", "data.val_fraction=0", "fashion-mnist"]),
+    (["stop.early=true", "data.val_fraction=0"], ["stop.early", "checkpoint.monitor=val_loss", "data.val_fraction=0", "fashion-mnist"]),
     (["checkpoint.monitor=val_los"], ["checkpoint.monitor", "val_los", "train_loss, train_acc, val_loss, val_acc"]),
     (["optim.lr=-1"], ["optim.lr", "-1", "> 0"]),
     (["train.batch_size=0"], ["train.batch_size", ">= 1"]),

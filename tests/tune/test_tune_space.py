@@ -52,7 +52,7 @@ def test_grid_needs_a_finite_space():
                               "optim.name": ["sgd", "adam"]}
 
 
-@pytest.mark.parametrize("recipe, space", [("fashion-mnist", "fashion-mnist"),
+@pytest.mark.parametrize("recipe, space", [("fashion-mnist-cnn", "fashion-mnist-cnn"),
                                            ("finetune-efficientnet-lite0", "finetune"),
                                            ("digits-quick", "digits-quick")])
 def test_the_shipped_spaces_fit_their_recipes(recipe, space):
@@ -63,12 +63,12 @@ def test_the_shipped_spaces_fit_their_recipes(recipe, space):
 
 
 def test_draws_stay_in_range_and_follow_conditions():
-    """200 draws of the fashion-mnist space by Optuna's random sampler: each within its range, a
+    """200 draws of the fashion-mnist-cnn space by Optuna's random sampler: each within its range, a
     conditional entry drawn exactly when its condition holds, and each draw a config the recipe accepts."""
     from cvrecipe.tune.space import load_space
 
-    base = read_recipe("fashion-mnist")
-    space = load_space(ROOT / "recipes" / "spaces" / "fashion-mnist.yaml", base)
+    base = read_recipe("fashion-mnist-cnn")
+    space = load_space(ROOT / "recipes" / "spaces" / "fashion-mnist-cnn.yaml", base)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seen = set()
