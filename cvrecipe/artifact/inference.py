@@ -7,8 +7,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
+
+TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 
 
 @torch.no_grad()
@@ -16,7 +19,9 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
                 channels_last: bool = False, tta: int = 0, tta_mirror: bool = True) -> Iterator[torch.Tensor]:
     """Per batch of `batch_size` uint8 images (N, C, H, W), in order: the model's float32 outputs
-    on the CPU ((B, K) logits for a classifier), in eval mode (the model's mode is put back after).
+    on the CPU ((B, K) logits for a classifier; (B, K, H, W) for a segmentation model, run over
+    overlapping tiles of its input size when its meta asks for it: tiling.py), in eval mode (the
+    model's mode is put back after).
 
     `tta` > 0 averages the outputs of flipped (and at level 2, shifted) views; `tta_mirror=False`
     leaves the mirrored ones out; see tta.py."""
@@ -26,13 +31,20 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
     model.eval()
     if channels_last:  # weights too: conv kernels then run without layout conversions (1.6x for EfficientNet on CPU)
         model.to(memory_format=torch.channels_last)
+    meta = getattr(model, "meta", {})
+    if meta.get("tile"):
+        batch_size = min(batch_size, TILED_BATCH)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            return tta_logits(model, batch, tta, tta_mirror).float()
+
     try:
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device, non_blocking=True)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                yield tta_logits(model, batch, tta, tta_mirror).float().cpu()
+            yield run_outputs(forward, batch, meta).cpu()
     finally:
         model.train(was_training)
 
@@ -40,7 +52,8 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
 def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512,
                    device: torch.device | None = None, dtype: torch.dtype | None = None,
                    channels_last: bool = False, tta: int = 0, tta_mirror: bool = True) -> torch.Tensor:
-    """All of iter_logits' batches in one tensor: (N, K) float32 on the CPU for a classifier."""
+    """All of iter_logits' batches in one tensor: (N, K) float32 on the CPU for a classifier,
+    (N, K, H, W) for a segmentation model."""
     out = list(iter_logits(model, x, batch_size, device, dtype, channels_last, tta, tta_mirror))
     return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
 
@@ -68,3 +81,17 @@ def load_images_for_model(paths: list[Path], meta: dict) -> tuple[np.ndarray, li
     items = [(str(p), p.read_bytes()) for p in paths]
     x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]))
     return x, [paths[i] for i in good], skipped
+
+
+def load_native_images(paths: list[Path], meta: dict) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
+    """Decode files one by one at their own sizes (for models run in tiles: nothing is resized)."""
+    from cvrecipe.data.images import decode_images
+
+    images, good, skipped = [], [], []
+    for path in paths:
+        x, ok, bad = decode_images([(str(path), path.read_bytes())], meta["in_channels"], None, threads=1)
+        skipped += bad
+        if ok:
+            images.append(x[0])
+            good.append(path)
+    return images, good, skipped
