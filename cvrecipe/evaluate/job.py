@@ -35,7 +35,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     device = resolve_device(cfg.train.device)
     model = load_model(run_dir / "best.safetensors", device)
     meta = model.meta
-    task = get_task(meta.get("task", "classification"))
+    task = get_task(meta.get("task", "classification"), cfg)
     data_cfg = dataclasses.replace(cfg.data, subset=None)
     if data:  # another dataset: bring its images to the model's input shape
         height, width = meta["input_size"]

@@ -223,8 +223,14 @@ def _averaged(step: Step) -> ImageModel:
 def _validate(task: Task, model: ImageModel, ds: ImageDataset, step: Step) -> dict[str, float]:
     size = max(step.batch_size, 256)
     batches = iter_logits(model, ds.val.x, size, step.device, step.dtype, step.memory_format == torch.channels_last)
-    targets = (torch.from_numpy(ds.val.y[start:start + size]) for start in range(0, len(ds.val), size))
-    return split_metrics(task, zip(batches, targets), len(ds.classes))
+
+    def with_targets():  # iter_logits may take fewer images per batch (tiled models): follow its batches
+        start = 0
+        for outputs in batches:
+            yield outputs, torch.from_numpy(ds.val.y[start:start + len(outputs)])
+            start += len(outputs)
+
+    return split_metrics(task, with_targets(), len(ds.classes))
 
 
 def _snapshot(step: Step) -> dict:
