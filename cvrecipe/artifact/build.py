@@ -32,6 +32,8 @@ def build_model(cfg: Config, ds: ImageDataset, train_x: torch.Tensor | None = No
                          mean=mean, std=std, class_names=ds.classes, task=cfg.task, dropout=cfg.model.dropout,
                          **cfg.model.kwargs)
     model.meta.update(task.model_meta(cfg, (h, w)))  # e.g. how images larger than the input are run (tiles)
+    if ds.colours:  # the classes' colours, for mask overlays wherever the model is used
+        model.meta["class_colours"] = ds.colours
     if cfg.model.init_bias_prior:
         set_bias_to_prior(model, ds.train.y, len(ds.classes))
     if hasattr(model.net, "init_from_data"):  # e.g. the speedrun net's whitening layer

@@ -83,15 +83,20 @@ def load_images_for_model(paths: list[Path], meta: dict) -> tuple[np.ndarray, li
     return x, [paths[i] for i in good], skipped
 
 
-def load_native_images(paths: list[Path], meta: dict) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
-    """Decode files one by one at their own sizes (for models run in tiles: nothing is resized)."""
+def load_image_batches(paths: list[Path], meta: dict) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
+    """Image files as the model takes them: one batch resized to the input size, or, for a model run
+    in tiles (meta["tile"]), one batch per image at its own size (nothing is resized). Returns the
+    batches (N_i, C, H_i, W_i) uint8, the files that decoded, in order, and (file, reason) for the rest."""
+    if not meta.get("tile"):
+        x, good, skipped = load_images_for_model(paths, meta)
+        return ([x] if len(x) else []), good, skipped
     from cvrecipe.data.images import decode_images
 
-    images, good, skipped = [], [], []
+    batches, good, skipped = [], [], []
     for path in paths:
         x, ok, bad = decode_images([(str(path), path.read_bytes())], meta["in_channels"], None, threads=1)
         skipped += bad
         if ok:
-            images.append(x[0])
+            batches.append(x)
             good.append(path)
-    return images, good, skipped
+    return batches, good, skipped

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cvrecipe.artifact.checkpoint import load_model, read_metadata
-from cvrecipe.artifact.inference import expand_image_paths, load_images_for_model, predict_logits
+from cvrecipe.artifact.inference import expand_image_paths, load_image_batches, predict_logits
 from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
@@ -57,17 +57,22 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     return result, logits
 
 
-def predict(run_dir: Path, paths: list[str], k: int = 5) -> list[dict]:
-    """The task's answer (top-k classes for a classifier) for image files (folders expanded).
-    Unreadable files are reported, not fatal."""
+def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None, overlay: bool = False) -> list[dict]:
+    """The task's answer (top-k classes for a classifier; a mask per image for segmentation, written
+    as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`) for image
+    files (folders expanded). Unreadable files are reported, not fatal."""
     model = load_model(run_dir, "cpu")
     task = get_task(model.meta.get("task", "classification"))
     files = expand_image_paths(paths)
-    x, good, skipped = load_images_for_model(files, model.meta)
+    batches, good, skipped = load_image_batches(files, model.meta)
     results = [{"file": name, "error": reason} for name, reason in skipped]
-    if len(good):
+    out_dir = Path(out_dir) if out_dir else (Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent) / "predictions"
+    files_left = iter(good)
+    for x in batches:
         answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)
-        results += [{"file": str(p), **answer} for p, answer in zip(good, answers)]
+        for image, answer in zip(x, answers):
+            path = next(files_left)
+            results.append({"file": str(path), **task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)})
     return results
 
 

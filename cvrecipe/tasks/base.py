@@ -52,6 +52,7 @@ class Task:
 
     name: str = ""
     section: str | None = None  # the Config section that configures the task, where it has one
+    PARITY_IMAGES = 1000  # at most this many held-out images check an export
     # the sanity checks' budgets, in items (cvrecipe/train/sanity.py)
     SANITY = {"init_batch": 256, "overfit_batch": 32, "train_batch": 32, "held_out": 512}
 
@@ -125,6 +126,17 @@ class Task:
     def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
         """Per image, the answer `cvrecipe predict` gives, as JSON-able fields (e.g. {"top": [...]})."""
         raise NotImplementedError
+
+    def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
+                    overlay: bool = False) -> dict:
+        """The answer as JSON-able fields, after writing any files it carries (segmentation: the mask
+        PNG, and an overlay PNG when `overlay`) into `out_dir` named after `stem`."""
+        return answer
+
+    def output_spec(self, num_classes: int) -> dict:
+        """What an exported model's output is (model.json's "output")."""
+        return {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes],
+                "probabilities": "softmax over the logits"}
 
     def answer_text(self, answer: dict) -> str:
         """One answer as one line for the terminal."""

@@ -147,6 +147,7 @@ def class_areas(mask: np.ndarray, class_names: list[str]) -> list[dict]:
 class Segmentation(Task):
     name = "segmentation"
     section = "segment"
+    PARITY_IMAGES = 16  # whole images, each many tiles
     SANITY = {"init_batch": 8, "overfit_batch": 4, "train_batch": 8, "held_out": 32, "crop": 64}
 
     def __init__(self, cfg: SegmentConfig | None = None):
@@ -243,6 +244,32 @@ class Segmentation(Task):
             out.append({"mask": mask, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
                         "areas": class_areas(mask, class_names), "mean_confidence": float(confidence.mean())})
         return out
+
+    def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
+                    overlay: bool = False) -> dict:
+        """Writes OUT/<stem>.mask.png (palette PNG: values = class indices) and, with `overlay`,
+        OUT/<stem>.overlay.png (the classes' colours over the image)."""
+        from pathlib import Path
+
+        from cvrecipe.data.mask_images import class_colours, mask_png, overlay_mask, rgb_png
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        colours = class_colours(len(meta["class_names"]), meta.get("class_colours"))
+        answer = dict(answer)
+        mask = answer.pop("mask")
+        (out_dir / f"{stem}.mask.png").write_bytes(mask_png(mask, colours))
+        answer["mask_file"] = str(out_dir / f"{stem}.mask.png")
+        if overlay:
+            (out_dir / f"{stem}.overlay.png").write_bytes(rgb_png(overlay_mask(image, mask, colours)))
+            answer["overlay_file"] = str(out_dir / f"{stem}.overlay.png")
+        return answer
+
+    def output_spec(self, num_classes: int) -> dict:
+        return {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, "height", "width"],
+                "probabilities": "softmax over dimension 1, per pixel", "mask": "argmax over dimension 1",
+                "tiles": "images larger than input_size are run in overlapping tiles of it, blended with "
+                         "Gaussian weights (see 'tile')"}
 
     def answer_text(self, answer: dict) -> str:
         areas = "  ".join(f"{a['class']} {a['fraction']:.1%}" for a in answer["areas"])
