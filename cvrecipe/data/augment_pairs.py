@@ -51,7 +51,7 @@ def sampling_grid(b: int, height: int, width: int, size: tuple[int, int], scale:
     cx = torch.where(2 * half_x <= width - 1, half_x + v * (width - 1 - 2 * half_x), torch.full_like(v, (width - 1) / 2))
     iy = torch.arange(h, device=device, dtype=torch.float32)[None, :, None] - (h - 1) / 2  # (1, h, 1)
     ix = torch.arange(w, device=device, dtype=torch.float32)[None, None, :] - (w - 1) / 2  # (1, 1, w)
-    src_y, src_x = cy + iy / s, cx + ix / s  # (B, h, w) source pixel coordinates
+    src_y, src_x = (cy + iy / s).expand(b, h, w), (cx + ix / s).expand(b, h, w)  # source pixel coordinates
     if elastic_sigma > 0:
         coarse = torch.randn(b, 2, elastic_grid, elastic_grid, generator=gen, device=gen.device).to(device)
         shift = F.interpolate(coarse * elastic_sigma, size=(h, w), mode="bicubic", align_corners=True)
