@@ -65,19 +65,20 @@ def tiny_speedrun(tmp_path: Path, overrides=()):
 
 
 def shapes_pair(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A learnable segmentation pair: a noisy gray background (class 0) with bright discs (class 1)
-    and dark squares (class 2). Returns (H, W) uint8 image and (H, W) uint8 class-index mask."""
-    image = rng.normal(110, 18, (size, size))
+    """A learnable segmentation pair: a noisy gray background (class 0) with red discs (class 1) and
+    green squares (class 2). Returns (H, W, 3) uint8 image and (H, W) uint8 class-index mask."""
+    image = rng.normal(80, 15, (size, size, 3))
     mask = np.zeros((size, size), np.uint8)
     yy, xx = np.mgrid[0:size, 0:size]
     for _ in range(int(rng.integers(2, 4))):
         cy, cx, r = rng.integers(6, size - 6), rng.integers(6, size - 6), rng.integers(4, max(5, size // 6))
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
-        image[disc], mask[disc] = rng.normal(210, 12, disc.sum()), 1
+        image[disc], mask[disc] = rng.normal((210, 50, 50), 12, (disc.sum(), 3)), 1
     for _ in range(int(rng.integers(1, 3))):
-        top, left, side = rng.integers(0, size - 8), rng.integers(0, size - 8), rng.integers(5, max(6, size // 4))
-        square = (slice(top, top + side), slice(left, left + side))
-        image[square], mask[square] = rng.normal(30, 10, (len(range(size)[square[0]]), len(range(size)[square[1]]))), 2
+        top, left, side = rng.integers(0, size - 8), rng.integers(0, size - 8), rng.integers(6, max(7, size // 4))
+        square = np.zeros((size, size), bool)
+        square[top:top + side, left:left + side] = True
+        image[square], mask[square] = rng.normal((50, 190, 70), 12, (square.sum(), 3)), 2
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
