@@ -172,7 +172,8 @@ def _balance(audit: dict) -> str:
     if unit == "pixels":
         rows.insert(-1, ["unlabelled (255)", *(splits[s]["unlabelled_pixels"] for s in splits)])
         rows.append(["images", *(splits[s]["images"] for s in splits)])
-    return (f"<h2>Class balance ({unit})</h2>" + pages.img(pages.figure_png(fig), f"{unit} per class")
+    title = "Class balance" if unit == "images" else f"Class balance ({unit})"
+    return (f"<h2>{title}</h2>" + pages.img(pages.figure_png(fig), f"{unit} per class")
             + pages.table(header, rows) + "<h2>Pixel statistics</h2>"
             + '<p class="note">per-channel mean ± std of the decoded pixels, in [0, 1] units</p>'
             + pages.table(["split", *names], stat_rows))
