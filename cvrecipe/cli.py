@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to evaluate (default: test when the dataset has one, else val)")
 
     p = verbs.add_parser("predict", help="top-k classes (or masks) for image files",
-                         description="Classify image files (folders are searched recursively) with RUN's best checkpoint; "
-                                     "a segmentation model writes a mask PNG per image instead.")
+                         description="Classify image files (folders are searched recursively) with RUN's best "
+                                     "checkpoint; a segmentation model writes a mask PNG per image instead.")
     p.add_argument("run", type=Path, help="run folder or a .safetensors checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("-k", "--top-k", type=int, default=5, help="number of classes to show per image (default 5)")

@@ -47,8 +47,10 @@ def sampling_grid(b: int, height: int, width: int, size: tuple[int, int], scale:
     half_y, half_x = (h - 1) / 2 / s, (w - 1) / 2 / s  # half extent of the source region, pixels
     u, v = _uniform(b, gen, device)[:, None, None], _uniform(b, gen, device)[:, None, None]
     # the centre ranges over [half, side - 1 - half]; when the region is larger than the image it is centred
-    cy = torch.where(2 * half_y <= height - 1, half_y + u * (height - 1 - 2 * half_y), torch.full_like(u, (height - 1) / 2))
-    cx = torch.where(2 * half_x <= width - 1, half_x + v * (width - 1 - 2 * half_x), torch.full_like(v, (width - 1) / 2))
+    cy = torch.where(2 * half_y <= height - 1, half_y + u * (height - 1 - 2 * half_y),
+                     torch.full_like(u, (height - 1) / 2))
+    cx = torch.where(2 * half_x <= width - 1, half_x + v * (width - 1 - 2 * half_x),
+                     torch.full_like(v, (width - 1) / 2))
     iy = torch.arange(h, device=device, dtype=torch.float32)[None, :, None] - (h - 1) / 2  # (1, h, 1)
     ix = torch.arange(w, device=device, dtype=torch.float32)[None, None, :] - (w - 1) / 2  # (1, 1, w)
     src_y, src_x = (cy + iy / s).expand(b, h, w), (cx + ix / s).expand(b, h, w)  # source pixel coordinates

@@ -57,7 +57,8 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     return result, logits
 
 
-def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None, overlay: bool = False) -> list[dict]:
+def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None,
+            overlay: bool = False) -> list[dict]:
     """The task's answer (top-k classes for a classifier; a mask per image for segmentation, written
     as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`) for image
     files (folders expanded). Unreadable files are reported, not fatal."""
@@ -66,13 +67,15 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     files = expand_image_paths(paths)
     batches, good, skipped = load_image_batches(files, model.meta)
     results = [{"file": name, "error": reason} for name, reason in skipped]
-    out_dir = Path(out_dir) if out_dir else (Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent) / "predictions"
+    run_folder = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    out_dir = Path(out_dir) if out_dir else run_folder / "predictions"
     files_left = iter(good)
     for x in batches:
         answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)
         for image, answer in zip(x, answers):
             path = next(files_left)
-            results.append({"file": str(path), **task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)})
+            saved = task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)
+            results.append({"file": str(path), **saved})
     return results
 
 

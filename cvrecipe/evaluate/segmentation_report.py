@@ -25,7 +25,8 @@ def sections(ctx: ReportContext) -> tuple[list[tuple[str, str]], list[str]]:
     probs = ctx.outputs.float().softmax(1)  # (N, K, H, W)
     confidence, pred = probs.max(1)
     masks = torch.from_numpy(ctx.part.y)
-    cards = [(f"{m['pixel_accuracy']:.4f}", f"pixel accuracy [{ctx.split}]"), (f"{m['pixel_error']:.4f}", "pixel error"),
+    cards = [(f"{m['pixel_accuracy']:.4f}", f"pixel accuracy [{ctx.split}]"),
+             (f"{m['pixel_error']:.4f}", "pixel error"),
              (f"{m['miou']:.4f}", "mIoU"), (f"{m['mean_dice']:.4f}", "Dice (mean over classes)")]
     body = [_per_class(m, ctx.plots), _overlays(ctx, pred, confidence, colours, names),
             _worst(ctx, m), _confidence(confidence, pred, masks, ctx.plots)]

@@ -81,7 +81,8 @@ def refusal(data: bytes, max_pixels: int) -> ServeError | None:
     return None
 
 
-def decode_batch(blobs: list[bytes], shape: tuple[int, int, int], keep_size: bool = False) -> list[np.ndarray | ServeError]:
+def decode_batch(blobs: list[bytes], shape: tuple[int, int, int],
+                 keep_size: bool = False) -> list[np.ndarray | ServeError]:
     """Per blob, a uint8 `shape` (C, H, W) image from the training decoder, or why it failed;
     with `keep_size` (models run in tiles), each image at its own (H, W) with `shape`'s channels.
 

@@ -119,7 +119,8 @@ def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, 
     tc = cfg.train
     dtype = autocast_dtype(device, tc.precision)
     batch_size = min(tc.batch_size, len(train_y) * tc.repeat)
-    steps_per_epoch = len(train_y) * tc.repeat // batch_size  # the ragged last batch is dropped; order changes every epoch
+    # the ragged last batch is dropped; order changes every epoch
+    steps_per_epoch = len(train_y) * tc.repeat // batch_size
     optimizer = build_optimizer(model, cfg, finetune.param_groups())
     return Step(task=task, model=model, train_model=torch.compile(model) if tc.compile else model,
                 optimizer=optimizer, scheduler=finetune.scheduler(optimizer, cfg, steps_per_epoch),

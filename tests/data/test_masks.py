@@ -59,7 +59,8 @@ def test_bad_pairs_are_skipped_and_named(tmp_path):
     reasons = dict(ds.skipped)
     assert "image without a mask" in reasons["data/image/lonely.png"]
     assert "mask without an image" in reasons["data/label/orphan.png"]
-    assert "mask is 32x16" in reasons["data/label/small.png"] and "data/image/small.png" in reasons["data/label/small.png"]
+    small = reasons["data/label/small.png"]
+    assert "mask is 32x16" in small and "data/image/small.png" in small
     assert "[7]" in reasons["data/label/seven.png"]
     assert "data/image/broken.png" in reasons
     assert "40x40" in reasons["data/image/big.png"] and "data.image_size" in reasons["data/image/big.png"]
@@ -99,7 +100,8 @@ def test_mask_kinds_palette_binary_and_splits(tmp_path):
         image, mask = shapes_pair(24, rng)
         Image.fromarray(image).save(binary / "image" / f"{i}.png")
         Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(binary / "label" / f"{i}.png")
-    ds = load_dataset(load_config(None, ["task=segmentation", f"data.name=masks:{binary}", "data.val_fraction=0.2"]).data)
+    cfg = load_config(None, ["task=segmentation", f"data.name=masks:{binary}", "data.val_fraction=0.2"])
+    ds = load_dataset(cfg.data)
     assert ds.classes == ["0", "255"] and set(np.unique(ds.train.y)) == {0, 1}  # 0/255: two classes, no ignore
     assert len(ds.train) == 4 and len(ds.val) == 1
 
