@@ -144,8 +144,9 @@ class EncoderUNet(nn.Module):
         self.preprocess = getattr(classifier, "preprocess", None)  # pretrained: its mean/std become the model's
         if self.preprocess is not None:
             self.preprocess = {**self.preprocess, "size": None}  # no resize: the network sees native pixels
-        with torch.no_grad():
+        with torch.no_grad():  # the pyramid's shapes, in eval mode so BatchNorm statistics stay untouched
             was = self.encoder.training
+            self.encoder.eval()
             shapes = [m.shape for m in self.pyramid(torch.zeros(1, in_channels, *input_size))]
             self.encoder.train(was)
         self.stride = input_size[-1] // shapes[-1][-1]
