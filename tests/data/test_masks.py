@@ -67,7 +67,7 @@ def test_bad_pairs_are_skipped_and_named(tmp_path):
     assert len(reasons) == 6
     # the good pairs, in name order, masks as stored, names and colours from the YAML beside the archive
     assert ds.classes == ["background", "disc", "square"] and ds.colours[1] == [255, 0, 0]
-    assert ds.train.x.shape == (6, 1, 32, 32) and ds.train.y.dtype == np.uint8 and ds.train.y.shape == (6, 32, 32)
+    assert ds.train.x.shape == (6, 3, 32, 32) and ds.train.y.dtype == np.uint8 and ds.train.y.shape == (6, 32, 32)
     assert ds.train.names == [f"data/image/{i}.png" for i in range(6)]
     for i in range(6):
         np.testing.assert_array_equal(ds.train.y[i], good[str(i)])
