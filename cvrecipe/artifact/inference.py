@@ -74,27 +74,33 @@ def expand_image_paths(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def load_images_for_model(paths: list[Path], meta: dict) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
-    """Decode files to the model's input shape with the same decoder as training data."""
-    from cvrecipe.data.images import decode_images
+def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None = None
+                          ) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
+    """Decode files to the model's input shape with the same guarded decoder as training data:
+    files whose header declares more than `max_pixels` (default: data.max_pixels' default) are
+    refused unread."""
+    from cvrecipe.data.images import MAX_PIXELS, decode_images
 
     items = [(str(p), p.read_bytes()) for p in paths]
-    x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]))
+    x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]),
+                                     max_pixels=max_pixels or MAX_PIXELS)
     return x, [paths[i] for i in good], skipped
 
 
-def load_image_batches(paths: list[Path], meta: dict) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
+def load_image_batches(paths: list[Path], meta: dict, max_pixels: int | None = None
+                       ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
     """Image files as the model takes them: one batch resized to the input size, or, for a model run
     in tiles (meta["tile"]), one batch per image at its own size (nothing is resized). Returns the
     batches (N_i, C, H_i, W_i) uint8, the files that decoded, in order, and (file, reason) for the rest."""
     if not meta.get("tile"):
-        x, good, skipped = load_images_for_model(paths, meta)
+        x, good, skipped = load_images_for_model(paths, meta, max_pixels)
         return ([x] if len(x) else []), good, skipped
-    from cvrecipe.data.images import decode_images
+    from cvrecipe.data.images import MAX_PIXELS, decode_images
 
     batches, good, skipped = [], [], []
     for path in paths:
-        x, ok, bad = decode_images([(str(path), path.read_bytes())], meta["in_channels"], None, threads=1)
+        x, ok, bad = decode_images([(str(path), path.read_bytes())], meta["in_channels"], None, threads=1,
+                                   max_pixels=max_pixels or MAX_PIXELS)
         skipped += bad
         if ok:
             batches.append(x)

@@ -21,11 +21,12 @@ def load_source(name: str, cfg: DataConfig | None = None) -> ImageDataset:
     cfg = cfg or DataConfig(name=name)
     cache = cache_root(cfg.cache_dir)
     if name.startswith("folder:"):
-        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache)
+        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, cfg.max_pixels)
     if name.startswith("masks:"):
         from cvrecipe.data.masks import load_masks
 
-        return load_masks(name[len("masks:"):], cfg.image_size, cfg.channels, cache, cfg.mask_classes)
+        return load_masks(name[len("masks:"):], cfg.image_size, cfg.channels, cache, cfg.mask_classes,
+                          cfg.max_pixels)
     return load_named(name, cache)
 
 
@@ -62,9 +63,9 @@ def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageD
             if channels == 3 and x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             elif channels == 1 and x.shape[1] == 3:
-                from torchvision.transforms.v2.functional import rgb_to_grayscale  # see images.py on imports
+                from cvrecipe.data.images import rgb_to_luma  # the one grayscale rule of every decode path
 
-                x = rgb_to_grayscale(x)
+                x = rgb_to_luma(x)
             else:
                 raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
         y = split.y

@@ -18,11 +18,28 @@ import numpy as np
 
 from cvrecipe.data.cache import load_arrays, save_arrays
 from cvrecipe.data.dataset import DataError, ImageDataset, Split
-from cvrecipe.data.images import decode_images, guess_channels
+from cvrecipe.data.images import MAX_PIXELS, SMALL_FACTOR, decode_images, guess_channels
 
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1  # bump when decoding changes, so old cache entries are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so old cache entries are not reused (2: one grayscale rule)
 MAX_BAD_FRACTION = 0.5  # more unreadable files than this and the dataset is refused
+NAMED_IN_WARNINGS = 5  # files named in a warning; the full list is in meta.json / RUN/skipped_files.txt
+
+# Warnings already given in this process: a command loads its dataset several times (train, then
+# evaluate, then the report), and Python's own once-per-location filter is reset by every
+# `warnings.catch_warnings()` block, so each load would repeat them.
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=2)
+
+
+def _some(entries: list, show) -> str:
+    named = "; ".join(show(e) for e in entries[:NAMED_IN_WARNINGS])
+    return named + (f"; and {len(entries) - NAMED_IN_WARNINGS} more" if len(entries) > NAMED_IN_WARNINGS else "")
 
 
 def _is_archive(path: Path) -> bool:
@@ -96,32 +113,40 @@ def _group(path: Path) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
             f"train/cat/1.jpg, test/cat/2.jpg (found {len(stray)} files elsewhere, e.g. {stray[:3]})"
         )
     if stray:
-        warnings.warn(f"{path}: ignored {len(stray)} files outside split/class/, e.g. {stray[:3]}")
+        warn_once(f"{path}: ignored {len(stray)} files outside split/class/, e.g. {stray[:3]}")
     return groups
 
 
-def load_folder(path: Path, image_size: int | None, channels: int | None, cache_dir: Path) -> ImageDataset:
+def load_folder(path: Path, image_size: int | None, channels: int | None, cache_dir: Path,
+                max_pixels: int = MAX_PIXELS) -> ImageDataset:
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"dataset folder or archive not found: {path}")
     if not path.is_dir() and not _is_archive(path):
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz/.zip archive")
-    key = f"folder-{_fingerprint(path)}-s{image_size}-c{channels}"
+    key = f"folder-{_fingerprint(path)}-s{image_size}-c{channels}-p{max_pixels}"
     entry = cache_dir / key
     cached = load_arrays(entry)
     if cached is None:
-        arrays, meta = _decode_folder(path, image_size, channels)
+        arrays, meta = _decode_folder(path, image_size, channels, max_pixels)
         save_arrays(entry, arrays, meta)
     else:
         arrays, meta = cached
     splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS if f"{s}_x" in arrays}
     skipped = [tuple(s) for s in meta["skipped"]]
-    for name, reason in skipped:
-        warnings.warn(f"{path}: skipped unreadable image {name}: {reason}")
+    if skipped:
+        warn_once(f"{path}: skipped {len(skipped)} unreadable file(s): "
+                  f"{_some(skipped, lambda s: f'{s[0]} ({s[1]})')}")
+    small = meta.get("small", [])
+    if small:
+        h, w = splits["train"].x.shape[-2:]
+        warn_once(f"{path}: {len(small)} image(s) far smaller than the {h}x{w} the images are resized to (upscaled "
+                  f"more than {SMALL_FACTOR}x): {_some(small, lambda s: f'{s[0]} ({s[1][1]}x{s[1][0]})')}")
     return ImageDataset(name=f"folder:{path}", classes=meta["classes"], skipped=skipped, **splits)
 
 
-def _decode_folder(path: Path, image_size: int | None, channels: int | None) -> tuple[dict, dict]:
+def _decode_folder(path: Path, image_size: int | None, channels: int | None,
+                   max_pixels: int = MAX_PIXELS) -> tuple[dict, dict]:
     groups = _group(path)
     classes = sorted(groups["train"])
     for split, by_class in groups.items():
@@ -131,14 +156,14 @@ def _decode_folder(path: Path, image_size: int | None, channels: int | None) -> 
     items_all = [item for by_class in groups.values() for items in by_class.values() for item in items]
     if channels is None:
         channels = guess_channels([data for _, data in items_all[:: max(1, len(items_all) // 64)]])
-    arrays, skipped, size = {}, [], image_size
+    arrays, skipped, small, size = {}, [], [], image_size
     for split in [s for s in SPLITS if s in groups]:
         items, labels = [], []
         for label, cls in enumerate(classes):
             for item in groups[split].get(cls, []):
                 items.append(item)
                 labels.append(label)
-        x, good, bad = decode_images(items, channels, size)
+        x, good, bad = decode_images(items, channels, size, max_pixels=max_pixels, small=small)
         size = size or (tuple(x.shape[-2:]) if len(x) else None)  # later splits follow train's size
         skipped += bad
         arrays[f"{split}_x"] = x
@@ -149,5 +174,5 @@ def _decode_folder(path: Path, image_size: int | None, channels: int | None) -> 
             f"{path}: {len(skipped)} of {total} files could not be read as images "
             f"(e.g. {skipped[0][0]}: {skipped[0][1]}); refusing a mostly unreadable dataset"
         )
-    meta = {"source": str(path), "classes": classes, "skipped": skipped, "channels": channels}
+    meta = {"source": str(path), "classes": classes, "skipped": skipped, "channels": channels, "small": small}
     return arrays, meta

@@ -35,7 +35,7 @@ from PIL import Image
 from cvrecipe.data.cache import load_arrays, save_arrays
 from cvrecipe.data.dataset import IGNORE, DataError, ImageDataset, Split
 from cvrecipe.data.folder import MAX_BAD_FRACTION, _fingerprint, _is_archive, _iter_entries
-from cvrecipe.data.images import decode_images, guess_channels
+from cvrecipe.data.images import MAX_PIXELS, decode_images, guess_channels
 
 SPLITS = ("train", "val", "test")
 MASK_DIRS = ("label", "mask")
@@ -53,7 +53,7 @@ def default_colour(index: int) -> list[int]:
 
 
 def load_masks(path: str | Path, image_size: int | None, channels: int | None, cache_dir: Path,
-               classes_file: str | None = None) -> ImageDataset:
+               classes_file: str | None = None, max_pixels: int = MAX_PIXELS) -> ImageDataset:
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"dataset folder or archive not found: {path}")
@@ -61,10 +61,11 @@ def load_masks(path: str | Path, image_size: int | None, channels: int | None, c
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz/.zip archive")
     spec_text = _classes_yaml(path, classes_file)
     spec_key = hashlib.sha256((spec_text or "").encode()).hexdigest()[:8]
-    entry = cache_dir / f"masks-v{CACHE_VERSION}-{_fingerprint(path)}-s{image_size}-c{channels}-y{spec_key}"
+    entry = cache_dir / (f"masks-v{CACHE_VERSION}-{_fingerprint(path)}-s{image_size}-c{channels}-p{max_pixels}"
+                         f"-y{spec_key}")
     cached = load_arrays(entry)
     if cached is None:
-        arrays, meta = _decode_pairs(path, image_size, channels, spec_text)
+        arrays, meta = _decode_pairs(path, image_size, channels, spec_text, max_pixels)
         save_arrays(entry, arrays, meta)
     else:
         arrays, meta = cached
@@ -166,7 +167,8 @@ def read_mask(data: bytes) -> tuple[np.ndarray, bool]:
     return np.asarray(img, np.uint8), False
 
 
-def _decode_pairs(path: Path, image_size: int | None, channels: int | None, spec_text: str | None):
+def _decode_pairs(path: Path, image_size: int | None, channels: int | None, spec_text: str | None,
+                  max_pixels: int = MAX_PIXELS):
     spec = _parse_spec(spec_text, str(path))
     groups, _ = _group_pairs(path)
     skipped: list[tuple[str, str]] = []
@@ -199,7 +201,7 @@ def _decode_pairs(path: Path, image_size: int | None, channels: int | None, spec
     size = _common_size(all_pairs, image_size)
     arrays, files = {}, {}
     for split, items in pairs.items():
-        x, y, names = _decode_split(items, channels, size, image_size, lookup, skipped)
+        x, y, names = _decode_split(items, channels, size, image_size, lookup, skipped, max_pixels)
         arrays[f"{split}_x"], arrays[f"{split}_y"], files[split] = x, y, names
     total = sum(len(g) for g in groups.values())
     if len(skipped) > MAX_BAD_FRACTION * total:
@@ -250,9 +252,9 @@ def _common_size(pairs: list, image_size: int | None) -> tuple[int, int] | None:
 
 
 def _decode_split(items: list, channels: int, size: tuple[int, int], resize: int | None, lookup: dict,
-                  skipped: list) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  skipped: list, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode one split's images (as classification decodes them) and check each pair."""
-    x, good, bad = _decode_native(items, channels)
+    x, good, bad = _decode_native(items, channels, max_pixels)
     skipped += bad
     images, masks, names = [], [], []
     for row, i in enumerate(good):
@@ -283,11 +285,13 @@ def _decode_split(items: list, channels: int, size: tuple[int, int], resize: int
     return np.ascontiguousarray(x_out), np.ascontiguousarray(y_out), names
 
 
-def _decode_native(items: list, channels: int) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
-    """Each image at its own size (decode_images would resize them to one size)."""
+def _decode_native(items: list, channels: int, max_pixels: int
+                   ) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
+    """Each image at its own size (decode_images would resize them to one size); images declaring
+    more than `max_pixels` are refused unread."""
     out, good, bad = [], [], []
     for i, (_, item, _, _) in enumerate(items):
-        x, ok, failed = decode_images([item], channels, None, threads=1)
+        x, ok, failed = decode_images([item], channels, None, threads=1, max_pixels=max_pixels)
         if ok:
             out.append(x[0])
             good.append(i)

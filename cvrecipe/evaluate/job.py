@@ -65,7 +65,9 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     model = load_model(run_dir, "cpu")
     task = get_task(model.meta.get("task", "classification"))
     files = expand_image_paths(paths)
-    batches, good, skipped = load_image_batches(files, model.meta)
+    run_config = Path(run_dir) / "config.yaml"  # the run's own pixel limit, when it is a run folder
+    max_pixels = load_run_config(run_dir).data.max_pixels if run_config.is_file() else None
+    batches, good, skipped = load_image_batches(files, model.meta, max_pixels)
     results = [{"file": name, "error": reason} for name, reason in skipped]
     run_folder = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     out_dir = Path(out_dir) if out_dir else run_folder / "predictions"

@@ -106,12 +106,12 @@ class Backend:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.info["in_channels"], *self.info["input_size"])  # (C, H, W)
 
-    def decode(self, blobs: list[bytes]) -> list:
+    def decode(self, blobs: list[bytes], max_pixels: int) -> list:
         """Per file, the image as this model takes it (resized to the input size, or at its own size for a
         tiled model), or the ServeError that refused it."""
         from cvrecipe.serve.inputs import decode_batch
 
-        return decode_batch(blobs, self.input_shape, keep_size=bool(self.info.get("tile")))
+        return decode_batch(blobs, self.input_shape, max_pixels, keep_size=bool(self.info.get("tile")))
 
     def outputs(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Per decoded image (C, H, W), the model's outputs: logits (K,), or (K, H, W) for a tiled model

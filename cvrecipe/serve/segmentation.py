@@ -17,12 +17,40 @@ from typing import Callable, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from cvrecipe.data.mask_images import class_colours, mask_png
+from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError, read_images, refusal
 from cvrecipe.serve.state import ServerState
 
 TASK = "segmentation"
+
+
+class ClassArea(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class")
+    pixels: int = Field(ge=0)
+    fraction: float = Field(ge=0, le=1, description="share of the image's pixels")
+
+
+class Segmentation(BaseModel):
+    request_id: str
+    model: schema.ModelName
+    width: int
+    height: int
+    areas: list[ClassArea] = Field(description="one per class, in class order")
+    mean_confidence: float = Field(ge=0, le=1, description="mean over pixels of the largest class probability")
+    latency_ms: float
+    mask: str | None = Field(None, description="with mask=true: the mask PNG as a data: URI")
+
+
+ERRORS = schema.errors(400, 401, 409, 413, 415, 503, 504)
+PNG_ANSWER = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                          "application/json": {"schema": Segmentation.model_json_schema()}},
+              "description": "format=png: the mask, a palette PNG of the image's size whose values are class "
+                             "indices; format=json: per-class areas"}
 
 
 def mask_and_confidence(logits: np.ndarray) -> tuple[np.ndarray, float]:
@@ -38,7 +66,8 @@ def areas(mask: np.ndarray, class_names: list[str]) -> list[dict]:
 
 
 def add_routes(app: FastAPI, require_token: Callable) -> None:
-    @app.post("/v1/segment", dependencies=[Depends(require_token)])
+    @app.post("/v1/segment", dependencies=[Depends(require_token)], summary="segment one image",
+              responses={200: PNG_ANSWER, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def segment(request: Request, format: Literal["png", "json"] = Query("png"),
                       mask: bool = Query(False, description="json: include the mask PNG as a data URI")):
         start = time.perf_counter()

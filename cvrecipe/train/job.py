@@ -3,12 +3,18 @@
 runs/<name>/  config.yaml  run.json  metrics.csv  events.*  best.safetensors  last.ckpt
               skipped_files.txt (when any input file was unreadable)  mlflow.json (when tracked)
 (evaluation adds eval.json, report.html and plots/: see cvrecipe/evaluate/job.py)
+
+The folder is created only once the config, the data and the sanity checks have passed, and a
+training that fails before its first checkpoint removes it again: a failed start leaves nothing
+behind. A run killed before its first checkpoint (its folder has config.yaml but no last.ckpt)
+is started again from its saved config by `--resume`.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +23,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from cvrecipe.artifact.checkpoint import load_resume
 from cvrecipe.config import Config, load_run_config, save_config
 from cvrecipe.data import ImageDataset, load_dataset
 from cvrecipe.device import resolve_device
@@ -49,9 +56,11 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
     """Train per `cfg` in a new run folder, or continue the run in `resume_dir`. Returns the folder.
     The folder is created only once the data has loaded and the sanity checks have passed."""
     console = console or Console(soft_wrap=True)
-    if resume_dir is not None:
+    resume = resume_dir is not None
+    if resume:
         run_dir = Path(resume_dir)
         cfg = load_run_config(run_dir)
+        resume = _resumable(run_dir, console)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     sanity = [] if resume_dir is not None else check_before_training(cfg, ds, console)  # a fail raises here
     if resume_dir is None:
@@ -69,8 +78,35 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
     console.print(f"data: {ds.name}  train {len(ds.train)}  val {len(ds.val)}  "
                   f"{'test ' + str(len(ds.test)) if ds.test is not None else ''}  classes {len(ds.classes)}  "
                   f"image {ds.image_shape}")
-    fit(cfg, ds, run_dir, resume=resume_dir is not None, console=console, callbacks=callbacks)
+    try:
+        fit(cfg, ds, run_dir, resume=resume, console=console, callbacks=callbacks)
+    except BaseException as err:
+        for callback in callbacks or []:  # e.g. the MLflow run is marked FAILED with the error
+            if hasattr(callback, "on_train_failed"):
+                callback.on_train_failed(err)
+        if resume_dir is None and isinstance(err, Exception) and not _has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            console.print(f"removed {run_dir}: the run failed before its first checkpoint")
+        raise
     return run_dir
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "last.ckpt").is_file() or (run_dir / "best.safetensors").is_file()
+
+
+def _resumable(run_dir: Path, console: Console) -> bool:
+    """Whether `run_dir` continues from its last.ckpt (refused here, before any data is read, when
+    the file is damaged or unsafe), or starts again: a run killed before its first checkpoint has
+    only its config, which is all a run needs to start (the logs of the killed start are dropped)."""
+    if (run_dir / "last.ckpt").is_file():
+        load_resume(run_dir / "last.ckpt")
+        return True
+    console.print(f"{run_dir} has no last.ckpt (it stopped before its first checkpoint): starting it again from "
+                  f"its saved config.yaml")
+    for partial in [*run_dir.glob("events.out.tfevents.*"), run_dir / "metrics.csv", run_dir / "best.safetensors"]:
+        partial.unlink(missing_ok=True)
+    return False
 
 
 def run_info(cfg: Config, ds: ImageDataset) -> dict:

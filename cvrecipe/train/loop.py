@@ -34,7 +34,8 @@ from cvrecipe.tasks import Task, get_task
 from cvrecipe.train.book import EpochBook, split_metrics
 from cvrecipe.train.ema import WeightEMA
 from cvrecipe.train.finetune import Finetune
-from cvrecipe.train.optim import build_optimizer
+from cvrecipe.train.optim import build_optimizer, param_groups
+from cvrecipe.train.precision import MasterWeights, to_half_weights
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,8 +58,9 @@ class Step:
     steps_per_epoch: int
     batch_size: int
     device: torch.device
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # autocast dtype; None with half weights (the weights are the dtype)
     memory_format: torch.memory_format
+    master: MasterWeights | None = None  # fp32 copies the optimizer updates, with train.half_weights
 
 
 def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None,
@@ -121,14 +123,20 @@ def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, 
     batch_size = min(tc.batch_size, len(train_y) * tc.repeat)
     # the ragged last batch is dropped; order changes every epoch
     steps_per_epoch = len(train_y) * tc.repeat // batch_size
-    optimizer = build_optimizer(model, cfg, finetune.param_groups())
+    groups, master = finetune.param_groups() or param_groups(model, cfg), None
+    if tc.half_weights:  # weights in `dtype` instead of autocast; the optimizer may update fp32 copies
+        to_half_weights(model, dtype)
+        master = MasterWeights(model) if cfg.optim.master_weights else None
+        groups = master.param_groups(groups) if master else groups
+    optimizer = build_optimizer(model, cfg, groups)
+    fp16_grads = dtype == torch.float16 and (not tc.half_weights or master is not None)
     return Step(task=task, model=model, train_model=torch.compile(model) if tc.compile else model,
                 optimizer=optimizer, scheduler=finetune.scheduler(optimizer, cfg, steps_per_epoch),
-                scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                scaler=torch.amp.GradScaler(device.type, enabled=fp16_grads),
                 ema=WeightEMA(model) if cfg.average.name != "none" else None, train_x=train_x, train_y=train_y,
                 base_flip=torch.rand(len(train_y), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5,
-                steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device, dtype=dtype,
-                memory_format=memory_format)
+                steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device,
+                dtype=None if tc.half_weights else dtype, memory_format=memory_format, master=master)
 
 
 def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console: Console) -> dict[str, float]:
@@ -153,12 +161,19 @@ def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console:
                 logits = step.train_model(x)
             loss = step.task.loss(logits, y, tc.label_smoothing)
             step.optimizer.zero_grad(set_to_none=True)
+            if step.master is not None:  # the optimizer holds the fp32 copies; the model's half grads are apart
+                step.model.zero_grad(set_to_none=True)
             step.scaler.scale(loss).backward()
+            if step.master is not None:
+                step.master.to_master()
             if tc.grad_clip:
                 step.scaler.unscale_(step.optimizer)
-                torch.nn.utils.clip_grad_norm_(step.model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for g in step.optimizer.param_groups for p in g["params"]],
+                                               tc.grad_clip)
             step.scaler.step(step.optimizer)
             step.scaler.update()
+            if step.master is not None:
+                step.master.to_model()
             step.scheduler.step()
             done = epoch * steps + i + 1  # optimisation steps so far in the run
             if step.ema is not None and done % avg.every == 0:
@@ -241,7 +256,8 @@ def _snapshot(step: Step) -> dict:
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
             "scheduler": step.scheduler.state_dict(), "scaler": step.scaler.state_dict(), "rng": rng,
-            "ema": step.ema.state_dict() if step.ema is not None else None}
+            "ema": step.ema.state_dict() if step.ema is not None else None,
+            "master": step.master.state_dict() if step.master is not None else None}
 
 
 def _restore(path: Path, step: Step) -> dict:
@@ -254,6 +270,8 @@ def _restore(path: Path, step: Step) -> dict:
     step.scaler.load_state_dict(ckpt["scaler"])
     if step.ema is not None and ckpt.get("ema") is not None:
         step.ema.load_state_dict(ckpt["ema"])
+    if step.master is not None and ckpt.get("master") is not None:
+        step.master.load_state_dict(ckpt["master"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
