@@ -52,9 +52,11 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None,
-          callbacks: list | None = None) -> Path:
+          callbacks: list | None = None, keep_failed: bool = False) -> Path:
     """Train per `cfg` in a new run folder, or continue the run in `resume_dir`. Returns the folder.
-    The folder is created only once the data has loaded and the sanity checks have passed."""
+    The folder is created only once the data has loaded and the sanity checks have passed. A new run
+    that fails before its first epoch's results is removed again, unless `keep_failed` (a tuning trial
+    keeps its folder so that its trial.json says how it failed)."""
     console = console or Console(soft_wrap=True)
     resume = resume_dir is not None
     if resume:
@@ -84,15 +86,17 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
         for callback in callbacks or []:  # e.g. the MLflow run is marked FAILED with the error
             if hasattr(callback, "on_train_failed"):
                 callback.on_train_failed(err)
-        if resume_dir is None and isinstance(err, Exception) and not _has_checkpoint(run_dir):
+        if resume_dir is None and not keep_failed and isinstance(err, Exception) and not _has_results(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
-            console.print(f"removed {run_dir}: the run failed before its first checkpoint")
+            console.print(f"removed {run_dir}: the run failed before its first epoch ended")
         raise
     return run_dir
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "last.ckpt").is_file() or (run_dir / "best.safetensors").is_file()
+def _has_results(run_dir: Path) -> bool:
+    """Did the run get as far as an epoch's metrics or a checkpoint? (Then its folder is kept, e.g.
+    for a run stopped after epoch 1, or a tuning trial pruned there.)"""
+    return any((run_dir / name).is_file() for name in ("last.ckpt", "best.safetensors", "metrics.csv"))
 
 
 def _resumable(run_dir: Path, console: Console) -> bool:

@@ -95,10 +95,21 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
         from cvrecipe.train.probe import fit_probe
 
         del train_x, train_y
-        return fit_probe(cfg, ds, model, book, device, resume)
+        try:
+            return fit_probe(cfg, ds, model, book, device, resume)
+        finally:
+            book.close()
     step = _build_step(cfg, task, model, finetune, train_x, train_y, device, memory_format)
     book.start(model, _restore(run_dir / "last.ckpt", step) if resume else None)
+    try:
+        return _epochs(cfg, ds, model, finetune, step, book, has_val, console)
+    finally:
+        book.close()  # on an error or a callback's exception too (e.g. a pruned tuning trial)
 
+
+def _epochs(cfg: Config, ds: ImageDataset, model: ImageModel, finetune: Finetune, step: Step, book: EpochBook,
+            has_val: bool, console: Console) -> list[dict]:
+    task = step.task
     for epoch in book.epochs():
         finetune.on_epoch_start(epoch)  # freezes/unfreezes the backbone (a no-op without a strategy)
         if hasattr(model.net, "on_epoch_start"):  # e.g. the speedrun net freezing its whitening bias

@@ -99,7 +99,7 @@ def objective(study: optuna.Study, settings: TuneSettings, status: "Status", con
                 "train.sanity": False})  # the checks answer for the recipe, not for each draw of it
             reporter = TrialReporter(trial, params, settings.metric, status)
             console.rule(f"trial {trial.number}: {params}")
-            train(cfg, console=console, callbacks=[reporter])
+            train(cfg, console=console, callbacks=[reporter], keep_failed=True)
             values = [v for v in reporter.values if math.isfinite(v)]
             if not values:
                 raise RuntimeError(f"no finite {settings.metric} in any epoch")
