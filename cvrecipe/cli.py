@@ -58,12 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="split to evaluate (default: test when the dataset has one, else val)")
 
-    p = verbs.add_parser("predict", help="top-k classes for image files",
-                         description="Classify image files (folders are searched recursively) with RUN's best checkpoint.")
+    p = verbs.add_parser("predict", help="top-k classes (or masks) for image files",
+                         description="Classify image files (folders are searched recursively) with RUN's best "
+                                     "checkpoint; a segmentation model writes a mask PNG per image instead.")
     p.add_argument("run", type=Path, help="run folder or a .safetensors checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("-k", "--top-k", type=int, default=5, help="number of classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs (default RUN/predictions)")
+    p.add_argument("--overlay", action="store_true", help="segmentation: also write the mask over the image as a PNG")
 
     p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect",
                          description="Inspect or pre-decode a dataset into the uint8 cache.")
@@ -107,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("serve", help="HTTP server with dynamic batching, a web page, health and metrics",
                          description="Serve a run, an export folder or a model file over HTTP: POST /v1/predict, "
-                                     "/v1/predict/batch, GET / (web page), /healthz, /readyz, /v1/model, /metrics.")
+                                     "/v1/predict/batch (classifiers) or /v1/segment (segmentation), GET / (web "
+                                     "page), /healthz, /readyz, /v1/model, /metrics.")
     p.add_argument("source", type=Path, help="run folder, export folder (model.json) or .onnx/.pt/.safetensors file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -231,7 +235,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "predict":
         from cvrecipe.evaluate.job import predict, prediction_lines
 
-        results = predict(args.run, args.images, args.top_k)
+        results = predict(args.run, args.images, args.top_k, args.out, args.overlay)
         if args.json:
             print(json.dumps(results, indent=1))
         else:
@@ -266,6 +270,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from cvrecipe.models import list_models, list_pretrained
 
         console.print("\n".join(list_models()))
+        console.print("\nsegmentation (task=segmentation):")
+        console.print("\n".join(list_models("segmentation")))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
     return 0

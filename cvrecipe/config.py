@@ -40,24 +40,33 @@ def option(default: Any, doc: str, **rules: Any) -> Any:
 # objects in cvrecipe.tasks compute exactly these; checkpoint.monitor must name one of them.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("loss", "acc"),
+    "segmentation": ("loss", "pixel_acc", "miou", "dice"),  # over labelled pixels; miou/dice: means over classes
 }
 
 
 @dataclass
 class DataConfig:
     name: str = option("fashion-mnist", "dataset: a registered name (fashion-mnist, mnist, cifar10, cifar100, "
-                                        "digits) or folder:PATH (a directory or a .tar/.tar.gz/.zip archive)")
+                                        "digits), folder:PATH (a directory or a .tar/.tar.gz/.zip archive of "
+                                        "split/class/image) or masks:PATH (image/ + label/ or mask/ pairs, for "
+                                        "segmentation)")
     image_size: int | None = option(None, "resize every image to this square size in pixels; null keeps the "
                                           "native size", ge=1)
     channels: Literal[1, 3] | None = option(None, "1 (grayscale) or 3 (RGB); null decides from the data")
     val_fraction: float = option(0.1, "share of train held out (stratified, seeded) as validation when the source "
                                       "has no val split; 0 = none: every training image trains and the last "
                                       "epoch's weights are kept", ge=0, lt=1)
+    folds: int = option(0, "K-fold cross-validation: cut the training images into K seeded folds and hold out "
+                           "fold data.fold as the val split (instead of data.val_fraction); 0 = off", ge=0)
+    fold: int = option(0, "which of the data.folds folds is held out as val (0-based)", ge=0)
     subset: int | None = option(None, "train on only this many training images (stratified); for quick runs", ge=1)
     normalize: bool = option(True, "standardise inputs with the training set's per-channel mean/std (inside "
                                    "the model, so export and serving do the same)")
     hflip_ok: bool | None = option(None, "may images be mirrored left-right and keep their label? null asks the "
                                          "dataset (no for digits and letters)")
+    mask_classes: str | None = option(None, "masks:PATH only: a YAML file naming the classes (and their colours and "
+                                            "mask values); null = classes.yaml in the data, or PATH's stem + "
+                                            ".yaml beside it, else the mask values themselves")
     cache_dir: str | None = option(None, "where decoded uint8 arrays are kept; null = $CVRECIPE_CACHE or "
                                          "~/.cache/cvrecipe")
     max_pixels: int = option(40_000_000, "image files whose header declares more pixels (width x height) than this "
@@ -76,6 +85,29 @@ class AugmentConfig:
     pad_mode: Literal["reflect", "constant"] = option("reflect", "padding for the random crop: reflect the image, "
                                                                  "or zeros (a black background)")
     cutout: int = option(0, "side in pixels of one zeroed square per image; 0 = off", ge=0)
+    # segmentation: applied to image and mask together (cvrecipe/data/augment_pairs.py)
+    vflip: bool = option(False, "segmentation: random vertical flips of image and mask")
+    rot90: bool = option(False, "segmentation: random rotations of image and mask by 0, 90, 180 or 270 degrees")
+    crop_size: int | None = option(None, "segmentation: train on random square crops of this side in pixels (the "
+                                         "model's input size; larger images are segmented in overlapping tiles of "
+                                         "it); null = whole images", ge=8)
+    scale: list[float] = option([1.0, 1.0], "segmentation: range of a random zoom factor per image (before the "
+                                            "crop; bilinear for images, nearest for masks); [1, 1] = off",
+                                length=2, gt=0)
+    elastic_sigma: float = option(0.0, "segmentation: std in pixels of the random displacements of an elastic "
+                                       "deformation (the U-Net paper: 10 on a 3x3 grid); 0 = off", ge=0)
+    elastic_grid: int = option(3, "segmentation: control points per side of the elastic deformation's coarse "
+                                  "grid (displacements are interpolated bicubically between them)", ge=2)
+
+
+@dataclass
+class SegmentConfig:
+    loss: Literal["ce", "dice", "ce+dice"] = option(
+        "ce", "segmentation loss: pixel cross-entropy | soft Dice (mean over classes) | their sum; pixels "
+              "labelled 255 are ignored by all three")
+    tile_overlap: float = option(0.5, "sliding-window inference: share of a tile that overlaps its neighbour; "
+                                      "tiles are blended with Gaussian weights, so no seams show", ge=0, lt=1)
+    tile_batch: int = option(8, "sliding-window inference: tiles per forward pass", ge=1)
 
 
 @dataclass
@@ -90,6 +122,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = option(10, "passes over the training set (the most, with early stopping)", ge=1)
+    repeat: int = option(1, "an epoch passes this many times over the training images, each time with new "
+                            "augmentation draws: for a few large images trained on crops, so that validation and "
+                            "checkpoints come every few hundred crops rather than every few", ge=1)
     batch_size: int = option(128, "images per optimisation step", ge=1)
     seed: int = option(0, "seeds the weights, the data order and the augmentation", ge=0)
     device: str = option("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N",
@@ -219,7 +254,8 @@ class Config:
     name: str = option("run", "run name: the folder under runs_dir (-2, -3, ... when taken)",
                        pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")
     runs_dir: str = option("runs", "parent folder of the run folders")
-    task: Literal["classification"] = option("classification", "what the model predicts")
+    task: Literal["classification", "segmentation"] = option(
+        "classification", "what the model predicts: a class per image | a class per pixel")
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -231,6 +267,7 @@ class Config:
     stop: StopConfig = field(default_factory=StopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
     @property
@@ -428,10 +465,12 @@ def check_rules(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor}: expected one of {', '.join(metrics)} "
                           f"(what a {cfg.task} run produces)")
     if cfg.stop.early and cfg.checkpoint.monitor.startswith("val_") and cfg.data.val_fraction == 0 \
-            and source_has_val(cfg.data.name) is False:
+            and not cfg.data.folds and source_has_val(cfg.data.name) is False:
         raise ConfigError(f"stop.early=true on checkpoint.monitor={cfg.checkpoint.monitor} needs a validation split, "
                           f"and data.val_fraction=0 on {cfg.data.name}, which has none: set data.val_fraction > 0, "
                           f"or monitor a train_ metric")
+    _check_folds(cfg)
+    _check_task(cfg)
     ft = cfg.finetune
     if ft.strategy == "two-stage" and not 0 < ft.freeze_epochs < cfg.train.epochs:
         raise ConfigError(f"finetune.freeze_epochs={ft.freeze_epochs}: two-stage needs 1 to train.epochs - 1 "
@@ -449,13 +488,52 @@ def check_rules(cfg: Config) -> None:
                           f"features can only be cached from a frozen backbone")
 
 
+def _check_folds(cfg: Config) -> None:
+    data = cfg.data
+    if data.folds == 1:
+        raise ConfigError("data.folds=1: cross-validation needs at least 2 folds (0 = off)")
+    if data.folds and data.fold >= data.folds:
+        raise ConfigError(f"data.fold={data.fold}: expected 0 to data.folds - 1 ({data.folds - 1})")
+    if not data.folds and data.fold:
+        raise ConfigError(f"data.fold={data.fold} needs data.folds (the number of folds) >= 2")
+
+
+SEGMENTATION_AUGMENT = ("vflip", "rot90", "crop_size", "scale", "elastic_sigma")
+
+
+def _check_task(cfg: Config) -> None:
+    """Switches that only one task understands."""
+    aug, defaults = cfg.augment, AugmentConfig()
+    if cfg.task != "segmentation":
+        used = [f"augment.{k}={_show(getattr(aug, k))}" for k in SEGMENTATION_AUGMENT
+                if getattr(aug, k) != getattr(defaults, k)]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: segmentation augmentation (moves image and mask together); this "
+                              f"is a {cfg.task} run (task={cfg.task})")
+        if not cfg.data.name.startswith("masks:"):
+            return
+        raise ConfigError(f"data.name={cfg.data.name}: a masks: dataset needs task=segmentation")
+    bad = {"augment.crop_padding": aug.crop_padding, "augment.cutout": aug.cutout, "eval.tta": cfg.eval.tta,
+           "model.init_bias_prior": cfg.model.init_bias_prior, "train.label_smoothing": cfg.train.label_smoothing,
+           "finetune.feature_cache": cfg.finetune.feature_cache}
+    used = [f"{k}={_show(v)}" for k, v in bad.items() if v]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: classification only; task=segmentation (use augment.crop_size, "
+                          f"augment.scale, augment.elastic_sigma)")
+    if aug.flip_mode != "random":
+        raise ConfigError(f"augment.flip_mode={aug.flip_mode}: task=segmentation flips with random coins only")
+    if aug.scale[0] > aug.scale[1]:
+        raise ConfigError(f"augment.scale={_show(aug.scale)}: expected [low, high] with low <= high")
+
+
 def source_has_val(name: str) -> bool | None:
     """Does the data source bring its own val split? Registered datasets do not; for folder:PATH a
     directory is looked at (a val/ folder, also under one wrapping folder); an archive is not
     opened here (None: unknown until the data is loaded)."""
-    if not name.startswith("folder:"):
+    prefix = next((p for p in ("folder:", "masks:") if name.startswith(p)), None)
+    if prefix is None:
         return False
-    path = Path(name[len("folder:"):]).expanduser()
+    path = Path(name[len(prefix):]).expanduser()
     if not path.is_dir():
         return None
     return (path / "val").is_dir() or any((p / "val").is_dir() and (p / "train").is_dir()

@@ -62,3 +62,34 @@ def tiny_speedrun(tmp_path: Path, overrides=()):
                                             "train.batch_size=32", "train.epochs=4", "average.every=1",
                                             "train.log_every=1", "train.deterministic=true", "checkpoint.every_s=0",
                                             *overrides])
+
+
+def shapes_pair(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable segmentation pair: a noisy gray background (class 0) with red discs (class 1) and
+    green squares (class 2). Returns (H, W, 3) uint8 image and (H, W) uint8 class-index mask."""
+    image = rng.normal(80, 15, (size, size, 3))
+    mask = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for _ in range(int(rng.integers(2, 4))):
+        cy, cx, r = rng.integers(6, size - 6), rng.integers(6, size - 6), rng.integers(4, max(5, size // 6))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+        image[disc], mask[disc] = rng.normal((210, 50, 50), 12, (disc.sum(), 3)), 1
+    for _ in range(int(rng.integers(1, 3))):
+        top, left, side = rng.integers(0, size - 8), rng.integers(0, size - 8), rng.integers(6, max(7, size // 4))
+        square = np.zeros((size, size), bool)
+        square[top:top + side, left:left + side] = True
+        image[square], mask[square] = rng.normal((50, 190, 70), 12, (square.sum(), 3)), 2
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def make_shapes_masks(root: Path, count: int = 24, size: int = 48, seed: int = 0, splits=("",)) -> Path:
+    """root/[split/]image/i.png + root/[split/]label/i.png: `count` shapes pairs per split."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for kind in ("image", "label"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, mask = shapes_pair(size, rng)
+            Image.fromarray(image).save(root / split / "image" / f"{i}.png")
+            Image.fromarray(mask).save(root / split / "label" / f"{i}.png")
+    return root

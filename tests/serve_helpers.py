@@ -120,3 +120,19 @@ class SlowUpload:
         self.release_event.set()
         self.thread.join(timeout=30)
         return self.response
+
+
+def train_shapes_run(root: Path, overrides=()) -> tuple[Path, Path]:
+    """(run folder, data folder): a small U-Net trained for seconds on 48×48 synthetic shapes (discs,
+    squares, background) from 32×32 crops, so evaluation, export and serving run it in tiles."""
+    from conftest import make_shapes_masks
+
+    data = make_shapes_masks(root / "shapes", count=30, size=48)
+    cfg = load_config(None, ["task=segmentation", f"data.name=masks:{data}", "data.val_fraction=0.2",
+                             f"runs_dir={root / 'runs'}", "name=shapes", f"data.cache_dir={root / 'cache'}",
+                             "model.name=unet", "model.kwargs={depth: 2, width: 8}", "augment.crop_size=32",
+                             "augment.hflip=true", "augment.rot90=true", "train.epochs=6", "train.repeat=4",
+                             "train.batch_size=8", "optim.name=adam", "optim.lr=0.01", "optim.weight_decay=0",
+                             "segment.loss=ce+dice", "segment.tile_overlap=0.5", "train.sanity=false",
+                             "checkpoint.monitor=val_dice", "train.log_every=1", *overrides])
+    return train(cfg, console=Console(quiet=True)), data

@@ -155,3 +155,26 @@ def test_a_resolved_config_round_trips_through_yaml():
 def test_scientific_notation_on_the_command_line_is_a_number():
     """YAML 1.1 reads 1e-3 (no dot) as a string; as an override it means the number."""
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["augment.crop_size=64"], "segmentation augmentation"),
+    (["augment.elastic_sigma=5"], "segmentation augmentation"),
+    (["data.name=masks:x"], "task=segmentation"),
+    (["task=segmentation", "eval.tta=1"], "classification only"),
+    (["task=segmentation", "augment.crop_padding=2"], "classification only"),
+    (["task=segmentation", "augment.scale=[1.5, 1.0]"], "low <= high"),
+    (["task=segmentation", "checkpoint.monitor=val_acc"], "val_pixel_acc"),
+    (["data.folds=1"], "at least 2 folds"),
+    (["data.folds=3", "data.fold=3"], "data.fold=3"),
+    (["data.fold=1"], "data.folds"),
+])
+def test_segmentation_and_fold_rules(overrides, words):
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_segmentation_recipe_monitors_its_metrics():
+    cfg = load_config("membrane-unet")
+    assert cfg.task == "segmentation" and cfg.segment.loss == "ce+dice" and cfg.augment.crop_size == 256
+    assert load_config(None, ["task=segmentation", "checkpoint.monitor=val_miou"]).monitor_mode == "max"

@@ -7,8 +7,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
+
+TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 
 
 @torch.no_grad()
@@ -16,7 +19,9 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
                 channels_last: bool = False, tta: int = 0, tta_mirror: bool = True) -> Iterator[torch.Tensor]:
     """Per batch of `batch_size` uint8 images (N, C, H, W), in order: the model's float32 outputs
-    on the CPU ((B, K) logits for a classifier), in eval mode (the model's mode is put back after).
+    on the CPU ((B, K) logits for a classifier; (B, K, H, W) for a segmentation model, run over
+    overlapping tiles of its input size when its meta asks for it: tiling.py), in eval mode (the
+    model's mode is put back after).
 
     `tta` > 0 averages the outputs of flipped (and at level 2, shifted) views; `tta_mirror=False`
     leaves the mirrored ones out; see tta.py."""
@@ -26,13 +31,20 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
     model.eval()
     if channels_last:  # weights too: conv kernels then run without layout conversions (1.6x for EfficientNet on CPU)
         model.to(memory_format=torch.channels_last)
+    meta = getattr(model, "meta", {})
+    if meta.get("tile"):
+        batch_size = min(batch_size, TILED_BATCH)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            return tta_logits(model, batch, tta, tta_mirror).float()
+
     try:
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device, non_blocking=True)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                yield tta_logits(model, batch, tta, tta_mirror).float().cpu()
+            yield run_outputs(forward, batch, meta).cpu()
     finally:
         model.train(was_training)
 
@@ -40,7 +52,8 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
 def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512,
                    device: torch.device | None = None, dtype: torch.dtype | None = None,
                    channels_last: bool = False, tta: int = 0, tta_mirror: bool = True) -> torch.Tensor:
-    """All of iter_logits' batches in one tensor: (N, K) float32 on the CPU for a classifier."""
+    """All of iter_logits' batches in one tensor: (N, K) float32 on the CPU for a classifier,
+    (N, K, H, W) for a segmentation model."""
     out = list(iter_logits(model, x, batch_size, device, dtype, channels_last, tta, tta_mirror))
     return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
 
@@ -72,3 +85,24 @@ def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None 
     x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]),
                                      max_pixels=max_pixels or MAX_PIXELS)
     return x, [paths[i] for i in good], skipped
+
+
+def load_image_batches(paths: list[Path], meta: dict, max_pixels: int | None = None
+                       ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
+    """Image files as the model takes them: one batch resized to the input size, or, for a model run
+    in tiles (meta["tile"]), one batch per image at its own size (nothing is resized). Returns the
+    batches (N_i, C, H_i, W_i) uint8, the files that decoded, in order, and (file, reason) for the rest."""
+    if not meta.get("tile"):
+        x, good, skipped = load_images_for_model(paths, meta, max_pixels)
+        return ([x] if len(x) else []), good, skipped
+    from cvrecipe.data.images import MAX_PIXELS, decode_images
+
+    batches, good, skipped = [], [], []
+    for path in paths:
+        x, ok, bad = decode_images([(str(path), path.read_bytes())], meta["in_channels"], None, threads=1,
+                                   max_pixels=max_pixels or MAX_PIXELS)
+        skipped += bad
+        if ok:
+            batches.append(x)
+            good.append(path)
+    return batches, good, skipped

@@ -8,11 +8,12 @@ import torch
 
 from cvrecipe.config import DataConfig
 from cvrecipe.data.cache import cache_root
-from cvrecipe.data.dataset import DataError, ImageDataset, Split, stratified_split, stratified_subset
+from cvrecipe.data.dataset import (IGNORE, DataError, ImageDataset, Split, holdout_split, kfold_split,
+                                   stratified_subset)
 from cvrecipe.data.folder import load_folder
 from cvrecipe.data.sources import REGISTRY, load_named
 
-__all__ = ["DataError", "ImageDataset", "Split", "load_dataset", "load_source", "REGISTRY"]
+__all__ = ["IGNORE", "DataError", "ImageDataset", "Split", "load_dataset", "load_source", "REGISTRY"]
 
 
 def load_source(name: str, cfg: DataConfig | None = None) -> ImageDataset:
@@ -21,6 +22,11 @@ def load_source(name: str, cfg: DataConfig | None = None) -> ImageDataset:
     cache = cache_root(cfg.cache_dir)
     if name.startswith("folder:"):
         return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, cfg.max_pixels)
+    if name.startswith("masks:"):
+        from cvrecipe.data.masks import load_masks
+
+        return load_masks(name[len("masks:"):], cfg.image_size, cfg.channels, cache, cfg.mask_classes,
+                          cfg.max_pixels)
     return load_named(name, cache)
 
 
@@ -28,10 +34,16 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
     """Load, convert to the configured size/channels, carve val from train if needed, subset."""
     ds = load_source(cfg.name, cfg)
     ds = _conform(ds, cfg.image_size, cfg.channels)
-    if ds.val is None and cfg.val_fraction <= 0:  # no validation: every training image trains
+    if cfg.folds:  # cross-validation: fold `cfg.fold` is the val split
+        if ds.val is not None:
+            raise DataError(f"data.folds={cfg.folds}: {ds.name} brings its own val split; folds are cut from "
+                            f"train when the source has none")
+        keep, held = kfold_split(ds.train.y, cfg.folds, cfg.fold)
+        ds = dataclasses.replace(ds, train=ds.train.take(keep), val=ds.train.take(held))
+    elif ds.val is None and cfg.val_fraction <= 0:  # no validation: every training image trains
         ds = dataclasses.replace(ds, val=ds.train.take(np.arange(0)))
     elif ds.val is None:
-        keep, held = stratified_split(ds.train.y, cfg.val_fraction, seed)
+        keep, held = holdout_split(ds.train.y, cfg.val_fraction, seed)
         ds = dataclasses.replace(ds, train=ds.train.take(keep), val=ds.train.take(held))
     if cfg.subset is not None:
         ds = dataclasses.replace(ds, train=ds.train.take(stratified_subset(ds.train.y, cfg.subset, seed)))
@@ -56,10 +68,13 @@ def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageD
                 x = rgb_to_luma(x)
             else:
                 raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+        y = split.y
         if size is not None and tuple(x.shape[-2:]) != (size, size):
-            from torchvision.transforms.v2.functional import resize
+            from torchvision.transforms.v2.functional import InterpolationMode, resize
 
             x = resize(x, [size, size], antialias=True)
-        return Split(np.ascontiguousarray(x.numpy()), split.y)
+            if split.masks:  # class indices: nearest, never blended
+                y = resize(torch.from_numpy(y)[:, None], [size, size], InterpolationMode.NEAREST_EXACT)[:, 0].numpy()
+        return Split(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(y), split.names)
 
     return dataclasses.replace(ds, train=fix(ds.train), val=fix(ds.val), test=fix(ds.test))

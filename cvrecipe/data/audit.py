@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cvrecipe.data.dataset import ImageDataset, pixel_mean_std
+from cvrecipe.data.dataset import IGNORE, ImageDataset, pixel_mean_std
 from cvrecipe.data.images import FORMATS
 
 SPLITS = ("train", "val", "test")
@@ -43,14 +43,20 @@ def split_parts(ds: ImageDataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def class_balance(ds: ImageDataset) -> dict:
-    """Per split: images, count per class, and the imbalance ratio (largest / smallest class)."""
+    """Per split: images, count per class, and the imbalance ratio (largest / smallest class). For
+    masks the counts are pixels (unlabelled pixels counted apart), the unit a segmentation loss sees."""
     out = {}
     for split, _, y in split_parts(ds):
-        counts = np.bincount(y, minlength=len(ds.classes))
+        if y.ndim == 3:
+            all_counts = np.bincount(y.ravel(), minlength=256)
+            counts, unlabelled = all_counts[:len(ds.classes)], int(all_counts[IGNORE])
+        else:
+            counts, unlabelled = np.bincount(y, minlength=len(ds.classes)), None
         present = counts[counts > 0]
         out[split] = {"images": int(len(y)), "class_counts": dict(zip(ds.classes, counts.tolist())),
                       "imbalance_ratio": float(present.max() / present.min()) if len(present) else None,
-                      "missing_classes": [c for c, n in zip(ds.classes, counts) if n == 0]}
+                      "missing_classes": [c for c, n in zip(ds.classes, counts) if n == 0],
+                      **({"unit": "pixels", "unlabelled_pixels": unlabelled} if y.ndim == 3 else {})}
     return out
 
 
@@ -163,7 +169,8 @@ class Index:
         split, i = self.locate(g)
         y = self.parts[[p[0] for p in self.parts].index(split)][2]
         file = self.names[split][i] if self.names else None
-        return {"split": split, "index": i, "label": self.classes[int(y[i])], "file": file}
+        label = self.classes[int(y[i])] if y.ndim == 1 else "(mask)"  # a segmentation image has no one label
+        return {"split": split, "index": i, "label": label, "file": file}
 
     def number(self, split: str, i: int) -> int:
         """The global number of image `i` of `split` (the inverse of `locate`)."""

@@ -1,10 +1,15 @@
-"""In-memory dataset types: every split is a uint8 array (N, C, H, W) plus int64 labels."""
+"""In-memory dataset types: every split is a uint8 array (N, C, H, W) plus its targets: int64 class
+labels (N,) for classification, uint8 class-index masks (N, H, W) for segmentation (IGNORE = not
+labelled)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+
+IGNORE = 255  # mask value of pixels without a label: no loss, no metric
 
 
 class DataError(ValueError):
@@ -14,20 +19,34 @@ class DataError(ValueError):
 @dataclass
 class Split:
     x: np.ndarray  # (N, C, H, W) uint8
-    y: np.ndarray  # (N,) int64 class indices
+    y: np.ndarray  # (N,) int64 class indices, or (N, H, W) uint8 class-index masks
+    names: list[str] | None = None  # the file of each image, where the source keeps them
 
     def __post_init__(self):
         if self.x.dtype != np.uint8 or self.x.ndim != 4:
             raise DataError(f"split images must be uint8 (N, C, H, W), got {self.x.dtype} {self.x.shape}")
         if len(self.x) != len(self.y):
             raise DataError(f"split has {len(self.x)} images but {len(self.y)} labels")
-        self.y = self.y.astype(np.int64, copy=False)
+        if self.y.ndim == 3:
+            if self.y.dtype != np.uint8 or self.y.shape[1:] != self.x.shape[2:]:
+                raise DataError(f"split masks must be uint8 (N, H, W) matching images {self.x.shape}, got "
+                                f"{self.y.dtype} {self.y.shape}")
+        elif self.y.ndim == 1:
+            self.y = self.y.astype(np.int64, copy=False)
+        else:
+            raise DataError(f"split targets must be labels (N,) or masks (N, H, W), got shape {self.y.shape}")
+
+    @property
+    def masks(self) -> bool:
+        """Are the targets per-pixel masks (segmentation) rather than one label per image?"""
+        return self.y.ndim == 3
 
     def __len__(self) -> int:
         return len(self.y)
 
     def take(self, index: np.ndarray) -> "Split":
-        return Split(self.x[index], self.y[index])
+        names = [self.names[i] for i in np.asarray(index, np.int64)] if self.names is not None else None
+        return Split(self.x[index], self.y[index], names)
 
 
 @dataclass
@@ -39,6 +58,12 @@ class ImageDataset:
     val: Split | None = None
     hflip_ok: bool = True  # whether mirrored images keep their label (not for digits/letters)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out while decoding
+    colours: list[list[int]] | None = None  # RGB per class, for mask overlays (segmentation)
+
+    @property
+    def masks(self) -> bool:
+        """Per-pixel targets (segmentation) rather than one label per image?"""
+        return self.train.masks
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -63,7 +88,7 @@ class ImageDataset:
                 continue  # data.val_fraction=0: no validation, the test split still evaluates
             hint = " (data.val_fraction=0 needs a test split to evaluate on)" if split_name == "val" else ""
             raise DataError(f"dataset {self.name}: split '{split_name}' is empty{hint}")
-        present = np.unique(self.train.y)
+        present = np.unique(self.train.y)  # labels, or mask values (IGNORE among them)
         missing = [self.classes[i] for i in range(len(self.classes)) if i not in present]
         if missing:
             raise DataError(f"dataset {self.name}: classes with no training images: {missing}")
@@ -82,11 +107,40 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of about `n` examples with the class proportions of `y`."""
+    """Indices of about `n` examples with the class proportions of `y` (masks: any `n`, seeded)."""
     if n >= len(y):
         return np.arange(len(y))
-    _, held = stratified_split(y, n / len(y), seed)
+    _, held = holdout_split(y, n / len(y), seed)
     return held
+
+
+def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out): stratified by class for labels; for masks (one image holds many
+    classes) a seeded random `fraction` of the images, at least one."""
+    if y.ndim == 1:
+        return stratified_split(y, fraction, seed)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_held = min(len(y) - 1, max(1, int(round(len(y) * fraction))))
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+FOLD_SEED = 0  # folds do not move with train.seed: every seed of a fold sees the same images
+
+
+def kfold_split(y: np.ndarray, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out fold) of fold `fold` of `folds` seeded folds (scikit-learn's
+    StratifiedKFold for labels, KFold for masks; shuffled with FOLD_SEED)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if folds > len(y):
+        raise DataError(f"data.folds={folds}: only {len(y)} training images to cut into folds")
+    if y.ndim == 1:
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=FOLD_SEED)
+        parts = list(splitter.split(np.zeros(len(y)), y))
+    else:
+        parts = list(KFold(folds, shuffle=True, random_state=FOLD_SEED).split(np.zeros(len(y))))
+    keep, held = parts[fold]
+    return np.sort(keep), np.sort(held)
 
 
 def pixel_mean_std(x, chunk: int | None = None, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:

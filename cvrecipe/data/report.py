@@ -37,7 +37,8 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tup
     console.print(f"{ds.name}: loaded in {time.perf_counter() - t0:.1f}s; auditing "
                   f"{sum(len(y) for _, _, y in A.split_parts(ds)):,} images")
     names, headers = (A.folder_files(Path(name[len("folder:"):]), ds) if name.startswith("folder:")
-                      else (None, None))
+                      else ({s: getattr(ds, s).names for s in A.SPLITS if getattr(ds, s) is not None}, None)
+                      if ds.masks else (None, None))
     dups = A.find_duplicates(ds, names)
     index = dups.pop("index")
     audit = {
@@ -48,6 +49,13 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tup
         "unreadable": [{"file": f, "reason": r} for f, r in ds.skipped],
         "exact_duplicates": dups["exact"], "near_duplicates": dups["near"],
     }
+    if ds.masks:  # segmentation: pairs through the paired augmentation
+        from cvrecipe.data.mask_report import model_view as pair_view
+
+        view = pair_view(dataclasses.replace(cfg, task="segmentation"), name)
+        audit["model_input"] = {"image_shape": view["image_shape"], "augment": view["augment"]}
+        audit["seconds"] = round(time.perf_counter() - t0, 2)
+        return audit, {"ds": ds, "index": index, "view": view}
     view = model_view(cfg, name)
     audit["model_input"] = {k: v for k, v in view.items() if not isinstance(v, torch.Tensor)}
     audit["seconds"] = round(time.perf_counter() - t0, 2)
@@ -115,10 +123,18 @@ def render(audit: dict, images: dict) -> str:
                         f"8×8 thumbnails correlate ≥ {audit['near_duplicates']['min_corr']} and up-to-32×32 "
                         f"thumbnails differ by ≤ {audit['near_duplicates']['max_rms']} RMS (brightness and "
                         "contrast removed): re-encoded, resized or re-toned copies"),
-            _samples(ds), _model_view(audit, view)]
+            *_examples(ds, audit, view)]
     subtitle = (f"{len(audit['classes'])} classes, decoded (C, H, W) = {tuple(audit['decoded_shape'])}; "
                 f"audited in {audit['seconds']:.1f}s")
     return pages.page(f"Data report: {audit['dataset']}", subtitle, body)
+
+
+def _examples(ds: ImageDataset, audit: dict, view: dict) -> list[str]:
+    if ds.masks:
+        from cvrecipe.data import mask_report
+
+        return [mask_report.samples(ds), mask_report.model_view_section(view)]
+    return [_samples(ds), _model_view(audit, view)]
 
 
 def _overview(audit: dict) -> str:
@@ -145,14 +161,19 @@ def _balance(audit: dict) -> str:
     for k, s in enumerate(splits):
         ax.bar(x + k * width, [splits[s]["class_counts"][c] for c in audit["classes"]], width, label=s)
     ax.set_xticks(x + width * (len(splits) - 1) / 2, audit["classes"], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("images")
+    unit = next(iter(splits.values())).get("unit", "images")  # pixels, for segmentation masks
+    ax.set_ylabel(unit)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("images per class")
+    ax.set_title(f"{unit} per class")
     stats = audit["channel_stats"]
     stat_rows = [[s, *(f"{m:.4f} ± {d:.4f}" for m, d in zip(v["mean"], v["std"]))] for s, v in stats.items()]
     channels = len(next(iter(stats.values()))["mean"])
     names = ["gray"] if channels == 1 else ["R", "G", "B"][:channels]
-    return ("<h2>Class balance</h2>" + pages.img(pages.figure_png(fig), "images per class")
+    if unit == "pixels":
+        rows.insert(-1, ["unlabelled (255)", *(splits[s]["unlabelled_pixels"] for s in splits)])
+        rows.append(["images", *(splits[s]["images"] for s in splits)])
+    title = "Class balance" if unit == "images" else f"Class balance ({unit})"
+    return (f"<h2>{title}</h2>" + pages.img(pages.figure_png(fig), f"{unit} per class")
             + pages.table(header, rows) + "<h2>Pixel statistics</h2>"
             + '<p class="note">per-channel mean ± std of the decoded pixels, in [0, 1] units</p>'
             + pages.table(["split", *names], stat_rows))

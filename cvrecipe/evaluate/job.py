@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cvrecipe.artifact.checkpoint import load_model, read_metadata
-from cvrecipe.artifact.inference import expand_image_paths, load_images_for_model, predict_logits
+from cvrecipe.artifact.inference import expand_image_paths, load_image_batches, predict_logits
 from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
@@ -35,7 +35,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     device = resolve_device(cfg.train.device)
     model = load_model(run_dir / "best.safetensors", device)
     meta = model.meta
-    task = get_task(meta.get("task", "classification"))
+    task = get_task(meta.get("task", "classification"), cfg)
     data_cfg = dataclasses.replace(cfg.data, subset=None)
     if data:  # another dataset: bring its images to the model's input shape
         height, width = meta["input_size"]
@@ -57,19 +57,27 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     return result, logits
 
 
-def predict(run_dir: Path, paths: list[str], k: int = 5) -> list[dict]:
-    """The task's answer (top-k classes for a classifier) for image files (folders expanded).
-    Unreadable files are reported, not fatal."""
+def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None,
+            overlay: bool = False) -> list[dict]:
+    """The task's answer (top-k classes for a classifier; a mask per image for segmentation, written
+    as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`) for image
+    files (folders expanded). Unreadable files are reported, not fatal."""
     model = load_model(run_dir, "cpu")
     task = get_task(model.meta.get("task", "classification"))
     files = expand_image_paths(paths)
     run_config = Path(run_dir) / "config.yaml"  # the run's own pixel limit, when it is a run folder
     max_pixels = load_run_config(run_dir).data.max_pixels if run_config.is_file() else None
-    x, good, skipped = load_images_for_model(files, model.meta, max_pixels)
+    batches, good, skipped = load_image_batches(files, model.meta, max_pixels)
     results = [{"file": name, "error": reason} for name, reason in skipped]
-    if len(good):
+    run_folder = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    out_dir = Path(out_dir) if out_dir else run_folder / "predictions"
+    files_left = iter(good)
+    for x in batches:
         answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)
-        results += [{"file": str(p), **answer} for p, answer in zip(good, answers)]
+        for image, answer in zip(x, answers):
+            path = next(files_left)
+            saved = task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)
+            results.append({"file": str(path), **saved})
     return results
 
 

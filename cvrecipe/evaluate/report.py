@@ -27,12 +27,13 @@ from cvrecipe.artifact.inference import predict_logits
 from cvrecipe.config import load_run_config, to_dict
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
-from cvrecipe.evaluate import classification_report
+from cvrecipe.evaluate import classification_report, segmentation_report
 from cvrecipe.evaluate.context import ReportContext
 from cvrecipe.tasks import get_task
 
 # task name → module with sections(ctx) -> (summary cards, HTML sections)
-TASK_SECTIONS = {"classification": classification_report}
+TASK_SECTIONS = {"classification": classification_report, "segmentation": segmentation_report}
+CURVE_TITLES = {"acc": "accuracy", "pixel_acc": "pixel accuracy", "miou": "mIoU", "dice": "Dice"}
 
 
 def write_report(run_dir: Path, calibrate: bool = False, console: Console | None = None,
@@ -48,7 +49,7 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     checkpoint = run_dir / "best.safetensors"
     device = resolve_device(cfg.train.device)
     model = load_model(checkpoint, device)
-    task = get_task(model.meta.get("task", "classification"))
+    task = get_task(model.meta.get("task", "classification"), cfg)
     ds = load_dataset(dataclasses.replace(cfg.data, subset=None), seed=cfg.train.seed)
     split, part = ds.eval_split
     if eval_logits is None:
@@ -138,7 +139,7 @@ def _curves(history: list[dict], metrics: tuple[str, ...], plots: Path) -> str:
     for ax, key in zip(axes, metrics):
         for split, label in (("train", "train"), ("val", "validation")):
             ax.plot(epochs, [r.get(f"{split}_{key}", float("nan")) for r in history], "o-", label=label, ms=3)
-        ax.set_title({"acc": "accuracy"}.get(key, key))
+        ax.set_title(CURVE_TITLES.get(key, key))
         ax.set_xlabel("epoch")
         ax.legend()
         ax.grid(alpha=0.3)

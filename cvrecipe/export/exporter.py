@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cvrecipe.artifact.inference import predict_logits
+from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.export import manifest as mf
 from cvrecipe.export import parity
 from cvrecipe.export.onnx import OnnxRunner, write_onnx
@@ -78,7 +79,7 @@ def export_model(model: ImageModel, images: np.ndarray, out_dir: Path, fmt: str 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         module = HalfPrecision(model) if half else model
-        sample = torch.from_numpy(np.ascontiguousarray(images[:1]))
+        sample = input_sample(images, model.meta)
         try:
             facts = write(module, sample, tmp / filename, dynamic_batch)
         except Exception as err:  # noqa: BLE001 - the exporter's own errors are many and varied
@@ -97,12 +98,27 @@ def export_model(model: ImageModel, images: np.ndarray, out_dir: Path, fmt: str 
     return ExportResult(out_dir / filename, manifest, report)
 
 
+def input_sample(images: np.ndarray, meta: dict) -> torch.Tensor:
+    """One image cut to the model's input size (a segmentation model's tile), to trace the export at."""
+    h, w = meta["input_size"]
+    x = torch.from_numpy(np.ascontiguousarray(images[:1, :, :h, :w]))
+    if tuple(x.shape[-2:]) != (h, w):  # smaller than a tile: padded, as tiled inference pads it
+        x = torch.nn.functional.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
+    return x
+
+
 def check(model: ImageModel, runner, images: np.ndarray, half: bool, atol: float | None = None,
           min_agreement: float | None = None) -> parity.ParityReport:
-    """Compare `runner.predict` with the eager fp32 model on `images`, by the model's task's measure."""
+    """Compare `runner.predict` with the eager fp32 model on `images`, by the model's task's measure;
+    both run the way the model is run everywhere (in tiles when its meta says so: tiling.py)."""
     reference = predict_logits(model, images, batch_size=256, device=torch.device("cpu")).numpy()
     sizes = [runner.fixed_batch] if runner.fixed_batch else CHECK_BATCH_SIZES
-    exported = parity.run_in_batches(runner.predict, images, sizes)
+
+    def exported_outputs(x: np.ndarray) -> np.ndarray:
+        tiles = lambda t: torch.from_numpy(np.asarray(runner.predict(t.numpy()), np.float32))  # noqa: E731
+        return run_outputs(tiles, torch.from_numpy(np.ascontiguousarray(x)), model.meta).numpy()
+
+    exported = parity.run_in_batches(exported_outputs, images, sizes)
     return get_task(model.meta.get("task", "classification")).parity(reference, exported, sizes, half, atol,
                                                                      min_agreement)
 
@@ -145,7 +161,7 @@ def export_run(run_dir: Path, fmt: str = "onnx", dynamic_batch: bool = False, ha
     cfg = load_run_config(run_dir)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     split_name, split = ds.eval_split
-    images = split.x[:max_images]
+    images = split.x[:min(max_images, get_task(model.meta.get("task", "classification")).PARITY_IMAGES)]
     source = {"run": str(run_dir), "checkpoint": checkpoint.name, "checkpoint_sha256": mf.sha256_file(checkpoint),
               "epoch": extra.get("epoch"), "check_images": f"{ds.name} {split_name}, first {len(images)}"}
     return export_model(model, images, out_dir or run_dir / "export", fmt, dynamic_batch, half, source)

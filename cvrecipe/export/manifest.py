@@ -46,6 +46,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def build_manifest(meta: dict, source: dict) -> dict:
     """The file-independent part of model.json, from the model's metadata and where it came from."""
+    from cvrecipe.tasks import get_task
+
     channels = meta["in_channels"]
     return {
         "format_version": FORMAT_VERSION,
@@ -67,8 +69,8 @@ def build_manifest(meta: dict, source: dict) -> dict:
             "mean": meta.get("mean") or [0.0] * channels,
             "std": meta.get("std") or [1.0] * channels,
         },
-        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", meta["num_classes"]],
-                   "probabilities": "softmax over the logits"},
+        "output": get_task(meta.get("task", "classification")).output_spec(meta["num_classes"]),
+        **{key: meta[key] for key in ("tile", "class_colours") if meta.get(key)},
         "source": source,
         "files": {},
     }

@@ -1,5 +1,6 @@
 """Model registry. Importing this package registers every model family."""
-from cvrecipe.models import cnn, pretrained, resnet, speedrun  # noqa: F401  (registration side effect)
-from cvrecipe.models.registry import ImageModel, create_model, list_models, list_pretrained, model_from_meta
+from cvrecipe.models import cnn, pretrained, resnet, speedrun, unet  # noqa: F401  (registration side effect)
+from cvrecipe.models.registry import (ImageModel, create_model, list_models, list_pretrained, model_from_meta,
+                                      model_task)
 
-__all__ = ["ImageModel", "create_model", "list_models", "list_pretrained", "model_from_meta"]
+__all__ = ["ImageModel", "create_model", "list_models", "list_pretrained", "model_from_meta", "model_task"]

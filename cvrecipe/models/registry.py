@@ -16,15 +16,23 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED: dict[str, Callable[..., nn.Module]] = {}  # fixed preprocessing and RGB input: listed apart
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}  # "timm" → fn(arch, num_classes, ...) for "timm:arch"
+_TASKS: dict[str, str] = {}  # model name → the task its outputs answer (classification unless registered otherwise)
 
 
-def register(name: str, pretrained: bool = False):
+def register(name: str, pretrained: bool = False, task: str = "classification"):
     """Decorator: `@register("seed-cnn")` on a function (num_classes, in_channels, **kw) → nn.Module.
-    `pretrained=True`: the network loads pretrained weights and brings its own preprocessing."""
+    `pretrained=True`: the network loads pretrained weights and brings its own preprocessing.
+    `task`: what its outputs are (classification: (B, K) logits; segmentation: (B, K, H, W))."""
     def wrap(fn):
         (_PRETRAINED if pretrained else _REGISTRY)[name] = fn
+        _TASKS[name] = task
         return fn
     return wrap
+
+
+def model_task(name: str) -> str:
+    """The task a registered model serves (library families `prefix:arch` are classifiers)."""
+    return _TASKS.get(name, "classification")
 
 
 def register_prefix(prefix: str):
@@ -35,9 +43,9 @@ def register_prefix(prefix: str):
     return wrap
 
 
-def list_models() -> list[str]:
-    """Models trained from scratch: any channel count, the dataset's own mean/std."""
-    return sorted(_REGISTRY)
+def list_models(task: str = "classification") -> list[str]:
+    """Models of `task` trained from scratch: any channel count, the dataset's own mean/std."""
+    return sorted(name for name in _REGISTRY if _TASKS[name] == task)
 
 
 def list_pretrained() -> list[str]:
@@ -70,8 +78,9 @@ class Normalize(nn.Module):
 
 
 class ImageModel(nn.Module):
-    """Normalize → network → outputs: logits (B, num_classes) for classification. `meta` travels
-    into checkpoints; meta["task"] says what the outputs mean."""
+    """Normalize → network → outputs: logits (B, num_classes) for classification, (B, num_classes,
+    H, W) for segmentation. `meta` travels into checkpoints; meta["task"] says what the outputs mean,
+    meta["tile"] (segmentation) how images larger than the input size are run (artifact/tiling.py)."""
 
     def __init__(self, net: nn.Module, meta: dict):
         super().__init__()
@@ -101,6 +110,9 @@ def create_model(
     A pretrained network brings its own (`net.preprocess`), which replaces them: its weights only
     make sense with the statistics it was trained with.
     """
+    if model_task(name) != task:
+        raise ValueError(f"model {name} is a {model_task(name)} model; a {task} run needs one of: "
+                         f"{', '.join(list_models(task))}")
     net = _factory(name)(num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **kwargs)
     backbone = getattr(net, "preprocess", None)  # {size, mean, std, interpolation} or None
     if backbone is not None:
@@ -128,4 +140,5 @@ def model_from_meta(meta: dict | str) -> ImageModel:
     model = create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
                          meta["mean"], meta["std"], meta["class_names"], meta.get("task", "classification"), **kwargs)
     model.meta["kwargs"] = meta["kwargs"]  # keep the record as trained
+    model.meta.update({k: v for k, v in meta.items() if k not in model.meta})  # e.g. "tile": how to run it
     return model

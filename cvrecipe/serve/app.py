@@ -3,8 +3,9 @@
 A thin adapter over the model code: read the request and refuse unsafe files by their header
 (cvrecipe.serve.inputs) → queue them for a batched decode and forward pass (cvrecipe.serve.state,
 cvrecipe.serve.batching) → the task's answer → JSON. The routes that answer with a task's
-outputs (for a classifier: /v1/predict and /v1/predict/batch, classification.py) come from the
-task's own module in TASK_ROUTES; this file holds what every server has.
+outputs (for a classifier: /v1/predict and /v1/predict/batch, classification.py; for segmentation:
+/v1/segment, segmentation.py) come from the task's own module in TASK_ROUTES; this file holds what
+every server has.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvrecipe import __version__
-from cvrecipe.serve import classification, schema
+from cvrecipe.serve import classification, schema, segmentation
 from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response
 from cvrecipe.serve.settings import ServeSettings
@@ -120,7 +121,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # task name → add_routes(app, require_token): the routes that serve that task's answers
-TASK_ROUTES = {"classification": classification.add_routes}
+TASK_ROUTES = {"classification": classification.add_routes, "segmentation": segmentation.add_routes}
 
 
 def _add_routes(app: FastAPI) -> None:

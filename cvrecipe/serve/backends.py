@@ -90,7 +90,9 @@ class EagerRunner:
 
 @dataclass
 class Backend:
-    """A loaded model: `predict(uint8 (B, C, H, W)) → float32 logits (B, K)` plus what describes it."""
+    """A loaded model: `predict(uint8 (B, C, H, W)) → float32 logits (B, K)` (or (B, K, H, W) for a
+    segmentation model) plus what describes it; `decode` and `outputs` run it the way it must be run
+    (a model with info["tile"] on each image at its own size, in overlapping tiles: tiling.py)."""
 
     runner: Any
     source: ModelSource
@@ -103,6 +105,27 @@ class Backend:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.info["in_channels"], *self.info["input_size"])  # (C, H, W)
+
+    def decode(self, blobs: list[bytes], max_pixels: int) -> list:
+        """Per file, the image as this model takes it (resized to the input size, or at its own size for a
+        tiled model), or the ServeError that refused it."""
+        from cvrecipe.serve.inputs import decode_batch
+
+        return decode_batch(blobs, self.input_shape, max_pixels, keep_size=bool(self.info.get("tile")))
+
+    def outputs(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Per decoded image (C, H, W), the model's outputs: logits (K,), or (K, H, W) for a tiled model
+        (each image alone, in tiles of the input size)."""
+        if not self.info.get("tile"):
+            return list(self.predict(np.stack(images)))  # one forward pass for the whole batch
+        import torch
+
+        from cvrecipe.artifact.tiling import run_outputs
+
+        def tiles(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(self.predict(x.numpy()), np.float32))
+
+        return [run_outputs(tiles, torch.from_numpy(image[None]), self.info)[0].numpy() for image in images]
 
     def describe(self) -> dict:
         return {**self.info, "version": self.version, "backend": self.source.backend, "format": self.source.kind,
@@ -121,7 +144,8 @@ def load_backend(source: ModelSource) -> Backend:
         version = mf.sha256_file(source.path)[:12]
         info = {"task": meta.get("task", "classification"), "name": meta["name"], "class_names": meta["class_names"],
                 "in_channels": meta["in_channels"],
-                "input_size": list(meta["input_size"]), "precision": "fp32", "run": str(source.path.parent)}
+                "input_size": list(meta["input_size"]), "precision": "fp32", "run": str(source.path.parent),
+                **{key: meta[key] for key in ("tile", "class_colours") if meta.get(key)}}
         return Backend(EagerRunner(source.path, resolve_device("auto")), source, version, info)
     entry = mf.verify_file(source.path.parent, source.path.name)
     manifest = mf.read_manifest(source.path.parent)
@@ -129,7 +153,8 @@ def load_backend(source: ModelSource) -> Backend:
     info = {"task": manifest.get("task", "classification"), "name": manifest["model"]["name"],
             "class_names": manifest["class_names"], "in_channels": pre["channels"],
             "input_size": list(pre["input_size"]), "precision": entry["precision"],
-            "run": manifest["source"].get("run")}
+            "run": manifest["source"].get("run"),
+            **{key: manifest[key] for key in ("tile", "class_colours") if manifest.get(key)}}
     if source.kind == "onnx":
         from cvrecipe.export.onnx import OnnxRunner
 
@@ -148,6 +173,6 @@ def warm_up(backend: Backend, max_batch_size: int, passes: int) -> None:
         x = np.zeros((size, *backend.input_shape), np.uint8)
         for _ in range(passes):
             logits = backend.predict(x)
-        if logits.shape != (size, len(backend.info["class_names"])):
+        if logits.shape[:2] != (size, len(backend.info["class_names"])):
             raise ValueError(f"{backend.source.path} gives logits of shape {logits.shape} for {size} images; "
-                             f"expected ({size}, {len(backend.info['class_names'])})")
+                             f"expected ({size}, {len(backend.info['class_names'])}, ...)")

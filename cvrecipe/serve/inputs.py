@@ -72,13 +72,17 @@ def refusal(data: bytes, max_pixels: int) -> ServeError | None:
     return None
 
 
-def decode_batch(blobs: list[bytes], shape: tuple[int, int, int], max_pixels: int) -> list[np.ndarray | ServeError]:
-    """Per blob, a uint8 `shape` (C, H, W) image from the training decoder, or why it failed.
+def decode_batch(blobs: list[bytes], shape: tuple[int, int, int], max_pixels: int,
+                 keep_size: bool = False) -> list[np.ndarray | ServeError]:
+    """Per blob, a uint8 `shape` (C, H, W) image from the training decoder, or why it failed;
+    with `keep_size` (models run in tiles), each image at its own (H, W) with `shape`'s channels.
 
     One call per forward pass: the decoder's per-call set-up is shared by the whole batch and
     small JPEGs are decoded together. CPU work, run on the inference thread.
     """
     channels, height, width = shape
+    if keep_size:
+        return [_decode_native(blob, channels, max_pixels) for blob in blobs]
     x, good, skipped = decode_images([(str(i), b) for i, b in enumerate(blobs)], channels, (height, width),
                                      threads=1, max_pixels=max_pixels)
     out: list[np.ndarray | ServeError] = [None] * len(blobs)
@@ -87,3 +91,8 @@ def decode_batch(blobs: list[bytes], shape: tuple[int, int, int], max_pixels: in
     for name, reason in skipped:
         out[int(name)] = ServeError(400, "corrupt_image", f"cannot decode the image: {reason}")
     return out
+
+
+def _decode_native(blob: bytes, channels: int, max_pixels: int) -> np.ndarray | ServeError:
+    x, good, skipped = decode_images([("0", blob)], channels, None, threads=1, max_pixels=max_pixels)
+    return x[0] if good else ServeError(400, "corrupt_image", f"cannot decode the image: {skipped[0][1]}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from cvrecipe.serve.backends import Backend, load_backend, resolve_source, warm_up
 from cvrecipe.serve.batching import Batcher, QueueFull, ShuttingDown
-from cvrecipe.serve.inputs import ServeError, decode_batch
+from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.metrics import Metrics
 from cvrecipe.serve.settings import ServeSettings
 
@@ -77,12 +77,11 @@ class ServerState:
         """On the inference thread: decode a batch of image files, run the model on those that
         decoded. One output per blob: logits (K,) float32, or the ServeError that refused it."""
         backend = self.backend  # one model per batch, even if a reload swaps it meanwhile
-        outputs = decode_batch(blobs, backend.input_shape, self.settings.max_pixels)
+        outputs = backend.decode(blobs, self.settings.max_pixels)
         good = [i for i, out in enumerate(outputs) if isinstance(out, np.ndarray)]
-        if good:
-            logits = backend.predict(np.stack([outputs[i] for i in good]))  # (n, C, H, W) uint8 → (n, K)
-            for row, i in enumerate(good):
-                outputs[i] = logits[row]
+        if good:  # (C, H, W) uint8 images → logits (K,) each, or (K, H, W) for a tiled segmentation model
+            for i, logits in zip(good, backend.outputs([outputs[i] for i in good])):
+                outputs[i] = logits
         return outputs, backend
 
     @contextlib.contextmanager

@@ -16,16 +16,20 @@ __all__ = ["Meter", "ParityReport", "Task", "get_task", "task_names"]
 
 def _registry() -> dict[str, type[Task]]:
     from cvrecipe.tasks.classification import Classification
+    from cvrecipe.tasks.segmentation import Segmentation
 
-    return {"classification": Classification}
+    return {"classification": Classification, "segmentation": Segmentation}
 
 
 def task_names() -> list[str]:
     return sorted(_registry())
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, cfg=None) -> Task:
+    """The task object; `cfg` (a Config) configures it where the task has a section of its own
+    (segmentation: cfg.segment, its loss)."""
     tasks = _registry()
     if name not in tasks:
         raise ValueError(f"unknown task '{name}'; known: {', '.join(sorted(tasks))}")
-    return tasks[name]()
+    cls = tasks[name]
+    return cls(getattr(cfg, cls.section) if cfg is not None and cls.section else None)

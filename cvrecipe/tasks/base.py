@@ -47,14 +47,31 @@ class ParityReport:
 
 
 class Task:
-    """What differs between tasks. Subclasses set `name` and implement the methods."""
+    """What differs between tasks. Subclasses set `name` and implement the methods; the sanity-check
+    helpers below have a classifier's defaults (one label per item)."""
 
     name: str = ""
+    section: str | None = None  # the Config section that configures the task, where it has one
+    PARITY_IMAGES = 1000  # at most this many held-out images check an export
+    # the sanity checks' budgets, in items (cvrecipe/train/sanity.py)
+    SANITY = {"init_batch": 256, "overfit_batch": 32, "train_batch": 32, "held_out": 512}
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg  # the task's own config section, where it has one
 
     @property
     def metrics(self) -> tuple[str, ...]:
         """Metric names per split, loss first (metrics.csv has train_<m> and val_<m>)."""
         return TASK_METRICS[self.name]
+
+    # -- the model -----------------------------------------------------------------------------
+    def input_size(self, cfg, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) the model is built for, given the dataset's image size."""
+        return image_size
+
+    def model_meta(self, cfg, input_size: tuple[int, int]) -> dict:
+        """Entries the task adds to the model's metadata (stored with its weights and exports)."""
+        return {}
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -74,6 +91,19 @@ class Task:
     def item_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per item (B,): (how right, in [0, 1]; the unreduced loss). The sanity checks compare these."""
         raise NotImplementedError
+
+    def chance(self, targets: torch.Tensor) -> float:
+        """The accuracy of always answering the commonest class on `targets` (the sanity checks' floor)."""
+        counts = torch.bincount(targets.flatten().long())
+        return float(counts.max() / counts.sum()) if len(counts) else 0.0
+
+    def score_sigma(self, scores: torch.Tensor, p: float) -> float:
+        """Standard error of a mean item score near accuracy `p`: binomial, items being right or wrong."""
+        return (p * (1 - p) / max(len(scores), 1)) ** 0.5
+
+    def sanity_items(self, x: torch.Tensor, y: torch.Tensor, n: int, gen: torch.Generator):
+        """(x, y) as the sanity checks use them (a task may cut large images into small items)."""
+        return x, y
 
     def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
         """Everything eval.json holds for one split, from the model's outputs over the whole split."""
@@ -96,6 +126,17 @@ class Task:
     def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
         """Per image, the answer `cvrecipe predict` gives, as JSON-able fields (e.g. {"top": [...]})."""
         raise NotImplementedError
+
+    def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
+                    overlay: bool = False) -> dict:
+        """The answer as JSON-able fields, after writing any files it carries (segmentation: the mask
+        PNG, and an overlay PNG when `overlay`) into `out_dir` named after `stem`."""
+        return answer
+
+    def output_spec(self, num_classes: int) -> dict:
+        """What an exported model's output is (model.json's "output")."""
+        return {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes],
+                "probabilities": "softmax over the logits"}
 
     def answer_text(self, answer: dict) -> str:
         """One answer as one line for the terminal."""

@@ -53,7 +53,7 @@ class Step:
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
     train_x: torch.Tensor  # (N, C, H, W) uint8 on the device
-    train_y: torch.Tensor  # (N,) int64 class labels on the device (the task's targets)
+    train_y: torch.Tensor  # the task's targets on the device: (N,) int64 labels or (N, H, W) uint8 masks
     base_flip: torch.Tensor  # (N,) bool: per-run flip coins for augment.flip_mode=alternate
     steps_per_epoch: int
     batch_size: int
@@ -80,7 +80,7 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
 def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, resume: bool, console: Console,
          callbacks: list) -> list[dict]:
     tc = cfg.train
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, cfg)
     has_val = len(ds.val) > 0
     if not has_val and cfg.stop.early and cfg.checkpoint.monitor.startswith("val_"):
         raise ValueError(f"stop.early on checkpoint.monitor={cfg.checkpoint.monitor} needs a validation split, and "
@@ -131,8 +131,9 @@ def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, 
                 train_y: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> Step:
     tc = cfg.train
     dtype = autocast_dtype(device, tc.precision)
-    batch_size = min(tc.batch_size, len(train_y))
-    steps_per_epoch = len(train_y) // batch_size  # the ragged last batch is dropped; order changes every epoch
+    batch_size = min(tc.batch_size, len(train_y) * tc.repeat)
+    # the ragged last batch is dropped; order changes every epoch
+    steps_per_epoch = len(train_y) * tc.repeat // batch_size
     groups, master = finetune.param_groups() or param_groups(model, cfg), None
     if tc.half_weights:  # weights in `dtype` instead of autocast; the optimizer may update fp32 copies
         to_half_weights(model, dtype)
@@ -155,7 +156,10 @@ def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console:
     total_steps = tc.epochs * steps
     step.model.train()
     gen = epoch_generator(tc.seed, epoch, device)
-    order = torch.randperm(len(step.train_y), generator=gen, device=device)
+    n = len(step.train_y)
+    # train.repeat passes over the images per epoch, in one shuffled order (an image may recur in a batch)
+    order = torch.randperm(n * tc.repeat, generator=gen, device=device) % n if tc.repeat > 1 else \
+        torch.randperm(n, generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)  # summed on device: one sync per log interval, not per step
     meter = step.task.meter(len(ds.classes), device)
     columns = [TextColumn(f"epoch {epoch + 1}/{tc.epochs}"), BarColumn(), MofNCompleteColumn(),
@@ -246,8 +250,14 @@ def _averaged(step: Step) -> ImageModel:
 def _validate(task: Task, model: ImageModel, ds: ImageDataset, step: Step) -> dict[str, float]:
     size = max(step.batch_size, 256)
     batches = iter_logits(model, ds.val.x, size, step.device, step.dtype, step.memory_format == torch.channels_last)
-    targets = (torch.from_numpy(ds.val.y[start:start + size]) for start in range(0, len(ds.val), size))
-    return split_metrics(task, zip(batches, targets), len(ds.classes))
+
+    def with_targets():  # iter_logits may take fewer images per batch (tiled models): follow its batches
+        start = 0
+        for outputs in batches:
+            yield outputs, torch.from_numpy(ds.val.y[start:start + len(outputs)])
+            start += len(outputs)
+
+    return split_metrics(task, with_targets(), len(ds.classes))
 
 
 def _snapshot(step: Step) -> dict:

@@ -36,7 +36,7 @@ from cvrecipe.data import ImageDataset, load_dataset
 from cvrecipe.device import resolve_device, seed_everything
 from cvrecipe.models import ImageModel
 from cvrecipe.models.head import class_prior
-from cvrecipe.tasks import get_task
+from cvrecipe.tasks import Task, get_task
 from cvrecipe.train.finetune import Finetune
 
 # Budgets, chosen so the four checks take seconds for small-cnn on Fashion-MNIST on 2 CPU cores
@@ -60,7 +60,8 @@ ZERO_T_PASS, ZERO_T_WARN = 4.0, 2.0  # paired t-statistic of the held-out loss a
 LEAK_SIGMAS_WARN, LEAK_SIGMAS_FAIL = 4.0, 8.0  # held-out accuracy above chance, in binomial std
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-InputFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+# the input pipeline: (images, targets, gen) → images, or (images, targets) when it moves targets along
+InputFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # → (right (B,), loss (B,))
 
 
@@ -117,38 +118,56 @@ def initial_model(cfg: Config, ds: ImageDataset) -> ImageModel:
 
 
 def training_loss(cfg: Config) -> LossFn:
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, cfg)
     return lambda outputs, y: task.loss(outputs, y, cfg.train.label_smoothing)
 
 
 def training_inputs(cfg: Config, ds: ImageDataset) -> InputFn:
-    """The training input pipeline (the task's augmentation): images in, images out; any targets
-    it moves along with them are dropped, so a label cannot flow into the input through it."""
-    task = get_task(cfg.task)
-    return lambda x, y, gen: task.augment(x, y, cfg.augment, ds.hflip_ok, gen)[0]
+    """The training input pipeline (the task's augmentation): (images, targets) in, (images, targets)
+    out; the targets only move with their images (a segmentation mask is cropped and turned with its
+    image), so a label cannot flow into the input through it."""
+    task = get_task(cfg.task, cfg)
+    return lambda x, y, gen: task.augment(x, y, cfg.augment, ds.hflip_ok, gen)
+
+
+def _through(make_inputs: InputFn, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+    """(inputs, targets) from the pipeline, whichever of the two forms it returns."""
+    out = make_inputs(x, y, gen)
+    return out if isinstance(out, tuple) else (out, y)
 
 
 def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, loss_fn: LossFn | None = None,
                make_inputs: InputFn | None = None, device: torch.device | None = None) -> list[CheckResult]:
     """All four checks on copies of `model` (default: the model `fit` would start from). Items are
-    scored by the task (`Task.item_scores`: for classification, top-1 right and cross-entropy)."""
+    what the task makes of the images (`Task.sanity_items`: images for a classifier, small crops of
+    image and mask for segmentation), scored by the task (`Task.item_scores`: for classification,
+    top-1 right and cross-entropy; for segmentation, the share of pixels right and their mean
+    cross-entropy), in the task's budgets (`Task.SANITY`)."""
     device = device or resolve_device(cfg.train.device)
+    task = get_task(cfg.task, cfg)
+    budget = {"init_batch": INIT_BATCH, "overfit_batch": OVERFIT_BATCH, "train_batch": TRAIN_BATCH,
+              "held_out": HELD_OUT, **task.SANITY}
     with preserved_rng(device), cpu_threads(cfg.train.num_threads):
         model = (model if model is not None else initial_model(cfg, ds)).to(device)
         loss_fn = loss_fn or training_loss(cfg)
         make_inputs = make_inputs or training_inputs(cfg, ds)
-        score = get_task(cfg.task).item_scores
+        score = task.item_scores
         gen = torch.Generator().manual_seed(cfg.train.seed + SEED_OFFSET)
-        pool_x, pool_y = _draw(ds.train.x, ds.train.y, TRAIN_STEPS * TRAIN_BATCH, gen)
+        n_pool = TRAIN_STEPS * budget["train_batch"]
+        pool_x, pool_y = task.sanity_items(*_draw(ds.train.x, ds.train.y, n_pool, gen), n_pool, gen)
         held = ds.val if ds.val is not None and len(ds.val) else ds.train
-        held_x, held_y = _draw(held.x, held.y, HELD_OUT, gen)
+        held_x, held_y = task.sanity_items(*_draw(held.x, held.y, budget["held_out"], gen), budget["held_out"], gen)
         num_classes = len(ds.classes)
-        expected = _expected_init_loss(cfg, ds, pool_y[:INIT_BATCH], num_classes)
+        init_x, init_y = pool_x[:budget["init_batch"]], pool_y[:budget["init_batch"]]
+        expected = (_expected_init_loss(cfg, ds, init_y, num_classes) if cfg.model.init_bias_prior
+                    else _uniform_loss(model, init_x, init_y, loss_fn, device))
+        train, held_out, batch = (pool_x, pool_y), (held_x, held_y), budget["train_batch"]
+        overfit = budget["overfit_batch"]
         return [
-            check_init_loss(model, pool_x[:INIT_BATCH], pool_y[:INIT_BATCH], loss_fn, expected, device),
-            check_overfit_batch(model, pool_x[:OVERFIT_BATCH], pool_y[:OVERFIT_BATCH], loss_fn, device, score),
-            check_zero_input(model, (pool_x, pool_y), (held_x, held_y), loss_fn, make_inputs, gen, device, score),
-            check_label_leak(model, (pool_x, pool_y), (held_x, held_y), loss_fn, make_inputs, gen, device, score),
+            check_init_loss(model, init_x, init_y, loss_fn, expected, device),
+            check_overfit_batch(model, pool_x[:overfit], pool_y[:overfit], loss_fn, device, score),
+            check_zero_input(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
+            check_label_leak(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
         ]
 
 
@@ -165,6 +184,16 @@ def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_clas
     return float(-np.log(prior[y.numpy()]).mean())  # softmax = prior: cross-entropy of these labels
 
 
+def _uniform_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, device: torch.device) -> float:
+    """The loss of uniform outputs (all-zero logits) on (x, y): ln K for cross-entropy, and whatever the
+    task's loss (e.g. soft Dice) gives for a uniform softmax."""
+    was = model.training
+    with torch.no_grad():
+        shape = model.eval()(x[:1].to(device)).shape  # the outputs' shape for one item
+    model.train(was)
+    return float(loss_fn(torch.zeros(len(y), *shape[1:]), y))
+
+
 def check_init_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, expected: float,
                     device: torch.device) -> CheckResult:
     """Loss of the untrained model (train mode, as the first step sees it) against `expected`."""
@@ -173,7 +202,8 @@ def check_init_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
         loss = loss_fn(model(x.to(device)), y.to(device)).item()
     deviation = abs(loss - expected) / expected if math.isfinite(loss) else math.inf
     status = _grade(deviation, lambda d: d <= INIT_LOSS_WARN, lambda d: d <= INIT_LOSS_FAIL)
-    message = (f"loss at init {loss:.3f}, expected {expected:.3f} (ln K or prior entropy): "
+    message = (f"loss at init {loss:.3f}, expected {expected:.3f} (uniform outputs: ln K for cross-entropy; or "
+               f"the prior's entropy): "
                f"{deviation:.0%} off (warn above {INIT_LOSS_WARN:.0%}, fail above {INIT_LOSS_FAIL:.0%})")
     return CheckResult("init-loss", status, message, {"loss": loss, "expected": expected, "deviation": deviation})
 
@@ -212,14 +242,15 @@ def check_overfit_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss
 
 
 def _train_copy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, make_inputs: InputFn,
-                gen: torch.Generator, device: torch.device, zeros: bool = False) -> nn.Module:
-    """TRAIN_STEPS Adam steps over (x, y) through the input pipeline; `zeros` blanks every input."""
+                gen: torch.Generator, device: torch.device, zeros: bool = False, batch: int = TRAIN_BATCH) -> nn.Module:
+    """TRAIN_STEPS Adam steps of `batch` items over (x, y) through the input pipeline; `zeros` blanks
+    every input."""
     model = copy.deepcopy(model).train()
     optimizer = _optimizer(model)
     for step in range(TRAIN_STEPS):
-        idx = torch.arange(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH) % len(y)
+        idx = torch.arange(step * batch, (step + 1) * batch) % len(y)
         xb, yb = x[idx].to(device), y[idx].to(device)
-        inputs = make_inputs(xb, yb, gen)
+        inputs, yb = _through(make_inputs, xb, yb, gen)
         if zeros:
             inputs = torch.zeros_like(inputs)
         loss = loss_fn(model(inputs), yb)
@@ -240,21 +271,26 @@ def _held_out(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
 
 
 def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossFn, make_inputs: InputFn,
-                     gen: torch.Generator, device: torch.device, score: ScoreFn) -> CheckResult:
+                     gen: torch.Generator, device: torch.device, score: ScoreFn, task: Task | None = None,
+                     batch: int = TRAIN_BATCH) -> CheckResult:
     """Same steps, same batches, once with the images and once with zeros; compare on held-out images.
 
     Evidence that the images help, either of: held-out accuracy above the better of the zero-input
     model and the commonest class (in binomial std), or a held-out loss lower image by image than
     the zero-input model's (a paired t-statistic). Slow starters show one but not the other: an
     unnormalised net on CIFAR-10 gains only hundredths of a nat (t ≈ 4) with no accuracy yet, while
-    ResNet-18 gains accuracy (+0.09) but is over-confident after so few steps (higher loss)."""
-    real = _train_copy(model, *train, loss_fn, make_inputs, gen, device)
-    blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True)
+    ResNet-18 gains accuracy (+0.09) but is over-confident after so few steps (higher loss).
+    `task` gives the input-free floor and the standard error of the accuracy (a classifier's items
+    are right or wrong: binomial; a segmentation item's pixels are not independent: the spread of
+    the per-item scores); default: classification's."""
+    task = task or get_task("classification")
+    real = _train_copy(model, *train, loss_fn, make_inputs, gen, device, batch=batch)
+    blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True, batch=batch)
     (real_ok, real_loss) = _held_out(real, *held, device, score)
     (zero_ok, zero_loss) = _held_out(blind, *held, device, score, zeros=True)
     y = held[1]
-    baseline = max(zero_ok.mean().item(), np.bincount(y.numpy()).max() / len(y))  # best input-free accuracy
-    acc_sigmas = (real_ok.mean().item() - baseline) / math.sqrt(baseline * (1 - baseline) / len(y))
+    baseline = max(zero_ok.mean().item(), task.chance(y))  # best input-free accuracy
+    acc_sigmas = (real_ok.mean().item() - baseline) / max(task.score_sigma(real_ok, baseline), 1e-12)
     diff = zero_loss - real_loss  # > 0 where the images helped
     t = (diff.mean() / (diff.std() / math.sqrt(len(diff))).clamp_min(1e-12)).item()
     if acc_sigmas >= ZERO_SIGMAS_PASS or t >= ZERO_T_PASS:
@@ -273,19 +309,23 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
 
 
 def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossFn, make_inputs: InputFn,
-                     gen: torch.Generator, device: torch.device, score: ScoreFn) -> CheckResult:
+                     gen: torch.Generator, device: torch.device, score: ScoreFn, task: Task | None = None,
+                     batch: int = TRAIN_BATCH) -> CheckResult:
     """Train on labels shuffled against their images; held-out accuracy on shuffled labels must stay
     at chance unless the pipeline puts the label into the input. Held-out inputs go through the
-    same pipeline (with their own shuffled labels), so a leak there shows too."""
+    same pipeline (with their own shuffled labels), so a leak there shows too. For segmentation the
+    masks are shuffled against the images (chance: always answering the commonest class)."""
+    task = task or get_task("classification")
     (x, y), (hx, hy) = train, held
     y_shuffled = y[torch.randperm(len(y), generator=gen)]
     hy_shuffled = hy[torch.randperm(len(hy), generator=gen)]
-    trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device)
+    trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device, batch=batch)
     with torch.no_grad():
-        inputs = make_inputs(hx.to(device), hy_shuffled.to(device), gen)
-    acc = _held_out(trained, inputs.cpu(), hy_shuffled, device, score)[0].mean().item()
-    chance = float(np.bincount(hy_shuffled.numpy()).max() / len(hy))  # always answering the commonest class
-    sigma = math.sqrt(chance * (1 - chance) / len(hy))
+        inputs, hy_moved = _through(make_inputs, hx.to(device), hy_shuffled.to(device), gen)
+    right = _held_out(trained, inputs.cpu(), hy_moved.cpu(), device, score)[0]
+    acc = right.mean().item()
+    chance = task.chance(hy_shuffled)  # always answering the commonest class
+    sigma = max(task.score_sigma(right, chance), 1e-12)
     excess = (acc - chance) / sigma
     status = _grade(excess, lambda e: e <= LEAK_SIGMAS_WARN, lambda e: e <= LEAK_SIGMAS_FAIL)
     message = (f"held-out accuracy on shuffled labels {acc:.3f} vs chance {chance:.3f}: {excess:+.1f} std "

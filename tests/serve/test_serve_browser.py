@@ -63,3 +63,44 @@ def test_page_shows_the_top_classes_of_an_uploaded_image(tmp_path):
         docs = ROOT / "docs" / "images"
         docs.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, docs / "serve-page.png")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                   "(apt-get install chromium; `make test` installs it as root)")
+def test_page_shows_the_mask_over_an_uploaded_image(tmp_path):
+    """A segmentation model: the page asks /v1/segment, draws the mask over the image and shows each
+    class's share of the pixels; the overlay the browser decodes is the eager model's mask."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cvrecipe.artifact.inference import predict_logits
+    from serve_helpers import train_shapes_run
+
+    run_dir, data = train_shapes_run(tmp_path)
+    image = sorted((data / "image").glob("*.png"))[0]
+    model = load_model(run_dir)
+    expected = predict_logits(model, np.asarray(Image.open(image)).transpose(2, 0, 1)[None]).argmax(1)[0].numpy()
+    with running_server(run_dir) as (url, _), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#title")).to_have_text("Segment an image", timeout=15_000)
+            page.set_input_files("#file", str(image))
+            sync_api.expect(page.locator("#overlay")).to_be_visible(timeout=15_000)
+            sync_api.expect(page.locator("#latency")).to_contain_text("ms", timeout=15_000)
+            labels = page.locator("#results .row .label")
+            assert labels.all_inner_texts() == model.meta["class_names"]
+            src = page.locator("#overlay").get_attribute("src")
+            natural = page.locator("#overlay").evaluate("e => [e.naturalWidth, e.naturalHeight]")
+            assert natural == [48, 48]
+            mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+            assert (mask == expected).mean() >= 0.999
+            assert page.locator("#error").inner_text() == ""
+            page.screenshot(path=str(tmp_path / "segment-page.png"), full_page=True)
+        finally:
+            browser.close()

@@ -1,0 +1,98 @@
+"""The serving route of a segmentation model: POST /v1/segment (one image).
+
+The image is decoded at its own size and segmented in overlapping tiles of the model's input size
+(the same tiling as evaluation and the export check). `format=png` (the default) answers with the
+mask itself: a palette PNG of the image's size whose pixel values are class indices and whose
+palette holds the classes' colours. `format=json` answers {"request_id", "model": {"name",
+"version"}, "width", "height", "areas": [{"class", "pixels", "fraction"}], "mean_confidence",
+"latency_ms"}, plus "mask" (the same PNG as a data URI) with `mask=true`. Limits, errors and metrics
+are /v1/predict's: the same body limit, header checks, queue, timeout and batcher.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from typing import Callable, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from cvrecipe.data.mask_images import class_colours, mask_png
+from cvrecipe.serve import schema
+from cvrecipe.serve.inputs import ServeError, read_images, refusal
+from cvrecipe.serve.state import ServerState
+
+TASK = "segmentation"
+
+
+class ClassArea(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class")
+    pixels: int = Field(ge=0)
+    fraction: float = Field(ge=0, le=1, description="share of the image's pixels")
+
+
+class Segmentation(BaseModel):
+    request_id: str
+    model: schema.ModelName
+    width: int
+    height: int
+    areas: list[ClassArea] = Field(description="one per class, in class order")
+    mean_confidence: float = Field(ge=0, le=1, description="mean over pixels of the largest class probability")
+    latency_ms: float
+    mask: str | None = Field(None, description="with mask=true: the mask PNG as a data: URI")
+
+
+ERRORS = schema.errors(400, 401, 409, 413, 415, 503, 504)
+PNG_ANSWER = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                          "application/json": {"schema": Segmentation.model_json_schema()}},
+              "description": "format=png: the mask, a palette PNG of the image's size whose values are class "
+                             "indices; format=json: per-class areas"}
+
+
+def mask_and_confidence(logits: np.ndarray) -> tuple[np.ndarray, float]:
+    """(K, H, W) logits → (H, W) uint8 class indices and the mean per-pixel max probability."""
+    z = logits - logits.max(axis=0, keepdims=True)
+    e = np.exp(z)
+    return logits.argmax(axis=0).astype(np.uint8), float((1 / e.sum(axis=0)).mean())  # max prob = e^0 / Σ e
+
+
+def areas(mask: np.ndarray, class_names: list[str]) -> list[dict]:
+    counts = np.bincount(mask.ravel(), minlength=len(class_names))[:len(class_names)]
+    return [{"class": c, "pixels": int(n), "fraction": float(n / mask.size)} for c, n in zip(class_names, counts)]
+
+
+def add_routes(app: FastAPI, require_token: Callable) -> None:
+    @app.post("/v1/segment", dependencies=[Depends(require_token)], summary="segment one image",
+              responses={200: PNG_ANSWER, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
+    async def segment(request: Request, format: Literal["png", "json"] = Query("png"),
+                      mask: bool = Query(False, description="json: include the mask PNG as a data URI")):
+        start = time.perf_counter()
+        state: ServerState = request.app.state.server
+        used = state.require_task(TASK)
+        with state.arrival():
+            items = await read_images(request, max_files=1)
+            if len(items) > 1:
+                raise ServeError(400, "too_many_files", f"{len(items)} files sent; /v1/segment takes one image")
+            refused = refusal(items[0][1], state.settings.max_pixels)
+        if refused is not None:
+            raise refused
+        (logits,), used = await state.infer([items[0][1]], deadline=start + state.settings.timeout_s)
+        if isinstance(logits, ServeError):
+            raise logits
+        classes, confidence = mask_and_confidence(logits)
+        png = mask_png(classes, class_colours(len(used.info["class_names"]), used.info.get("class_colours")))
+        latency = round((time.perf_counter() - start) * 1000, 3)
+        model = {"name": used.info["name"], "version": used.version}
+        if format == "png":
+            return Response(png, media_type="image/png",
+                            headers={"X-Model-Version": used.version, "X-Latency-Ms": str(latency)})
+        body = {"request_id": request.state.request_id, "model": model, "width": int(classes.shape[1]),
+                "height": int(classes.shape[0]), "areas": areas(classes, used.info["class_names"]),
+                "mean_confidence": confidence, "latency_ms": latency}
+        if mask:
+            body["mask"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        return JSONResponse(body)
