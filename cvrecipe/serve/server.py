@@ -9,6 +9,7 @@ margin), and the app drains its batcher. SIGHUP reloads the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import sys
@@ -38,7 +39,7 @@ def serve(settings: ServeSettings, log_level: str = "info") -> None:
     logging.getLogger("cvrecipe.serve").info("model file %s (%s backend); listening on http://%s:%d",
                                              source.path, source.backend, settings.host, settings.port)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    app = create_app(settings)
+    app = create_app(dataclasses.replace(settings, own_process=True))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             access_log=False,  # per-request lines cost throughput; /metrics counts requests
                             timeout_graceful_shutdown=math.ceil(settings.timeout_s) + SHUTDOWN_MARGIN_S)

@@ -23,7 +23,8 @@ class ServeSettings:
     warmup_batches: int = 2  # forward passes at each warm-up batch size before /readyz says ready
     ort_threads: int | None = None  # ONNX Runtime intra-op threads; None = its default (one per core)
     ort_optimization: str = "all"  # ONNX Runtime graph optimisation: disable | basic | extended | all
-    ort_io_binding: bool = False  # run ONNX Runtime through an IO binding (measured: no gain on CPU)
+    ort_io_binding: bool = False  # run ONNX Runtime through an IO binding
+    own_process: bool = False  # the server owns its process (`cvrecipe serve`): process-wide tuning such as gc.freeze
 
     def __post_init__(self):
         self.source = Path(self.source)

@@ -58,11 +58,6 @@ class ServerState:
             log.error("could not load the model from %s: %s", self.settings.source, self.error)
             return
         self._install(backend)
-        # what was built at start-up (modules, the model's Python objects) stays as long as the
-        # process: out of the collector's sight, a full collection no longer walks it (pauses that
-        # showed as the 99th percentile of request latency)
-        gc.collect()
-        gc.freeze()
         self.status = "ready"
         log.info("serving %s version %s (%s)", backend.info["name"], backend.version, backend.source.path)
         if backend.runner.fixed_batch == 1 and self.settings.max_batch_size > 1:
@@ -76,12 +71,14 @@ class ServerState:
         size = min(s.max_batch_size, backend.runner.fixed_batch or s.max_batch_size)
         warm_up(backend, size, s.warmup_batches)
         self._warm_decode(backend, size)
+        if s.own_process:
+            gc.collect()  # start-up garbage, collected before _install freezes what is left
         return backend
 
     def _warm_decode(self, backend: Backend, size: int) -> None:
         """Decode PNG and JPEG files as requests send them, at batch sizes 1 and `size`, so the
-        first request finds the decoders' plugins loaded (about a second, measured on a cold
-        process) and the model warm at the input it will get."""
+        first request finds the decoders' plugins loaded (the first request after a start took
+        ~1.4 s without this) and the model warm at the input it will get."""
         from PIL import Image
 
         channels, height, width = backend.input_shape
@@ -100,6 +97,11 @@ class ServerState:
 
     def _install(self, backend: Backend) -> None:
         self.backend = backend
+        if self.settings.own_process:
+            # What is alive now (modules, the model and its session) lives as long as the server: out
+            # of the collector's sight, a full collection no longer walks it. Such collections took
+            # 70-490 ms each (docs/serving.md#tail-latency), paid by the requests they interrupted.
+            gc.freeze()
         self.metrics.set_model(backend.info["name"], backend.version, backend.source.backend)
 
     # -- inference ---------------------------------------------------------------------------------

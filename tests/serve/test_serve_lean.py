@@ -2,8 +2,9 @@
 
 The server runs for real in a child process (`cvrecipe serve` through the CLI); a thread in that
 process waits for /readyz, then sends the first requests over HTTP and reports which modules the
-process holds: no torch or torchvision, and nothing imported by the first requests (warm-up
-already paid for the decoders and the model).
+process holds: no torch or torchvision, nothing imported by the first requests (warm-up
+already paid for the decoders and the model), and the start-up objects frozen out of the garbage
+collector's full passes.
 """
 import io
 import json
@@ -25,7 +26,7 @@ from serve_helpers import CLASSES, loopback_socket, running_server, train_stripe
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r'''
-import json, os, signal, sys, threading, time, urllib.error, urllib.request
+import gc, json, os, signal, sys, threading, time, urllib.error, urllib.request
 
 source, port, out = sys.argv[1], sys.argv[2], sys.argv[3]
 files = [(open(p, "rb").read(), t) for p, t in zip(sys.argv[4::2], sys.argv[5::2])]
@@ -54,7 +55,7 @@ def watch():
         post("/healthz", b"x", "image/png")  # a 405: the client's own POST path is warm now
         before = set(sys.modules)
         answers = [post("/v1/predict", data, content_type) for data, content_type in files]
-        report = {"answers": answers, "new_modules": sorted(set(sys.modules) - before),
+        report = {"answers": answers, "new_modules": sorted(set(sys.modules) - before), "frozen": gc.get_freeze_count(),
                   "torch": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))}
         with open(out, "w") as f:
             json.dump(report, f)
@@ -101,6 +102,8 @@ def test_onnx_server_runs_without_torch_and_warm(stripes_onnx, tmp_path):
     # PNG and JPEG first requests: nothing left to import (the decoders' plugins, the multipart and
     # JSON paths) — a first request that imports pays for it in latency
     assert report["new_modules"] == [], f"the first requests imported {report['new_modules']}"
+    # start-up objects out of the collector's sight (tens of thousands: modules, the model)
+    assert report["frozen"] > 10_000
 
 
 def test_readyz_waits_for_the_warm_up(stripes_onnx, monkeypatch):
