@@ -115,6 +115,31 @@ def ort_variants(model_path: Path, x: np.ndarray, rounds: int = 3, seconds: floa
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 
+GC_PROBE = """
+import gc, sys, time
+{imports}
+import cvrecipe.serve.app, cvrecipe.serve.state, onnxruntime
+def full_ms():
+    t = time.perf_counter(); gc.collect(); return (time.perf_counter() - t) * 1000
+before = sorted(full_ms() for _ in range(3))[1]
+gc.freeze()
+print(len(gc.get_objects()) + gc.get_freeze_count(), before, sorted(full_ms() for _ in range(3))[1])
+"""
+
+
+def gc_pauses() -> dict[str, tuple[int, float, float]]:
+    """(objects, ms per full collection, ms after gc.freeze) in a fresh process holding the serving
+    stack, with torch and torchvision imported as the server did before it served ONNX without them."""
+    out = {}
+    for name, imports in (("with torch (as before)", "import torch, torchvision.io, torchvision.transforms.v2"),
+                          ("without torch (now)", "")):
+        code = GC_PROBE.format(imports=imports)
+        line = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, check=True).stdout.split()
+        out[name] = (int(line[0]), float(line[1]), float(line[2]))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -296,6 +321,9 @@ def main() -> None:
     parser.add_argument("--naive", action="store_true", help="also measure cvrecipe serve with batching off")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    for name, (objects, full, frozen) in gc_pauses().items():
+        print(f"server process {name}: {objects:,} objects; a full garbage collection takes {full:.0f} ms, "
+              f"{frozen:.1f} ms after gc.freeze() (median of 3)", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run or trained_run(Path(tmp))
