@@ -21,8 +21,7 @@ SHUTDOWN_MARGIN_S = 5  # beyond the request timeout, for responses to be written
 ACCEPT_GRACE_S = 1.0  # after SIGTERM, queued connections are still accepted and answered this long
 # The inference thread's Python work (decoding, batching) holds the GIL for up to the switch
 # interval (5 ms by default) each time the event loop gives it up for a socket call; at
-# concurrency 32 those waits add up in the tail. 0.5 ms: p99 77 → 67 ms, 104 → 77 ms in
-# two A/B rounds (docs/serving.md).
+# concurrency 32 those waits add up in the tail (docs/serving.md#tail-latency).
 SWITCH_INTERVAL_S = 0.0005
 
 
