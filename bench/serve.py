@@ -1,23 +1,32 @@
-"""Serving throughput and latency: the batching server against its two references.
+"""Serving throughput and latency: `cvrecipe serve` against a peer server and raw ONNX Runtime.
 
-    python bench/serve.py [--run runs/NAME] [--requests 3000] [--seconds 10] [--concurrency 1,8,32,64]
+    python bench/serve.py [--run runs/NAME] [--second-run RUN] [--rounds 2] [--requests 3000] [--seconds 6]
+                          [--concurrency 1,8,32,64] [--naive]
 
 Without --run, trains small-cnn on a 5,000-image subset of Fashion-MNIST for one epoch (scikit-
-learn's digits when Fashion-MNIST is not available) in a temporary folder. Then, all on 127.0.0.1:
+learn's digits when Fashion-MNIST is not available) in a temporary folder. --second-run adds a
+second model (e.g. a fine-tuned EfficientNet-Lite0 run, where inference costs more than HTTP);
+each run is exported to ONNX if it has no export yet. Then, per model, all on 127.0.0.1:
 
-1. raw ONNX Runtime in this process, batch sizes 1..128: the throughput limit of the model;
-2. `cvrecipe serve` in a subprocess with dynamic batching, loaded by an async HTTP client at each
-   concurrency (each level bounded by --requests and --seconds);
-3. the same server with --max-batch-size 1 (one forward pass per request): the naive server.
+1. raw ONNX Runtime in this process, batch sizes 1..128: the throughput limit of the model; and
+   what ONNX Runtime's options are worth at batch 32 (threads, graph optimisation, IO binding);
+2. `cvrecipe serve` (batch 32, wait 5 ms) and LitServe 0.2.19 serving the same ONNX file with the
+   same batch and wait (bench/litserve_peer.py), each in a subprocess, driven by the same closed-loop
+   aiohttp load generator with the same multipart PNG requests at each concurrency, the two
+   servers alternated round by round (A B, then B A, ...) so that load from other processes on a
+   shared machine falls on both alike; resident memory of each server after its run (LitServe:
+   all its processes);
+3. with --naive, `cvrecipe serve --max-batch-size 1` (one forward pass per request).
 
-Prints a table and, at concurrency 32, the server's share of raw throughput (target ≥ 70%) and
-its speed-up over the naive server (target ≥ 3×). Asserts nothing. The load generator shares the
-machine's cores with the server, which a separate client machine would not.
+Prints per-round rows, then per server and concurrency the median over rounds, and the ratios the
+targets are stated in. Asserts nothing. The load generator shares the machine's cores with the
+server, which a separate client machine would not.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -30,16 +39,23 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from cvrecipe.config import load_config
+from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.export import export_run
 from cvrecipe.export.onnx import OnnxRunner
-from cvrecipe.config import load_run_config
 from cvrecipe.train.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 RAW_BATCH_SIZES = (1, 8, 32, 64, 128)
+ORT_VARIANTS = {  # name → OnnxRunner options, measured at batch 32 against the server's defaults
+    "server defaults (2 threads, all, no spin)": {"spin": False},
+    "1 intra-op thread": {"spin": False, "threads": 1},
+    "graph optimisation basic": {"spin": False, "optimization": "basic"},
+    "graph optimisation off": {"spin": False, "optimization": "disable"},
+    "IO binding": {"spin": False, "io_binding": True},
+    "threads spinning": {"spin": True},
+}
 BODIES = 64  # distinct test images sent round-robin
 
 
@@ -72,19 +88,56 @@ def png_bodies(x: np.ndarray) -> list[bytes]:
 
 
 def raw_throughput(model_path: Path, x: np.ndarray, seconds: float = 2.0) -> dict[int, float]:
-    """Images/s of ONNX Runtime alone at each batch size (after two warm-up calls)."""
-    runner = OnnxRunner(model_path)
-    rates = {}
-    for size in RAW_BATCH_SIZES:
-        batch = np.ascontiguousarray(np.resize(x, (size, *x.shape[1:])))
-        for _ in range(2):
-            runner.predict(batch)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            runner.predict(batch)
-            n += size
-        rates[size] = n / (time.perf_counter() - start)
-    return rates
+    """Images/s of ONNX Runtime alone at each batch size (after two warm-up calls), with the
+    server's session options."""
+    runner = OnnxRunner(model_path, spin=False)
+    return {size: _rate(runner, x, size, seconds) for size in RAW_BATCH_SIZES}
+
+
+def _rate(runner: OnnxRunner, x: np.ndarray, size: int, seconds: float) -> float:
+    batch = np.ascontiguousarray(np.resize(x, (size, *x.shape[1:])))
+    for _ in range(2):
+        runner.predict(batch)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        runner.predict(batch)
+        n += size
+    return n / (time.perf_counter() - start)
+
+
+def ort_variants(model_path: Path, x: np.ndarray, rounds: int = 3, seconds: float = 0.7) -> dict[str, float]:
+    """Median images/s at batch 32 per ORT_VARIANTS entry, the variants interleaved round by round."""
+    runners = {name: OnnxRunner(model_path, **options) for name, options in ORT_VARIANTS.items()}
+    rates = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            rates[name].append(_rate(runner, x, 32, seconds))
+    return {name: float(np.median(r)) for name, r in rates.items()}
+
+
+GC_PROBE = """
+import gc, sys, time
+{imports}
+import cvrecipe.serve.app, cvrecipe.serve.state, onnxruntime
+def full_ms():
+    t = time.perf_counter(); gc.collect(); return (time.perf_counter() - t) * 1000
+before = sorted(full_ms() for _ in range(3))[1]
+gc.freeze()
+print(len(gc.get_objects()) + gc.get_freeze_count(), before, sorted(full_ms() for _ in range(3))[1])
+"""
+
+
+def gc_pauses() -> dict[str, tuple[int, float, float]]:
+    """(objects, ms per full collection, ms after gc.freeze) in a fresh process holding the serving
+    stack, with torch and torchvision imported as the server did before it served ONNX without them."""
+    out = {}
+    for name, imports in (("with torch (as before)", "import torch, torchvision.io, torchvision.transforms.v2"),
+                          ("without torch (now)", "")):
+        code = GC_PROBE.format(imports=imports)
+        line = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, check=True).stdout.split()
+        out[name] = (int(line[0]), float(line[1]), float(line[2]))
+    return out
 
 
 def free_port() -> int:
@@ -93,37 +146,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(export_dir: Path, port: int, max_batch_size: int, max_wait_ms: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cvrecipe", "serve", str(export_dir), "--port", str(port), "--max-batch-size",
-           str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--queue-size", "4096"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_server(kind: str, export_dir: Path, port: int, max_batch_size: int, max_wait_ms: float
+                 ) -> tuple[subprocess.Popen, str]:
+    """(process, predict URL) of a server started in a subprocess and ready to answer."""
+    if kind == "litserve":
+        cmd = [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), str(export_dir), "--port", str(port),
+               "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
+        ready, predict = "/health", "/predict"
+    else:
+        cmd = [sys.executable, "-m", "cvrecipe", "serve", str(export_dir), "--port", str(port), "--max-batch-size",
+               str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--queue-size", "4096"]
+        ready, predict = "/readyz", "/v1/predict"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=1).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}{predict}"
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server on port {port} not ready after 120 s")
+    stop_server(proc)
+    raise RuntimeError(f"{kind} server on port {port} not ready after 120 s")
+
+
+def resident_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the process and all its children, MB."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 1e6
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+    """SIGTERM to the server's process group (LitServe runs several processes), then SIGKILL after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
 async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float) -> dict:
     """Closed-loop load: `concurrency` clients, each sending its next request when the last one is
-    answered, until `requests` were sent or `seconds` passed. Uses aiohttp when installed: its
-    client needs about a fifth of httpx's CPU per request, CPU the server shares here."""
+    answered, until `requests` were sent or `seconds` passed. Every request is a multipart form
+    with the PNG in a `file` field."""
+    import aiohttp
+
     latencies, errors, sent = [], 0, 0
-    post, close = await _client(url, concurrency)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                    timeout=aiohttp.ClientTimeout(total=30))
+
+    async def post(body: bytes) -> bool:
+        form = aiohttp.FormData()
+        form.add_field("file", body, filename="image.png", content_type="image/png")
+        try:
+            async with session.post(url, data=form) as r:
+                await r.read()
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
     async def worker(i: int):
         nonlocal errors, sent
@@ -143,96 +236,103 @@ async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, s
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - start
     finally:
-        await close()
+        await session.close()
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    return {"rps": len(latencies) / elapsed, "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95),
-            "p99": np.percentile(lat, 99), "errors": errors, "n": len(latencies)}
+    return {"rps": len(latencies) / elapsed, "p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99),
+            "errors": errors, "n": len(latencies)}
 
 
-async def _client(url: str, concurrency: int):
-    """(post(body) → ok?, close()) over `concurrency` keep-alive connections."""
-    headers = {"content-type": "image/png"}
-    try:
-        import aiohttp
-    except ImportError:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        client = httpx.AsyncClient(base_url=url, timeout=30, limits=limits)
-
-        async def post(body: bytes) -> bool:
-            try:
-                return (await client.post("/v1/predict", content=body, headers=headers)).status_code == 200
-            except httpx.HTTPError:
-                return False
-        return post, client.aclose
-    session = aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=concurrency),
-                                    timeout=aiohttp.ClientTimeout(total=30))
-
-    async def post(body: bytes) -> bool:
-        try:
-            async with session.post("/v1/predict", data=body, headers=headers) as r:
-                await r.read()
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
-    return post, session.close
-
-
-def measure(export_dir: Path, bodies: list[bytes], levels: list[int], max_batch_size: int, max_wait_ms: float,
-            requests: int, seconds: float) -> dict[int, dict]:
+def measure(kind: str, export_dir: Path, bodies: list[bytes], levels: list[int], max_batch_size: int,
+            max_wait_ms: float, requests: int, seconds: float) -> dict:
+    """{concurrency: figures} for one server started for this round, plus its resident memory."""
     port = free_port()
-    proc = start_server(export_dir, port, max_batch_size, max_wait_ms)
+    proc, url = start_server(kind, export_dir, port, max_batch_size, max_wait_ms)
     try:
-        return {c: asyncio.run(load(f"http://127.0.0.1:{port}", bodies, c, requests, seconds)) for c in levels}
+        rows = {c: asyncio.run(load(url, bodies, c, requests, seconds)) for c in levels}
+        rows["rss_mb"] = resident_mb(proc)
+        return rows
     finally:
         stop_server(proc)
+
+
+def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
+    export_dir = run_dir / "export"
+    if not (export_dir / "model.onnx").is_file():
+        export_run(run_dir, "onnx", dynamic_batch=True)
+    x = test_images(run_dir)
+    bodies = png_bodies(x)
+    print(f"\n== {label}: {export_dir / 'model.onnx'}, images {x.shape[1:]} (C, H, W), {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    raw = raw_throughput(export_dir / "model.onnx", x)
+    print("raw ONNX Runtime images/s by batch size: " + ", ".join(f"{b}: {r:,.0f}" for b, r in raw.items()),
+          flush=True)
+    variants = ort_variants(export_dir / "model.onnx", x)
+    print("ONNX Runtime options at batch 32 (images/s, median of 3 interleaved): "
+          + "; ".join(f"{name}: {r:,.0f}" for name, r in variants.items()), flush=True)
+    servers = ["cvrecipe", "litserve"]
+    rounds = {name: [] for name in servers}
+    for r in range(args.rounds):
+        for name in servers if r % 2 == 0 else servers[::-1]:  # A B, B A, ...: alternated
+            rows = measure(name, export_dir, bodies, levels, 32, 5.0, args.requests, args.seconds)
+            rounds[name].append(rows)
+            for c in levels:
+                f = rows[c]
+                print(f"round {r + 1} {name:<9} c={c:<3} {f['rps']:>7,.0f} req/s  p50 {f['p50']:6.1f}  "
+                      f"p99 {f['p99']:6.1f} ms  errors {f['errors']}  n {f['n']}", flush=True)
+            print(f"round {r + 1} {name:<9} resident memory {rows['rss_mb']:.0f} MB", flush=True)
+    naive = measure("cvrecipe", export_dir, bodies, levels, 1, 0, args.requests, args.seconds) if args.naive else None
+    return {"raw": raw, "variants": variants, "rounds": rounds, "naive": naive}
+
+
+def median(rows: list[dict], c: int, key: str) -> float:
+    return float(np.median([r[c][key] for r in rows]))
+
+
+def report(label: str, result: dict, levels: list[int]) -> None:
+    rounds, raw = result["rounds"], result["raw"]
+    print(f"\n{label}: median over {len(rounds['cvrecipe'])} rounds (batch 32, wait 5 ms, multipart PNG)")
+    print(f"{'concurrency':>11} | {'cvrecipe req/s':>14} {'p50':>6} {'p99':>6} | {'LitServe req/s':>14} {'p50':>6} "
+          f"{'p99':>6} | {'thr. ratio':>10} {'p99 ratio':>9} {'errors':>7}")
+    for c in levels:
+        a = {k: median(rounds["cvrecipe"], c, k) for k in ("rps", "p50", "p99")}
+        b = {k: median(rounds["litserve"], c, k) for k in ("rps", "p50", "p99")}
+        errors = sum(r[c]["errors"] for rows in rounds.values() for r in rows)
+        print(f"{c:>11} | {a['rps']:>14,.0f} {a['p50']:>6.1f} {a['p99']:>6.1f} | {b['rps']:>14,.0f} {b['p50']:>6.1f} "
+              f"{b['p99']:>6.1f} | {a['rps'] / b['rps']:>9.2f}x {a['p99'] / b['p99']:>8.2f}x {errors:>7}")
+    best = max(raw, key=raw.get)
+    top = max(median(rounds["cvrecipe"], c, "rps") for c in levels)
+    print(f"raw ONNX Runtime in-process: {raw[best]:,.0f} images/s (batch {best}); cvrecipe's best: "
+          f"{top / raw[best]:.0%} of it")
+    print("resident memory, MB (per round): cvrecipe " + ", ".join(f"{r['rss_mb']:.0f}" for r in rounds["cvrecipe"])
+          + "; LitServe (all processes) " + ", ".join(f"{r['rss_mb']:.0f}" for r in rounds["litserve"]))
+    if result["naive"]:
+        print("naive cvrecipe (max batch 1): " + ", ".join(f"c={c}: {result['naive'][c]['rps']:,.0f} req/s"
+                                                           for c in levels))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="run folder to serve (default: train a small one)")
+    parser.add_argument("--second-run", type=Path, help="a second run folder (e.g. fine-tuned EfficientNet-Lite0)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the two servers, alternated (default 2)")
     parser.add_argument("--requests", type=int, default=3000, help="requests per concurrency level (default 3000)")
-    parser.add_argument("--seconds", type=float, default=10, help="time limit per concurrency level (default 10)")
+    parser.add_argument("--seconds", type=float, default=6, help="time limit per concurrency level (default 6)")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels (default 1,8,32,64)")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="server batch limit (default 64)")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server batch wait (default 2 ms)")
+    parser.add_argument("--naive", action="store_true", help="also measure cvrecipe serve with batching off")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-
+    for name, (objects, full, frozen) in gc_pauses().items():
+        print(f"server process {name}: {objects:,} objects; a full garbage collection takes {full:.0f} ms, "
+              f"{frozen:.1f} ms after gc.freeze() (median of 3)", flush=True)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run or trained_run(Path(tmp))
-        export_dir = run_dir / "export"
-        if not (export_dir / "model.onnx").is_file():
-            export_run(run_dir, "onnx", dynamic_batch=True)
-        x = test_images(run_dir)
-        bodies = png_bodies(x)
-        print(f"model {export_dir / 'model.onnx'}, images {x.shape[1:]} (C, H, W), {os.cpu_count()} CPU cores, "
-              f"load average {os.getloadavg()[0]:.1f}", flush=True)
-        raw = raw_throughput(export_dir / "model.onnx", x)
-        print("raw ONNX Runtime images/s by batch size: " + ", ".join(f"{b}: {r:,.0f}" for b, r in raw.items()),
-              flush=True)
-        batched = measure(export_dir, bodies, levels, args.max_batch_size, args.max_wait_ms, args.requests,
-                          args.seconds)
-        naive = measure(export_dir, bodies, levels, 1, 0, args.requests, args.seconds)
-    report(raw, batched, naive, args)
-    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-
-
-def report(raw: dict[int, float], batched: dict, naive: dict, args) -> None:
-    best_size = max(raw, key=raw.get)
-    print(f"\n{'server':<28}{'concurrency':>12}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-          f"{'errors':>8}{'n':>6}")
-    for name, rows in ((f"batching (max {args.max_batch_size}, {args.max_wait_ms:g} ms)", batched),
-                       ("naive (max batch 1)", naive)):
-        for c, r in rows.items():
-            print(f"{name:<28}{c:>12}{r['rps']:>10,.0f}{r['p50']:>9.1f}{r['p95']:>9.1f}{r['p99']:>9.1f}"
-                  f"{r['errors']:>8}{r['n']:>6}")
-    print(f"{'raw ONNX Runtime, in-process':<28}{'batch ' + str(best_size):>12}{raw[best_size]:>10,.0f}")
-    if 32 in batched and 32 in naive:
-        share = batched[32]["rps"] / raw[best_size]
-        speedup = batched[32]["rps"] / naive[32]["rps"]
-        errors = batched[32]["errors"] + naive[32]["errors"]
-        print(f"\nat concurrency 32: {share:.0%} of raw in-process throughput (target >= 70%), "
-              f"{speedup:.1f}x the naive server (target >= 3x), {errors} errors")
+        results[run_dir.name] = bench_model(run_dir.name, run_dir, args, levels)
+        if args.second_run:
+            results[args.second_run.name] = bench_model(args.second_run.name, args.second_run, args, levels)
+    for label, result in results.items():
+        report(label, result, levels)
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 40,000,000, as data.max_pixels)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on predict and admin routes")
     p.add_argument("--cors-origin", help="allow browser calls from this origin (default: CORS off)")
+    p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
+    p.add_argument("--ort-optimization", choices=["disable", "basic", "extended", "all"], default="all",
+                   help="ONNX Runtime graph optimisation level (default all)")
 
     p = verbs.add_parser("tune", help="hyperparameter search with Optuna: pruned, resumable, shared by workers",
                          description="Search the space in SPACE over RECIPE's keys: each trial is a run folder "
@@ -263,7 +266,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         serve(ServeSettings(args.source, args.backend, args.host, args.port, args.max_batch_size, args.max_wait_ms,
                             args.queue_size, args.timeout_s, args.max_body_mb, max_pixels=args.max_pixels,
-                            token=args.token, cors_origin=args.cors_origin))
+                            token=args.token, cors_origin=args.cors_origin, ort_threads=args.ort_threads,
+                            ort_optimization=args.ort_optimization))
     elif args.verb == "tune":
         return _tune(args, console)
     elif args.verb == "models":

@@ -16,119 +16,31 @@ A file that cannot be decoded is reported back with a reason instead of raising,
 never stops a run. Colour modes are normalised: grayscale, RGBA, CMYK, palette and 16-bit images
 all come out as uint8 with the requested number of channels, and colour becomes grayscale by one
 rule for every format (GRAYSCALE_RULE, recorded in an export's model.json).
+
+Header reading, the pixel guard and the PIL decode live in cvrecipe/imagefile.py, which has no
+torch: the server decodes with it alone.
 """
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cvrecipe.imagefile import (  # noqa: F401 - re-exported: the decoder's names live here too
+    DRAFT_FACTOR, FORMATS, GRAYSCALE_RULE, JPEG_MAGIC, MAX_PIXELS, Header, ImageRefused, check_pixels, jpeg_size,
+    drafts, pil_decode, read_header)
+
 # torchvision 0.29 announces a future move of its decoders; they are what this module relies on
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-JPEG_MAGIC = b"\xff\xd8\xff"
 CHUNK = 512  # images per worker task; large enough to amortise the batched decode's call overhead
-MAX_PIXELS = 40_000_000  # default pixel limit (width × height): data.max_pixels, `serve --max-pixels`
 BATCH_PIXELS = 16_000_000  # JPEG pixels decoded together (48 MB as RGB); larger ones go one at a time
-DRAFT_FACTOR = 4  # JPEGs at least this many times the target per side are decoded at reduced scale
 SMALL_FACTOR = 4  # images upscaled more than this in width or height are reported as far too small
-# What PIL may open. Its other plugins (EPS runs Ghostscript, ...) are not for untrusted files.
-FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
-GRAYSCALE_RULE = ("ITU-R BT.601 luma of the decoded RGB, L = (19595 R + 38470 G + 7471 B + 32768) >> 16 "
-                  "(PIL's convert('L')), for every file format; files stored as grayscale keep their values")
-
-
-class ImageRefused(ValueError):
-    """A file that is not decoded; `code` says why: empty_image, not_an_image, too_many_pixels,
-    corrupt_image (the server answers with these codes)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class Header(NamedTuple):  # a tuple: made once per file, and ingest reads ~20,000 files a second
-    format: str  # JPEG, PNG, GIF, ...
-    width: int
-    height: int
-    components: int  # channels as stored: 1 grayscale, 3 colour, 4 CMYK or with alpha, ...
-
-
-# JPEG start-of-frame markers (they carry the size); C4, C8 and CC are other markers
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_NO_LENGTH = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RSTn, SOI: markers without a length field
-
-
-def jpeg_size(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) from a JPEG's frame header, walking the markers as libjpeg does
-    (bytes between markers and 0xFF fill bytes skipped); None when no frame header is found before
-    the scan. ~1 µs for a CIFAR file, where PIL's Image.open takes ~60 µs: as much as the decode."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            i += 1  # libjpeg skips (and warns about) stray bytes before a marker
-            continue
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in _NO_LENGTH:
-            i += 2
-            continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
-            return None
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF:
-            if length < 8 or i + 10 > n:
-                return None
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            return width, height, data[i + 9]
-        if length < 2:
-            return None
-        i += 2 + length
-    return None
-
-
-def read_header(data: bytes) -> Header:
-    """The file's format and declared size, from its header alone (no pixel is decoded)."""
-    if not data:
-        raise ImageRefused("empty_image", "empty file (0 bytes)")
-    if data[:3] == JPEG_MAGIC:
-        found = jpeg_size(data)
-        if found is not None:
-            return Header("JPEG", *found)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's bomb warning: the limit is checked by check_pixels
-            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-                header = Header(img.format or "?", img.width, img.height, len(img.getbands()))
-    except Image.DecompressionBombError as err:  # PIL's own ceiling, also read from the header
-        found = re.search(r"\((\d+) pixels\)", str(err))
-        declared = f"declares {int(found.group(1)):,} pixels" if found else str(err)
-        raise ImageRefused("too_many_pixels", f"{declared}, above PIL's own ceiling of {2 * Image.MAX_IMAGE_PIXELS:,}; "
-                                              f"refused without decoding") from err
-    except Exception as err:  # noqa: BLE001 - a header PIL cannot parse, whatever the reason
-        raise ImageRefused("not_an_image", "not a recognised image format (PNG, JPEG, GIF, BMP, TIFF, WebP, "
-                                           "PPM) or a damaged header") from err
-    return header
-
-
-def check_pixels(header: Header, max_pixels: int, setting: str = "data.max_pixels") -> None:
-    """Refuse a header declaring no pixels or more than `max_pixels` (named `setting` in the message)."""
-    pixels = header.width * header.height
-    if pixels == 0:
-        raise ImageRefused("not_an_image", f"the header declares {header.width}x{header.height} pixels")
-    if pixels > max_pixels:
-        raise ImageRefused("too_many_pixels", f"declares {header.width}x{header.height} = {pixels:,} pixels, above "
-                                              f"the limit of {max_pixels:,} ({setting}); refused without decoding")
 
 
 def rgb_to_luma(x: torch.Tensor) -> torch.Tensor:
@@ -149,27 +61,8 @@ def to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _pil_decode(data: bytes, draft: tuple[int, int] | None = None) -> torch.Tensor:
-    """(1 or 3, H, W) uint8 through PIL; `draft` (W, H): for a JPEG, decode at the smallest DCT
-    scale (1/2, 1/4, 1/8) that still covers that size."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked before, by check_pixels
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
-        if draft is not None and img.format == "JPEG":
-            img.draft(img.mode if img.mode in ("L", "RGB") else None, draft)
-        img.load()
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float images: scale the full range down to 8 bits instead of clipping at 255
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent → white
-        img = Image.alpha_composite(background, img)
-    img = img.convert("L" if img.mode in ("1", "L") else "RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(arr.copy())
+    """(1 or 3, H, W) uint8 through PIL (imagefile.pil_decode)."""
+    return torch.from_numpy(pil_decode(data, draft))
 
 
 # torchvision is imported where images are decoded or resized, not with this module: its import
@@ -186,18 +79,13 @@ def _fit(img: torch.Tensor, channels: int, target: tuple[int, int]) -> torch.Ten
     return img
 
 
-def _drafts(header: Header, target: tuple[int, int]) -> bool:
-    return header.format == "JPEG" and header.width >= DRAFT_FACTOR * target[1] \
-        and header.height >= DRAFT_FACTOR * target[0]
-
-
 def decode_image(data: bytes, channels: int, target: tuple[int, int], max_pixels: int = MAX_PIXELS,
                  header: Header | None = None) -> torch.Tensor:
     """One file → (channels, H, W) uint8 at `target` (H, W). Raises ImageRefused."""
     header = header or read_header(data)
     check_pixels(header, max_pixels)
     img = None
-    if _drafts(header, target):
+    if drafts(header, target):
         # ask for twice the target, so the final antialiased resize still does part of the shrinking
         img = _pil_decode(data, draft=(2 * target[1], 2 * target[0]))
     elif header.format == "JPEG" and header.components in (1, 3):
@@ -216,7 +104,7 @@ def decode_image(data: bytes, channels: int, target: tuple[int, int], max_pixels
         except Exception as err:  # noqa: BLE001 - any decoder failure means "this file is unusable"
             raise ImageRefused("corrupt_image", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
     _, height, width = img.shape
-    reduced = _drafts(header, target)  # a reduced-scale decode is smaller than the header says
+    reduced = drafts(header, target)  # a reduced-scale decode is smaller than the header says
     if (height, width) != (header.height, header.width) and not (reduced and height <= header.height
                                                                  and width <= header.width):
         # the decoder's size must be the size the limit was checked on (a header read wrongly would be a bypass)
@@ -247,7 +135,7 @@ def _decode_chunk(items: list[tuple[str, bytes]], headers: list, channels: int, 
             except ImageRefused as err:
                 results[i] = _reason(err)
         elif header.format == "JPEG" and header.components in (1, 3) and size <= BATCH_PIXELS // 16 \
-                and not _drafts(header, target):  # an ordinary JPEG: decoded with others
+                and not drafts(header, target):  # an ordinary JPEG: decoded with others
             group = header.components
             if pixels[group] + size > BATCH_PIXELS:
                 batches[group].append([])

@@ -12,9 +12,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from cvrecipe.data.images import DRAFT_FACTOR, GRAYSCALE_RULE
+from cvrecipe.imagefile import DRAFT_FACTOR, GRAYSCALE_RULE
 
 MANIFEST = "model.json"
 FORMAT_VERSION = 1
@@ -34,8 +32,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
+def weights_sha256(model) -> str:
     """A fingerprint of the weights themselves (names, shapes, dtypes, bytes), whatever file held them."""
+    import torch  # here, not at the top: a server reads model.json without torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -91,6 +91,8 @@ def set_shapes(manifest: dict) -> dict:
 
 
 def file_entry(path: Path, fmt: str, precision: str, facts: dict, parity: dict) -> dict:
+    import torch
+
     return {"format": fmt, "precision": precision, "sha256": sha256_file(path), "bytes": path.stat().st_size,
             "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, **facts,
             "parity": parity}

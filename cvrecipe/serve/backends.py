@@ -132,12 +132,12 @@ class Backend:
                 "file": str(self.source.path), "fixed_batch_size": self.runner.fixed_batch}
 
 
-def load_backend(source: ModelSource) -> Backend:
+def load_backend(source: ModelSource, ort_options: dict | None = None) -> Backend:
     """Load `source` (checking an export's sha256 first); the device is the CPU for ONNX Runtime,
-    the best available one for torch."""
-    from cvrecipe.device import resolve_device
-
+    the best available one for torch. `ort_options`: OnnxRunner's keyword arguments (threads,
+    optimization, io_binding). torch is imported only for the torch backends."""
     if source.kind == "safetensors":
+        from cvrecipe.device import resolve_device
         from cvrecipe.artifact.checkpoint import read_metadata
 
         meta, _ = read_metadata(source.path)
@@ -158,8 +158,9 @@ def load_backend(source: ModelSource) -> Backend:
     if source.kind == "onnx":
         from cvrecipe.export.onnx import OnnxRunner
 
-        runner = OnnxRunner(source.path, spin=False)
+        runner = OnnxRunner(source.path, spin=False, **(ort_options or {}))
     else:
+        from cvrecipe.device import resolve_device
         from cvrecipe.export.torchscript import TorchScriptRunner
 
         runner = TorchScriptRunner(source.path, resolve_device("auto"))

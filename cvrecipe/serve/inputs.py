@@ -1,10 +1,11 @@
 """From a request body to model input: read the image bytes, refuse what is not safe to decode
-(from the header alone), decode with the training data's decoder.
+(from the header alone), decode by the training data's rules.
 
-Images reach the model through `cvrecipe.data.images.decode_images`, the function that decoded
-the training set, so colour conversion and resizing are the same in training and serving, and
-the same header checks guard both. It decodes and resizes one large image at a time, so the
-full-size pixels held by a batch stay bounded whatever the images' sizes.
+Images reach the model through `cvrecipe.imagefile.decode_array`: NumPy and PIL, no torch, with
+the rules and header checks of the decoder that read the training set
+(`cvrecipe.data.images.decode_images`; tests/data/test_imagefile.py holds the two to the same
+pixels). It decodes and resizes one image at a time, so the full-size pixels held by a batch
+stay bounded whatever the images' sizes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from cvrecipe.data.images import ImageRefused, check_pixels, decode_images, read_header
+from cvrecipe.imagefile import ImageRefused, check_pixels, decode_array, read_header
 
 RAW_TYPES = ("image/", "application/octet-stream")  # bodies that are the image itself
 
@@ -74,25 +75,21 @@ def refusal(data: bytes, max_pixels: int) -> ServeError | None:
 
 def decode_batch(blobs: list[bytes], shape: tuple[int, int, int], max_pixels: int,
                  keep_size: bool = False) -> list[np.ndarray | ServeError]:
-    """Per blob, a uint8 `shape` (C, H, W) image from the training decoder, or why it failed;
-    with `keep_size` (models run in tiles), each image at its own (H, W) with `shape`'s channels.
-
-    One call per forward pass: the decoder's per-call set-up is shared by the whole batch and
-    small JPEGs are decoded together. CPU work, run on the inference thread.
-    """
+    """Per blob, a uint8 `shape` (C, H, W) image, or the ServeError that refused it; with `keep_size`
+    (models run in tiles), each image at its own (H, W) with `shape`'s channels. CPU work, run on
+    the inference thread (PIL releases the GIL while it decodes and resizes)."""
     channels, height, width = shape
-    if keep_size:
-        return [_decode_native(blob, channels, max_pixels) for blob in blobs]
-    x, good, skipped = decode_images([(str(i), b) for i, b in enumerate(blobs)], channels, (height, width),
-                                     threads=1, max_pixels=max_pixels)
-    out: list[np.ndarray | ServeError] = [None] * len(blobs)
-    for row, i in enumerate(good):
-        out[i] = x[row]
-    for name, reason in skipped:
-        out[int(name)] = ServeError(400, "corrupt_image", f"cannot decode the image: {reason}")
+    out: list[np.ndarray | ServeError] = []
+    for data in blobs:
+        try:
+            target = _native_size(data) if keep_size else (height, width)
+            out.append(decode_array(data, channels, target, max_pixels, setting="the server's --max-pixels"))
+        except ImageRefused as err:
+            message = f"cannot decode the image: {err}" if err.code == "corrupt_image" else f"image {err}"
+            out.append(ServeError(STATUS.get(err.code, 400), err.code, message))
     return out
 
 
-def _decode_native(blob: bytes, channels: int, max_pixels: int) -> np.ndarray | ServeError:
-    x, good, skipped = decode_images([("0", blob)], channels, None, threads=1, max_pixels=max_pixels)
-    return x[0] if good else ServeError(400, "corrupt_image", f"cannot decode the image: {skipped[0][1]}")
+def _native_size(data: bytes) -> tuple[int, int]:
+    header = read_header(data)  # raises ImageRefused for what is no image
+    return header.height, header.width

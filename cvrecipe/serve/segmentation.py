@@ -19,7 +19,6 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from cvrecipe.data.mask_images import class_colours, mask_png
 from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError, read_images, refusal
 from cvrecipe.serve.state import ServerState
@@ -84,6 +83,8 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
         if isinstance(logits, ServeError):
             raise logits
         classes, confidence = mask_and_confidence(logits)
+        from cvrecipe.data.mask_images import class_colours, mask_png  # here: `cvrecipe.data` imports torch
+
         png = mask_png(classes, class_colours(len(used.info["class_names"]), used.info.get("class_colours")))
         latency = round((time.perf_counter() - start) * 1000, 3)
         model = {"name": used.info["name"], "version": used.version}

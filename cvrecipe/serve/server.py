@@ -9,14 +9,20 @@ margin), and the app drains its batcher. SIGHUP reloads the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import sys
 
 from cvrecipe.serve.backends import resolve_source
 from cvrecipe.serve.settings import ServeSettings
 
 SHUTDOWN_MARGIN_S = 5  # beyond the request timeout, for responses to be written out
 ACCEPT_GRACE_S = 1.0  # after SIGTERM, queued connections are still accepted and answered this long
+# The inference thread's Python work (decoding, batching) holds the GIL for up to the switch
+# interval (5 ms by default) each time the event loop gives it up for a socket call; at
+# concurrency 32 those waits add up in the tail (docs/serving.md#tail-latency).
+SWITCH_INTERVAL_S = 0.0005
 
 
 def serve(settings: ServeSettings, log_level: str = "info") -> None:
@@ -31,7 +37,8 @@ def serve(settings: ServeSettings, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cvrecipe.serve").info("model file %s (%s backend); listening on http://%s:%d",
                                              source.path, source.backend, settings.host, settings.port)
-    app = create_app(settings)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    app = create_app(dataclasses.replace(settings, own_process=True))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             access_log=False,  # per-request lines cost throughput; /metrics counts requests
                             timeout_graceful_shutdown=math.ceil(settings.timeout_s) + SHUTDOWN_MARGIN_S)

@@ -21,18 +21,28 @@ class ServeSettings:
     token: str | None = None  # bearer token required by predict and admin routes; None = open
     cors_origin: str | None = None  # one origin allowed to call from a browser; None = CORS off
     warmup_batches: int = 2  # forward passes at each warm-up batch size before /readyz says ready
+    ort_threads: int | None = None  # ONNX Runtime intra-op threads; None = its default (one per core)
+    ort_optimization: str = "all"  # ONNX Runtime graph optimisation: disable | basic | extended | all
+    ort_io_binding: bool = False  # run ONNX Runtime through an IO binding
+    own_process: bool = False  # the server owns its process (`cvrecipe serve`): process-wide tuning such as gc.freeze
 
     def __post_init__(self):
         self.source = Path(self.source)
         checks = {"max_batch_size": self.max_batch_size >= 1, "max_wait_ms": self.max_wait_ms >= 0,
                   "queue_size": self.queue_size >= 1, "timeout_s": self.timeout_s > 0,
                   "max_body_mb": self.max_body_mb > 0, "max_pixels": self.max_pixels > 0,
-                  "max_files": self.max_files >= 1}
+                  "max_files": self.max_files >= 1, "ort_threads": self.ort_threads is None or self.ort_threads >= 1,
+                  "ort_optimization": self.ort_optimization in ("disable", "basic", "extended", "all")}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid server setting(s): {', '.join(f'{n}={getattr(self, n)}' for n in bad)}")
         if self.backend not in ("auto", "onnxruntime", "torch"):
             raise ValueError(f"backend must be auto, onnxruntime or torch, got '{self.backend}'")
+
+    @property
+    def ort_options(self) -> dict:
+        """OnnxRunner's keyword arguments."""
+        return {"threads": self.ort_threads, "optimization": self.ort_optimization, "io_binding": self.ort_io_binding}
 
     @property
     def max_body_bytes(self) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import io
 import logging
 import time
 
@@ -27,6 +29,7 @@ class ServerState:
         self.stopping = False  # a shutdown signal arrived: /readyz says 503 while the last requests are answered
         self.arriving = 0  # predict requests reading or checking their body, not yet queued
         self.error: str | None = None
+        self.warmed_up = False  # a decode and forward pass ran at start (see _warm_decode)
         self._reload_lock = asyncio.Lock()
         self._load_task: asyncio.Task | None = None
 
@@ -63,13 +66,42 @@ class ServerState:
 
     def _load(self) -> Backend:
         """Resolve, load and warm up the model; runs on a thread, never on the event loop."""
-        backend = load_backend(resolve_source(self.settings.source, self.settings.backend))
-        warm_up(backend, min(self.settings.max_batch_size, backend.runner.fixed_batch or self.settings.max_batch_size),
-                self.settings.warmup_batches)
+        s = self.settings
+        backend = load_backend(resolve_source(s.source, s.backend), s.ort_options)
+        size = min(s.max_batch_size, backend.runner.fixed_batch or s.max_batch_size)
+        warm_up(backend, size, s.warmup_batches)
+        self._warm_decode(backend, size)
+        if s.own_process:
+            gc.collect()  # start-up garbage, collected before _install freezes what is left
         return backend
+
+    def _warm_decode(self, backend: Backend, size: int) -> None:
+        """Decode PNG and JPEG files as requests send them, at batch sizes 1 and `size`, so the
+        first request finds the decoders' plugins loaded (the first request after a start took
+        ~1.4 s without this) and the model warm at the input it will get."""
+        from PIL import Image
+
+        channels, height, width = backend.input_shape
+        files = []
+        for fmt in ("PNG", "JPEG"):
+            buf = io.BytesIO()
+            Image.new("L" if channels == 1 else "RGB", (width, height), 128).save(buf, format=fmt)
+            files.append(buf.getvalue())
+        for n in sorted({1, size}):
+            decoded = backend.decode([files[i % 2] for i in range(n)], self.settings.max_pixels)
+            bad = [d for d in decoded if not isinstance(d, np.ndarray)]
+            if bad:
+                raise ValueError(f"warm-up: the server's decoder refused its own test image: {bad[0].message}")
+            backend.outputs(decoded)
+        self.warmed_up = True
 
     def _install(self, backend: Backend) -> None:
         self.backend = backend
+        if self.settings.own_process:
+            # What is alive now (modules, the model and its session) lives as long as the server: out
+            # of the collector's sight, a full collection no longer walks it. Such collections took
+            # 70-490 ms each (docs/serving.md#tail-latency), paid by the requests they interrupted.
+            gc.freeze()
         self.metrics.set_model(backend.info["name"], backend.version, backend.source.backend)
 
     # -- inference ---------------------------------------------------------------------------------
