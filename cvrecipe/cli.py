@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use deterministic kernels (same as train.deterministic=true)")
     p.add_argument("--no-sanity", action="store_true",
                    help="skip the sanity checks before training (same as train.sanity=false)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel processes on this machine, started through torchrun's launcher (same as "
+                        "train.nproc=N; with --resume: the process count to go on with)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: start failed processes again up to K times, from the last checkpoint")
 
     p = verbs.add_parser("eval", help="evaluate a run's best checkpoint",
                          description="Accuracy, top-5, per-class precision/recall/F1 and confusion matrix "
@@ -163,7 +168,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "train":
         from cvrecipe.train.job import train
 
-        train(cfg, resume_dir=args.resume, console=console)
+        if args.nproc is not None and args.nproc < 1:
+            raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
+        train(cfg, resume_dir=args.resume, console=console, nproc=args.nproc, max_restarts=args.max_restarts)
     elif args.verb == "eval":
         from cvrecipe.evaluate.job import evaluate
 

@@ -17,18 +17,18 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
                 channels_last: bool = False, tta: int = 0, tta_mirror: bool = True) -> Iterator[torch.Tensor]:
     """Per batch of `batch_size` uint8 images (N, C, H, W), in order: the model's float32 outputs
     on the CPU ((B, K) logits for a classifier), in eval mode (the model's mode is put back after).
+    `x` may also be a ShardedArray (images on disk): it is read a batch at a time.
 
     `tta` > 0 averages the outputs of flipped (and at level 2, shifted) views; `tta_mirror=False`
     leaves the mirrored ones out; see tta.py."""
     device = device or next(model.parameters()).device
-    x = torch.as_tensor(x)
     was_training = model.training
     model.eval()
     if channels_last:  # weights too: conv kernels then run without layout conversions (1.6x for EfficientNet on CPU)
         model.to(memory_format=torch.channels_last)
     try:
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].to(device, non_blocking=True)
+            batch = torch.as_tensor(x[start:start + batch_size]).to(device, non_blocking=True)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):

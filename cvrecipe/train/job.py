@@ -3,6 +3,10 @@
 runs/<name>/  config.yaml  run.json  metrics.csv  events.*  best.safetensors  last.ckpt
               skipped_files.txt (when any input file was unreadable)  mlflow.json (when tracked)
 (evaluation adds eval.json, report.html and plots/: see cvrecipe/evaluate/job.py)
+
+With train.nproc > 1 the job starts that many processes through torchrun's launcher (launch.py)
+and each of them runs this job again as one rank; in a process torchrun started, rank 0 makes
+the run folder, runs the sanity checks and writes everything, and the others train alongside.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import torch
 from rich.console import Console
 
 from cvrecipe.config import Config, load_run_config, save_config
-from cvrecipe.data import ImageDataset, load_dataset
+from cvrecipe.data import ImageDataset, load_dataset, streamed
 from cvrecipe.device import resolve_device
+from cvrecipe.train import distributed
+from cvrecipe.train.distributed import World
 from cvrecipe.train.loop import fit
 from cvrecipe.train.sanity import check_before_training
 
@@ -45,32 +51,72 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None,
-          callbacks: list | None = None) -> Path:
+          callbacks: list | None = None, nproc: int | None = None, max_restarts: int = 0) -> Path:
     """Train per `cfg` in a new run folder, or continue the run in `resume_dir`. Returns the folder.
-    The folder is created only once the data has loaded and the sanity checks have passed."""
+    The folder is created only once the data has loaded and the sanity checks have passed.
+
+    `nproc` (default: cfg.train.nproc, or the resumed run's): data-parallel processes to start on
+    this machine, through torchrun's launcher; the call returns when they have all finished, and
+    `callbacks` then run in this process, fed from the run's metrics.csv (their `model` is None).
+    `max_restarts`: times torchrun's agent starts failed ranks again (they go on from last.ckpt).
+    In a process torchrun started, this process is one rank of that job instead."""
     console = console or Console(soft_wrap=True)
     if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        cfg = load_run_config(run_dir)
-    ds = load_dataset(cfg.data, seed=cfg.train.seed)
-    sanity = [] if resume_dir is not None else check_before_training(cfg, ds, console)  # a fail raises here
-    if resume_dir is None:
-        run_dir = new_run_dir(cfg)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps({**run_info(cfg, ds), "sanity": sanity}, indent=1))
-    if cfg.track.mlflow:
+        cfg = load_run_config(resume_dir)
+    nproc = nproc or cfg.train.nproc
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        from cvrecipe.train.launch import train_processes
+
+        return train_processes(cfg, nproc, resume_dir, console, callbacks, max_restarts)
+    with distributed.join(cfg.train) as world:
+        return _train_rank(cfg, resume_dir, console if world.is_main else Console(quiet=True),
+                           callbacks if world.is_main else None, world)
+
+
+def _train_rank(cfg: Config, resume_dir: Path | None, console: Console, callbacks: list | None,
+                world: World) -> Path:
+    if resume_dir is None and distributed.restarted():  # torchrun restarted failed ranks: go on from last.ckpt
+        resume_dir = world.from_main(_restarted_run(cfg) if world.is_main else None)
+        if resume_dir is not None:
+            cfg = load_run_config(resume_dir)
+    device = world.device(cfg.train.device)
+    ds = load_dataset(cfg.data, seed=cfg.train.seed, device=device)
+    run_dir = resume_dir
+    if resume_dir is None:  # rank 0 checks, makes the folder and tells the others where it is
+        run_dir = world.from_main(_new_run(cfg, ds, console, world) if world.is_main else None)
+    run_dir = Path(run_dir)
+    if cfg.track.mlflow and world.is_main:
         from cvrecipe.train.tracking import MlflowLogger
 
         callbacks = [*(callbacks or []), MlflowLogger(cfg.track)]
-    if ds.skipped:
+    if ds.skipped and world.is_main:
         (run_dir / "skipped_files.txt").write_text("".join(f"{name}\t{reason}\n" for name, reason in ds.skipped))
         console.print(f"[yellow]skipped {len(ds.skipped)} unreadable file(s); listed in {run_dir / 'skipped_files.txt'}")
     console.print(f"run folder: {run_dir}")
     console.print(f"data: {ds.name}  train {len(ds.train)}  val {len(ds.val)}  "
                   f"{'test ' + str(len(ds.test)) if ds.test is not None else ''}  classes {len(ds.classes)}  "
-                  f"image {ds.image_shape}")
-    fit(cfg, ds, run_dir, resume=resume_dir is not None, console=console, callbacks=callbacks)
+                  f"image {ds.image_shape}{'  (streamed from disk)' if streamed(ds) else ''}"
+                  f"{f'  ranks {world.size}' if world.size > 1 else ''}")
+    fit(cfg, ds, run_dir, resume=resume_dir is not None, console=console, callbacks=callbacks, world=world)
     return run_dir
+
+
+def _new_run(cfg: Config, ds: ImageDataset, console: Console, world: World) -> str:
+    sanity = check_before_training(cfg, ds, console)  # a fail raises here
+    run_dir = new_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    info = {**run_info(cfg, ds), "sanity": sanity, "processes": world.size}
+    if distributed.elastic_run_id() is not None:
+        info[distributed.ELASTIC_KEY] = distributed.elastic_run_id()
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    return str(run_dir)
+
+
+def _restarted_run(cfg: Config) -> str | None:
+    """The folder of the run this torchrun job started before its ranks were restarted, when it has
+    a checkpoint to go on from (else None: the run starts again, in a new folder)."""
+    found = distributed.find_elastic_run(cfg.runs_dir, distributed.elastic_run_id())
+    return str(found) if found is not None and (found / "last.ckpt").is_file() else None
 
 
 def run_info(cfg: Config, ds: ImageDataset) -> dict:
@@ -80,7 +126,8 @@ def run_info(cfg: Config, ds: ImageDataset) -> dict:
             "command": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
             "device": str(device), "host": platform.node(), "hardware": hardware(device),
             "dataset": {"name": ds.name, "classes": ds.classes, "train": len(ds.train), "val": len(ds.val),
-                        "test": len(ds.test) if ds.test is not None else 0, "skipped_files": len(ds.skipped)}}
+                        "test": len(ds.test) if ds.test is not None else 0, "skipped_files": len(ds.skipped),
+                        "streamed": streamed(ds)}}
 
 
 def hardware(device: torch.device) -> dict:
