@@ -233,7 +233,8 @@ def _data(args: argparse.Namespace, console: Console) -> None:
     from cvrecipe.data import load_source
 
     t0 = time.perf_counter()
-    ds = load_source(args.data, DataConfig(name=args.data, image_size=args.image_size, channels=args.channels))
+    ds = load_source(args.data, DataConfig(name=args.data, image_size=args.image_size, channels=args.channels),
+                     lazy=True)  # the images stay on disk: a dataset larger than memory prepares too
     seconds = time.perf_counter() - t0
     console.print(f"{ds.name}: {len(ds.classes)} classes, image (C, H, W) {ds.image_shape}, loaded in {seconds:.2f}s")
     for split in ("train", "val", "test"):

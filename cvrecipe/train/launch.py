@@ -47,6 +47,7 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     console = console or Console(soft_wrap=True)
+    _check_devices(cfg, nproc)
     run_id = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="cvrecipe-launch-") as tmp:
         if resume_dir is None:
@@ -80,6 +81,17 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
     if relay is not None:
         relay.finish(run_dir)
     return run_dir
+
+
+def _check_devices(cfg: Config, nproc: int) -> None:
+    """One GPU per process: refuse more processes than GPUs before anything starts."""
+    import torch
+
+    from cvrecipe.device import resolve_device
+
+    if resolve_device(cfg.train.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise ValueError(f"train.nproc={nproc} processes need one GPU each; this machine has "
+                         f"{torch.cuda.device_count()} (run more processes with train.device=cpu, or fewer)")
 
 
 def _failure_line(err, nproc: int, run_dir: Path | None) -> str:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from cvrecipe.config import load_config, load_run_config
+from cvrecipe.config import ConfigError, load_config, load_run_config
+from cvrecipe.models.registry import register
 from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
 
@@ -278,3 +279,37 @@ def test_a_hung_rank_stops_the_job_after_the_rank_timeout(tmp_path):
     text = " ".join(out.read_text().split())
     assert "error: rank 0 of 2: lost the other ranks" in text and "train.rank_timeout_s=4 s" in text
     assert "rank 0 of 2 (pid" in text and "failed (exit code 2); the other ranks were stopped" in text
+
+
+# -- gradient accumulation ----------------------------------------------------------------------------
+class _Mlp(torch.nn.Module):
+    """No BatchNorm: a step's gradient is then the mean over its images, however they are split."""
+
+    def __init__(self, num_classes, in_channels, input_size, dropout=0.0):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * input_size[0] * input_size[1], 32),
+                                       torch.nn.ReLU(), torch.nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+register("test-mlp")(_Mlp)
+
+
+def test_gradient_accumulation_gives_the_steps_of_the_whole_batch(tmp_path):
+    """train.grad_accum=4 runs each step of 64 images as 4 micro-batches of 16: the same gradient,
+    so the same losses as steps of 64 at once (to float32 rounding)."""
+    rows = {}
+    for accum in (1, 4):
+        cfg = _config(tmp_path / f"a{accum}", ["model.name=test-mlp", "model.kwargs={}", f"train.grad_accum={accum}", "optim.lr=0.1"])
+        rows[accum] = _rows(train(cfg))
+    for a, b in zip(rows[4], rows[1]):
+        assert a["step"] == b["step"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_any_data_is_read():
+    with pytest.raises(ConfigError, match=r"train.batch_size=100 does not split into train.nproc=3 x train.grad_accum=1"):
+        load_config("digits-quick", ["train.batch_size=100", "train.nproc=3"])
