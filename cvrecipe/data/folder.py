@@ -73,7 +73,17 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def _group(path: Path) -> dict[str, dict[str, list[str]]]:
+def _group(path: Path) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
+    """{split: {class: [(name, bytes)]}} following the split/class/file layout, every file read
+    (for the data audit, which looks at each file's header)."""
+    names = _list_files(path)
+    wanted = {rel for by_class in names.values() for rels in by_class.values() for rel in rels}
+    data = {rel: read() for rel, read in _iter_entries(path) if read is not None and rel in wanted}
+    return {split: {cls: [(rel, data[rel]) for rel in rels] for cls, rels in by_class.items()}
+            for split, by_class in names.items()}
+
+
+def _list_files(path: Path) -> dict[str, dict[str, list[str]]]:
     """{split: {class: [file name]}} following the split/class/file layout (names only: no image
     is read here)."""
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -131,7 +141,7 @@ def _decode_folder(path: Path, image_size: int | None, channels: int | None, ent
     written straight to its row on disk: memory holds one chunk, whatever the dataset's size.
     Images are resized here, once, to `image_size` (when None, to the most common size among the
     first chunk's images)."""
-    groups = _group(path)
+    groups = _list_files(path)
     classes = sorted(groups["train"])
     for split, by_class in groups.items():
         unknown = sorted(set(by_class) - set(classes))

@@ -114,6 +114,8 @@ class ShardedArray:
             stored = self.rows[stored]
         if out is None:
             out = np.empty((len(stored), *self.row_shape), self.dtype)
+        if not len(stored) or not self.row_bytes:
+            return out
         flat = out.reshape(len(stored), -1).view(np.uint8)
         for shard, first_pos, dest, count in self._runs(stored):
             self._pread(shard, first_pos, flat[dest:dest + count])
@@ -221,6 +223,8 @@ class ShardWriter:
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         """values[i] → stored row rows[i]."""
+        if not len(rows):
+            return
         values = np.ascontiguousarray(values, self.dtype).reshape(len(rows), -1).view(np.uint8)
         rows = np.asarray(rows, np.int64)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
