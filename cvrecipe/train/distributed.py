@@ -18,8 +18,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import ipaddress
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,6 +47,7 @@ class World:
     _ddp: nn.Module | None = field(default=None, repr=False)
     _runs: nn.Module | None = field(default=None, repr=False)
     _trainable: tuple | None = field(default=None, repr=False)
+    _listener: socket.socket | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -168,9 +171,11 @@ def join(train: TrainConfig) -> Iterator[World]:
     device = world.device(train.device)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=train.rank_timeout_s)
-    dist.init_process_group(backend, store=_attempt_store(timeout), rank=world.rank, world_size=size, timeout=timeout)
+    store = _attempt_store(timeout) or _loopback_store(world, timeout)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=size, timeout=timeout)
     try:
         yield world
+        dist.barrier()  # rank 0 serves the store: nobody leaves while another rank may still use it
     except Exception as err:
         if isinstance(err, dist.DistError) or _peer_trouble(err):
             raise RanksLost(f"rank {world.rank} of {world.size}: lost the other ranks ({_first_line(err)}); the job "
@@ -192,6 +197,23 @@ def _attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"/cvrecipe/{elastic_run_id()}/attempt_{attempt}", store)
+
+
+def _loopback_store(world: World, timeout: datetime.timedelta) -> dist.Store | None:
+    """On rank 0 of a job whose ranks meet on this machine's loopback address (MASTER_ADDR, as
+    `cvrecipe train --nproc` sets it), the store env:// would serve, listening on that address only
+    (torch's own listens on every interface); the other ranks connect through env:// as usual.
+    None elsewhere."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    try:
+        if world.rank != 0 or not addr or not port or not ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback:
+            return None
+    except (OSError, ValueError):
+        return None
+    world._listener = socket.create_server((addr, int(port)))  # kept open as long as the world: the store serves on it
+    store = dist.TCPStore(addr, int(port), world.size, is_master=True, timeout=timeout, wait_for_workers=False,
+                          multi_tenant=True, master_listen_fd=world._listener.fileno())
+    return dist.PrefixStore("default_pg", store)  # the key prefix env:// gives the default group, as on the other ranks
 
 
 _PEER_WORDS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",

@@ -5,8 +5,9 @@ torchrun itself runs), each running `python -m cvrecipe train` as one rank (dist
 The agent watches the ranks: when one dies, it stops the others within a second and the launch
 fails with a ChildFailedError, which becomes one line naming the rank, its pid and how it ended.
 With max_restarts > 0 the agent starts the ranks again, and they go on from the run's last.ckpt.
-The rendezvous and every rank bind to 127.0.0.1: this launcher is for one machine (several
-machines: `torchrun --nnodes M ... -m cvrecipe train`, see docs/distributed.md).
+The agent's rendezvous is a file store, and the ranks' store and connections bind to 127.0.0.1:
+this launcher is for one machine (several machines: `torchrun --nnodes M ... -m cvrecipe train`,
+see docs/distributed.md).
 
 Callers in Python (the tuner runs one trial on several processes this way) call
 `cvrecipe.train.job.train(cfg, nproc=N, callbacks=...)`: the callbacks run here, in the launching
@@ -55,10 +56,12 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
             args = ["train", str(Path(tmp) / "config.yaml")]
         else:
             args = ["train", "--resume", str(resume_dir)]
+        # the rendezvous of one machine's agent needs no socket: torch's c10d rendezvous on a file store
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend="c10d",
-                              rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=max_restarts,
-                              monitor_interval=0.1, shutdown_timeout=SHUTDOWN_S)
-        console.print(f"starting {nproc} processes (torchrun's launcher, rendezvous on 127.0.0.1)")
+                              rdzv_endpoint=str(Path(tmp) / "rendezvous"), rdzv_configs={"store_type": "file"},
+                              local_addr="127.0.0.1", max_restarts=max_restarts, monitor_interval=0.1,
+                              shutdown_timeout=SHUTDOWN_S)
+        console.print(f"starting {nproc} processes (torchrun's launcher; the ranks meet on 127.0.0.1)")
         relay = _Relay(cfg, run_id, resume_dir, callbacks) if callbacks else None
         with _rank_environment(nproc, cfg.train.num_threads), _own_signal_handlers():
             try:
@@ -104,10 +107,13 @@ def _failure_line(err, nproc: int, run_dir: Path | None) -> str:
 
 @contextlib.contextmanager
 def _rank_environment(nproc: int, threads: int | None):
-    """Environment the ranks inherit: CPU threads shared out (torchrun's default is 1 per rank;
-    with 2 ranks on 2 cores that is the same), and Gloo on the loopback interface."""
+    """Environment of the agent and the ranks: CPU threads shared out (torchrun's default is 1 per
+    rank; with 2 ranks on 2 cores that is the same), Gloo on the loopback interface, a store per attempt."""
     saved = dict(os.environ)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
+    # each attempt of the ranks gets a store of its own, hosted by its rank 0: the agent's shared store
+    # keeps what failed ranks published, which restarted ones would read (pytorch#135712)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:

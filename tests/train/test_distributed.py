@@ -68,7 +68,13 @@ def _free_port():
 
 
 def _sync_bn_rank(rank, port, x, weights, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:  # the store listens on 127.0.0.1 only
+        listener = socket.create_server(("127.0.0.1", port))
+        store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False,
+                              master_listen_fd=listener.fileno())
+    else:
+        store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     try:
         bn = CpuSyncBatchNorm(x.shape[1])
         with torch.no_grad():
