@@ -12,7 +12,8 @@ see docs/distributed.md).
 Callers in Python (the tuner runs one trial on several processes this way) call
 `cvrecipe.train.job.train(cfg, nproc=N, callbacks=...)`: the callbacks run here, in the launching
 process, fed from the run's metrics.csv as rows appear (their `model` argument is None); one that
-raises (a pruned trial) stops the ranks, and its exception comes out of train().
+raises (a pruned trial) stops the ranks, and its exception comes out of train(). Such callers
+must call from the main thread: that stop goes through the agent's signal handler.
 """
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
 
     console = console or Console(soft_wrap=True)
     _check_devices(cfg, nproc)
+    if callbacks and threading.current_thread() is not threading.main_thread():
+        # a callback that raises stops the ranks by a SIGTERM to this process, which only the agent's
+        # handler turns into stopping them, and the agent installs it only from the main thread
+        raise RuntimeError(f"train(..., nproc={nproc}, callbacks=...) must be called from the main thread "
+                           f"(called from thread {threading.current_thread().name!r}): a callback that raises "
+                           f"stops the ranks through the launcher's signal handler")
     run_id = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="cvrecipe-launch-") as tmp:
         if resume_dir is None:
@@ -125,7 +132,11 @@ def _rank_environment(nproc: int, threads: int | None):
 
 @contextlib.contextmanager
 def _own_signal_handlers():
-    """The agent replaces the handlers of HANDLED_SIGNALS while it runs; put ours back after."""
+    """The agent replaces the handlers of HANDLED_SIGNALS while it runs; put ours back after. (Off the
+    main thread the agent leaves them alone, and Python allows no change there.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     saved = {name: signal.getsignal(getattr(signal, name)) for name in HANDLED_SIGNALS if hasattr(signal, name)}
     try:
         yield

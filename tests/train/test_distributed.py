@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,6 +198,28 @@ def test_a_callback_that_raises_stops_the_ranks(tmp_path):
     assert time.monotonic() - t0 < 120  # 200 epochs would take minutes
     assert len(_rows(tmp_path / "r")) < 200
     assert not _children(os.getpid())  # no rank left running
+
+
+def test_callbacks_need_the_main_thread_and_a_job_without_them_runs_from_any_thread(tmp_path):
+    """A callback that raises stops the ranks through the agent's signal handler, which the agent
+    installs only from the main thread: elsewhere callbacks are refused before anything starts, and a
+    job without callbacks trains (the launcher leaves the signal handlers alone there)."""
+    results, handler = {}, signal.getsignal(signal.SIGTERM)
+
+    def in_thread(key, **kw):
+        try:
+            results[key] = train(_config(tmp_path / key, ["train.epochs=1"]), nproc=2, **kw)
+        except Exception as err:  # noqa: BLE001 - checked below
+            results[key] = err
+
+    for key, kw in (("with", {"callbacks": [_Recorder()]}), ("without", {})):
+        thread = threading.Thread(target=in_thread, args=(key,), kwargs=kw)
+        thread.start()
+        thread.join(timeout=180)
+    assert isinstance(results["with"], RuntimeError) and "must be called from the main thread" in str(results["with"])
+    assert not (tmp_path / "with").exists()
+    assert results["without"] == tmp_path / "without" / "r" and len(_rows(results["without"])) == 1
+    assert signal.getsignal(signal.SIGTERM) == handler
 
 
 # -- failures -----------------------------------------------------------------------------------------
