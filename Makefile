@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 RECIPE ?= fashion-mnist
 ARGS   ?=
 
-.PHONY: run test setup setup-test data-packages browser-packages clean
+.PHONY: run test setup setup-test data-packages browser-packages db-packages clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/activate
 
 setup: $(VENV)/.installed data-packages
 
-setup-test: $(VENV)/.installed-test data-packages browser-packages
+setup-test: $(VENV)/.installed-test data-packages browser-packages db-packages
 
 # Debian ships Fashion-MNIST as a package; install it where we can (root + apt-get), otherwise
 # cvrecipe falls back to its checksummed download.
@@ -42,6 +42,15 @@ browser-packages:
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	    || echo "note: apt-get could not install chromium; the browser test will be skipped"; \
+	fi
+
+# The tune test shares a study between two processes through a real PostgreSQL, started by the test
+# itself on 127.0.0.1 as the `postgres` user; without the package that test skips with a reason.
+db-packages:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null \
+	   && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null) \
+	    || echo "note: apt-get could not install postgresql; the PostgreSQL tune test will be skipped"; \
 	fi
 
 run: setup

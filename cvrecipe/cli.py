@@ -1,11 +1,18 @@
 """`cvrecipe <verb>`: a thin command line over the jobs (cvrecipe.train.job, cvrecipe.evaluate.job),
 the data tools, export and serve. A recipe and its overrides are loaded and checked first, before
-anything heavy is imported or any data is read."""
+anything heavy is imported or any data is read.
+
+Every failure ends here as one line naming the file, key or limit (`error: ...`), with exit status
+2 for bad input (a config, a data set, a file the user gave) and 1 for a run that failed; `--debug`
+or CVRECIPE_DEBUG=1 prints the traceback as well.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +29,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "fashion-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvrecipe", description="Train, evaluate, export and serve image models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback too (also CVRECIPE_DEBUG=1); accepted anywhere")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("run", help="train a recipe, then evaluate it (the main job)",
@@ -45,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.nproc=N; with --resume: the process count to go on with)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="with --nproc: start failed processes again up to K times, from the last checkpoint")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the folder of a new run that fails before its first epoch ends (removed by default)")
 
     p = verbs.add_parser("eval", help="evaluate a run's best checkpoint",
                          description="Accuracy, top-5, per-class precision/recall/F1 and confusion matrix "
@@ -116,8 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images that may wait before requests get 503 (default 256)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="answer 504 after this many seconds (default 10)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="answer 413 to larger bodies (default 10 MiB)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="answer 413 to images whose header declares more pixels (width x height), before decoding "
+                        "(default 40,000,000, as data.max_pixels)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on predict and admin routes")
     p.add_argument("--cors-origin", help="allow browser calls from this origin (default: CORS off)")
+
+    p = verbs.add_parser("tune", help="hyperparameter search with Optuna: pruned, resumable, shared by workers",
+                         description="Search the space in SPACE over RECIPE's keys: each trial is a run folder "
+                                     "runs/<study>/trial-NNN/, stopped early by the pruner when it falls behind. "
+                                     "Run the same command again to resume (or on another machine, with a shared "
+                                     "--storage, to add workers). Ends with runs/<study>/best.yaml, report.html "
+                                     "and a table of the top trials.")
+    p.add_argument("recipe", nargs="?", help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=f"{OVERRIDE_HELP}; applied to every trial")
+    p.add_argument("--space", type=Path, help="search space YAML (see recipes/spaces/)")
+    p.add_argument("--trials", type=int, default=20, help="trial budget, counted over every run and worker (default 20)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study's database (default sqlite:///runs/<study>/study.db; "
+                                     "postgresql+psycopg://USER:PASSWORD@HOST/DB to share it between machines)")
+    p.add_argument("--study", help="study name (default <recipe name>-tune)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes, each with cores/K torch threads")
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="default tpe")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median", help="default median")
+    p.add_argument("--metric", help="per-epoch metric to optimise (default: the recipe's checkpoint.monitor)")
+    p.add_argument("--direction", choices=["max", "min"], help="default: the recipe's checkpoint.mode for its monitor")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (give each machine its own)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                   help="seconds between a running trial's heartbeats; a trial silent for 2x this is retried")
+    p.add_argument("--report", metavar="STUDY", help="only rebuild STUDY's best.yaml and report.html from its storage")
 
     verbs.add_parser("models", help="list registered models", description="List the registered model names.")
 
@@ -129,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean the input was wrong (exit status 2); anything else is a failed run (1), unless the
+# error says otherwise with an `exit_status` attribute.
+BAD_INPUT = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CVRECIPE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # overrides may come after options (`train --deterministic train.lr=0.1`): argparse leaves them over
     args, extra = parser.parse_known_args(argv)
@@ -144,12 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     try:
         return _dispatch(args, console)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        return 2
     except KeyboardInterrupt:
         console.print("interrupted; the last completed epoch is saved in last.ckpt (resume with --resume RUN)")
         return 130
+    except Exception as err:  # noqa: BLE001 - the boundary: whatever failed, the user gets one line
+        if debug:
+            traceback.print_exc()
+        console.print(f"[bold red]error:[/] {escape(error_line(err, debug))}", highlight=False)
+        return getattr(err, "exit_status", 2 if isinstance(err, BAD_INPUT) else 1)
+
+
+def error_line(err: BaseException, debug: bool = False, limit: int = 600) -> str:
+    """`err` as one line: its message with line breaks folded; errors that are not cvrecipe's own
+    messages (a library's, a bug) also get their type and a pointer to --debug."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError) and err.args:  # str() of a KeyError is the repr of its key
+        key = err.args[0]
+        text = " ".join(key.split()) if isinstance(key, str) and " " in key else f"missing key {key!r}"
+    own = isinstance(err, BAD_INPUT) or type(err).__module__.startswith("cvrecipe")  # messages written for users
+    if not own:
+        text = f"{type(err).__name__}: {text}"
+    if len(text) > limit:
+        text = text[:limit] + " ..."
+    return text if own or debug else f"{text} (cvrecipe --debug ... shows the traceback)"
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
@@ -170,7 +232,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         if args.nproc is not None and args.nproc < 1:
             raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
-        train(cfg, resume_dir=args.resume, console=console, nproc=args.nproc, max_restarts=args.max_restarts)
+        train(cfg, resume_dir=args.resume, console=console, keep_failed=args.keep_failed, nproc=args.nproc,
+              max_restarts=args.max_restarts)
     elif args.verb == "eval":
         from cvrecipe.evaluate.job import evaluate
 
@@ -205,14 +268,41 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from cvrecipe.serve import ServeSettings, serve
 
         serve(ServeSettings(args.source, args.backend, args.host, args.port, args.max_batch_size, args.max_wait_ms,
-                            args.queue_size, args.timeout_s, args.max_body_mb, token=args.token,
-                            cors_origin=args.cors_origin))
+                            args.queue_size, args.timeout_s, args.max_body_mb, max_pixels=args.max_pixels,
+                            token=args.token, cors_origin=args.cors_origin))
+    elif args.verb == "tune":
+        return _tune(args, console)
     elif args.verb == "models":
         from cvrecipe.models import list_models, list_pretrained
 
         console.print("\n".join(list_models()))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
+    return 0
+
+
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    try:
+        import optuna  # noqa: F401  (an optional dependency)
+    except ImportError:
+        raise RuntimeError("cvrecipe tune needs Optuna: pip install 'cvrecipe[tune]'") from None
+    from cvrecipe.tune import prepare, rebuild_report, tune
+
+    if args.report:
+        rebuild_report(args.report, args.storage, console)
+        return 0
+    if not args.recipe or not args.space:
+        raise ValueError("cvrecipe tune needs a RECIPE and --space SPACE.yaml (or --report STUDY)")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected at least 1")
+    settings = prepare(args.recipe, args.overrides, args.space, args.trials, args.storage, args.study, args.sampler,
+                       args.pruner, args.metric, args.direction, args.seed, args.heartbeat)
+    try:
+        tune(settings, args.workers, console)
+    except KeyboardInterrupt:
+        console.print("interrupted; ended trials are kept and running ones queued again: run the same command "
+                      "to resume")
+        return 130
     return 0
 
 

@@ -65,6 +65,9 @@ class DataConfig:
                                            "memory free when the run starts", gt=0)
     prefetch: int = option(4, "streamed data: batches read ahead while the current step runs", ge=1)
     read_threads: int = option(2, "streamed data: threads reading batches from the shards", ge=1)
+    max_pixels: int = option(40_000_000, "image files whose header declares more pixels (width x height) than this "
+                                         "are skipped unread (decompression bombs); also `predict`'s limit for the "
+                                         "run. PIL refuses non-JPEG files above ~179 Mpx in any case", ge=1)
 
 
 @dataclass
@@ -100,6 +103,9 @@ class TrainConfig:
         "auto", "autocast dtype; auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU. bf16 also pays on "
                 "CPUs with native bf16 (2x on an EPYC with avx512_bf16), costs elsewhere")
     channels_last: bool = option(True, "channels-last memory format for conv nets: faster on CPU and GPU here")
+    half_weights: bool = option(False, "keep weights and activations in the half dtype of train.precision (fp16 or "
+                                       "bf16), BatchNorm in fp32, instead of autocasting each op (airbench's "
+                                       "layout); see optim.master_weights")
     compile: bool = option(False, "torch.compile the model; measured no faster for the speedrun net (2.49 vs "
                                   "2.50 s on an H200, slower on 2 CPU cores), useful for larger nets")
     deterministic: bool = option(False, "deterministic kernels only; a resumed CPU run is then bit-identical")
@@ -135,8 +141,16 @@ class OptimConfig:
     norm_lr_scale: float = option(1.0, "lr multiplier for the parameters of normalisation layers (64 in the "
                                        "speedrun recipes); they get no weight decay", gt=0)
     head_lr_scale: float = option(1.0, "lr multiplier for the classifier head (the last linear layer)", gt=0)
+    bias_lr_scale: float = option(1.0, "lr multiplier for biases outside normalisation layers and the head (in "
+                                       "the speedrun net: the whitening layer's bias)", gt=0)
+    master_weights: bool = option(True, "with train.half_weights: the optimizer updates fp32 copies of the half "
+                                        "weights and writes them back after each step; false updates the half "
+                                        "weights directly (cheaper; small updates may round away)")
     muon_lr: float = option(0.24, "muon: lr of the orthogonalised conv-filter updates", gt=0)
     muon_momentum: float = option(0.6, "muon: momentum of the conv-filter updates", ge=0, lt=1)
+    muon_ns_steps: int = option(5, "muon: Newton-Schulz iterations per update (airbench94_muon: 3)", ge=1)
+    muon_normalize: bool = option(False, "muon: rescale each filter bank to Frobenius norm sqrt(out channels) "
+                                         "before its update, so the step size is relative (airbench94_muon)")
 
 
 @dataclass
@@ -145,8 +159,13 @@ class ScheduleConfig:
         "onecycle", "learning-rate schedule over the run: onecycle (linear rise, cosine fall) | cosine | constant "
                     "| triangular (linear up, linear down: the speedrun recipes)")
     warmup_epochs: float = option(0.0, "cosine, constant: linear warm-up length in epochs (fractions allowed)", ge=0)
-    peak_at: float = option(0.25, "onecycle, triangular: share of the steps spent rising to the peak", gt=0, lt=1)
+    peak_at: float = option(0.25, "onecycle, triangular: share of the steps spent rising to the peak (triangular: "
+                                  "0 starts at the peak and only decays)", ge=0, lt=1)
     ends: list[float] = option([0.2, 0.07], "triangular: lr factor at the first and the last step", length=2, ge=0)
+    bias_end_epochs: float | None = option(None, "biases outside normalisation layers and the head decay "
+                                                 "linearly from their peak lr to 0 by this epoch, then stay put "
+                                                 "(airbench94_muon's whitening bias: 3); null = the run's schedule",
+                                           gt=0)
 
 
 @dataclass
@@ -322,30 +341,30 @@ def _options(hint: Any) -> tuple:
 
 
 def allowed(hint: Any, meta: dict | None = None) -> str:
-    """What a field accepts, in words: 'one of a, b, c', 'a float >= 0 and < 1', ..."""
+    """What a field accepts, in words: 'one of a, b, c', 'a number >= 0 and < 1', ..., 'or null'."""
     meta = meta or {}
-    options = _options(hint)
-    words = []
-    for option_ in options:
-        if option_ is type(None):
-            words.append("null")
-        elif typing.get_origin(option_) is Literal:
-            words.append("one of " + ", ".join(str(v) for v in typing.get_args(option_)))
-        else:
-            origin = typing.get_origin(option_) or option_
-            words.append({float: "a number", int: "an integer", bool: "true or false", str: "a string",
-                          list: "a list", dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin))))
-    bounds = [f"{sign} {meta[k]}" for k, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in meta]
-    if "length" in meta:  # a list of numbers
-        words = [f"a list of {meta['length']} numbers" + (", each" if bounds else "")]
-    text = " or ".join(words)
-    if bounds:
-        text += " " + " and ".join(bounds)
-    if "pattern" in meta:
-        text += f" matching {meta['pattern']}"
     if meta.get("metric"):
-        text = "one of " + ", ".join(dict.fromkeys(m for task in TASK_METRICS for m in produced_metrics(task)))
-    return text
+        return "one of " + ", ".join(dict.fromkeys(m for task in TASK_METRICS for m in produced_metrics(task)))
+    bounds = " and ".join(f"{sign} {meta[k]}" for k, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                          if k in meta)
+    words, nullable = [], False
+    for option_ in _options(hint):
+        origin = typing.get_origin(option_) or option_
+        if option_ is type(None):
+            nullable = True
+        elif origin is Literal:
+            words.append("one of " + ", ".join(str(v) for v in typing.get_args(option_)))
+        elif "length" in meta:  # a list of numbers
+            words.append(f"a list of {meta['length']} numbers" + (f", each {bounds}" if bounds else ""))
+        else:
+            word = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+                    list: "a list", dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin)))
+            if origin in (float, int) and bounds:
+                word += f" {bounds}"
+            if origin is str and "pattern" in meta:
+                word += f" matching {meta['pattern']}"
+            words.append(word)
+    return " or ".join(words) + (", or null" if nullable else "")
 
 
 def check_value(path: str, value: Any, hint: Any, meta: dict | None = None) -> Any:
@@ -436,6 +455,14 @@ def check_rules(cfg: Config) -> None:
     if ft.strategy == "two-stage" and not 0 < ft.freeze_epochs < cfg.train.epochs:
         raise ConfigError(f"finetune.freeze_epochs={ft.freeze_epochs}: two-stage needs 1 to train.epochs - 1 "
                           f"({cfg.train.epochs - 1}) head-only epochs")
+    if cfg.train.half_weights and cfg.train.precision not in ("fp16", "bf16"):
+        raise ConfigError(f"train.half_weights=true needs train.precision fp16 or bf16 (got {cfg.train.precision}): "
+                          f"the dtype the weights are kept in")
+    if cfg.train.half_weights and not cfg.optim.master_weights and cfg.train.precision != "bf16":
+        raise ConfigError("optim.master_weights=false with train.half_weights needs train.precision=bf16: fp16 "
+                          "gradients of a mean loss underflow without the loss scaler that master weights allow")
+    if cfg.schedule.name == "onecycle" and cfg.schedule.peak_at == 0:
+        raise ConfigError("schedule.peak_at=0 is for schedule.name=triangular; onecycle needs a rise (> 0)")
     if ft.feature_cache and ft.strategy != "linear":
         raise ConfigError(f"finetune.feature_cache=true needs finetune.strategy=linear (got {ft.strategy}): "
                           f"features can only be cached from a frozen backbone")
@@ -495,8 +522,20 @@ def load_run_config(run_dir: Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raise yaml_error(path, err) from err
     return from_dict(migrate(raw if isinstance(raw, dict) else {"config": raw}))
+
+
+def yaml_error(path: Path, err: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, the line and the problem; a tag that would build a Python object
+    (!!python/object/apply:os.system ...) is refused as such, never constructed."""
+    mark = getattr(err, "problem_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):
+        return ConfigError(f"{path}: not a cvrecipe config (refused: {problem}{where}; configs are plain YAML "
+                           f"with no tags)")
+    return ConfigError(f"{path} is not valid YAML: {problem}{where}")
 
 
 def migrate(raw: dict) -> dict:
@@ -524,7 +563,7 @@ def read_recipe(recipe: str | Path, chain: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+        raise yaml_error(path, err) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top, got {type(raw).__name__}")
     base = raw.pop("extends", None)

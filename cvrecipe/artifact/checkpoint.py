@@ -2,19 +2,34 @@
 
 Both are written to a temporary file and renamed into place, so a process killed mid-write
 leaves the previous checkpoint intact. Resume files are loaded with weights_only=True: only
-tensors and plain Python values, never arbitrary pickled objects.
+tensors and plain Python values, never arbitrary pickled objects. A file that is not a
+checkpoint cvrecipe wrote (garbage, a tampered header, a pickle that would run code) is refused
+with NotACheckpoint, one line naming the file and why.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cvrecipe.models import ImageModel, model_from_meta
+
+RESUME_KEYS = ("epoch", "step", "history", "model")  # what every last.ckpt cvrecipe writes holds
+
+
+class NotACheckpoint(ValueError):
+    """A file that is not a checkpoint written by cvrecipe; the message names it and says why."""
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def _atomic(path: Path, write) -> None:
@@ -31,11 +46,22 @@ def save_weights(model: ImageModel, path: Path, extra: dict | None = None) -> No
 
 
 def read_metadata(path: Path) -> tuple[dict, dict]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise FileNotFoundError(f"no checkpoint at {path}") from err
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (unreadable safetensors: {_first_line(err)})") from err
     if "cvrecipe.model" not in meta:
-        raise ValueError(f"{path} is not a cvrecipe checkpoint (no model metadata)")
-    return json.loads(meta["cvrecipe.model"]), json.loads(meta.get("cvrecipe.extra", "{}"))
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (no model metadata)")
+    try:
+        model, extra = json.loads(meta["cvrecipe.model"]), json.loads(meta.get("cvrecipe.extra", "{}"))
+    except ValueError as err:
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (damaged metadata: {err})") from err
+    if not isinstance(model, dict) or not isinstance(extra, dict):
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (damaged metadata)")
+    return model, extra
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> ImageModel:
@@ -48,8 +74,16 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> ImageModel:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     meta, _ = read_metadata(path)
-    model = model_from_meta(meta)
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model = model_from_meta(meta)
+    except (KeyError, TypeError, ValueError) as err:
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (its metadata does not describe a model: "
+                             f"{_first_line(err)})") from err
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError) as err:
+        raise NotACheckpoint(f"{path}: the weights do not fit the model its metadata describes "
+                             f"({_first_line(err)})") from err
     return model.to(device).eval()
 
 
@@ -58,4 +92,19 @@ def save_resume(state: dict, path: Path) -> None:
 
 
 def load_resume(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """last.ckpt's state; tensors and plain values only (weights_only=True)."""
+    try:
+        with warnings.catch_warnings():  # torch's note on unusual pickle protocols: the refusal below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():  # a pickle naming functions or classes: executing it runs code
+            raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (refused: loading it would run code)") from None
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (unreadable: {_first_line(err)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (unreadable: {_first_line(err)})") from None
+    if not isinstance(state, dict) or any(key not in state for key in RESUME_KEYS):
+        raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (no training state in it)")
+    return state

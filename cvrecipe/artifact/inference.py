@@ -61,10 +61,14 @@ def expand_image_paths(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def load_images_for_model(paths: list[Path], meta: dict) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
-    """Decode files to the model's input shape with the same decoder as training data."""
-    from cvrecipe.data.images import decode_images
+def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None = None
+                          ) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
+    """Decode files to the model's input shape with the same guarded decoder as training data:
+    files whose header declares more than `max_pixels` (default: data.max_pixels' default) are
+    refused unread."""
+    from cvrecipe.data.images import MAX_PIXELS, decode_images
 
     items = [(str(p), p.read_bytes()) for p in paths]
-    x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]))
+    x, good, skipped = decode_images(items, meta["in_channels"], tuple(meta["input_size"]),
+                                     max_pixels=max_pixels or MAX_PIXELS)
     return x, [paths[i] for i in good], skipped

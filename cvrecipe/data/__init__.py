@@ -28,7 +28,7 @@ def load_source(name: str, cfg: DataConfig | None = None, lazy: bool = False) ->
     cfg = cfg or DataConfig(name=name)
     cache = cache_root(cfg.cache_dir)
     if name.startswith("folder:"):
-        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, lazy)
+        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, lazy, cfg.max_pixels)
     return load_named(name, cache, lazy)
 
 
@@ -89,9 +89,9 @@ def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageD
             if channels == 3 and x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             elif channels == 1 and x.shape[1] == 3:
-                from torchvision.transforms.v2.functional import rgb_to_grayscale  # see images.py on imports
+                from cvrecipe.data.images import rgb_to_luma  # the one grayscale rule of every decode path
 
-                x = rgb_to_grayscale(x)
+                x = rgb_to_luma(x)
             else:
                 raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
         if size is not None and tuple(x.shape[-2:]) != (size, size):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cvrecipe.data.dataset import ImageDataset, pixel_mean_std
+from cvrecipe.data.images import FORMATS
 
 SPLITS = ("train", "val", "test")
 # Near duplicates, in two stages (thresholds measured on planted copies of 300-500 images each):
@@ -64,7 +65,7 @@ def file_header(data: bytes) -> tuple[str, str, str] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:  # the formats the decoder takes
                 return f"{img.width}x{img.height}", img.mode, img.format or "?"
     except Exception:  # noqa: BLE001 - unreadable files are listed from the decoder's own report
         return None

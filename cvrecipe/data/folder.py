@@ -19,12 +19,30 @@ import numpy as np
 
 from cvrecipe.data.cache import EntryWriter, load_arrays
 from cvrecipe.data.dataset import DataError, ImageDataset, Split
-from cvrecipe.data.images import decode_images, guess_channels
+from cvrecipe.data.images import MAX_PIXELS, SMALL_FACTOR, decode_images, guess_channels
 
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 2  # bump when decoding or the entry layout changes (2: sharded), so no version reads another's
+CACHE_VERSION = 3  # bump when decoding or the entry layout changes, so no version reads another's
+#                   (2: one grayscale rule; 3: sharded)
 MAX_BAD_FRACTION = 0.5  # more unreadable files than this and the dataset is refused
 DECODE_CHUNK = 1024  # images decoded at a time: ~0.5 GB at ImageNet's native sizes, wherever the data ends
+NAMED_IN_WARNINGS = 5  # files named in a warning; the full list is in meta.json / RUN/skipped_files.txt
+
+# Warnings already given in this process: a command loads its dataset several times (train, then
+# evaluate, then the report), and Python's own once-per-location filter is reset by every
+# `warnings.catch_warnings()` block, so each load would repeat them.
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=2)
+
+
+def _some(entries: list, show) -> str:
+    named = "; ".join(show(e) for e in entries[:NAMED_IN_WARNINGS])
+    return named + (f"; and {len(entries) - NAMED_IN_WARNINGS} more" if len(entries) > NAMED_IN_WARNINGS else "")
 
 
 def _is_archive(path: Path) -> bool:
@@ -111,12 +129,12 @@ def _list_files(path: Path) -> dict[str, dict[str, list[str]]]:
             f"train/cat/1.jpg, test/cat/2.jpg (found {len(stray)} files elsewhere, e.g. {stray[:3]})"
         )
     if stray:
-        warnings.warn(f"{path}: ignored {len(stray)} files outside split/class/, e.g. {stray[:3]}")
+        warn_once(f"{path}: ignored {len(stray)} files outside split/class/, e.g. {stray[:3]}")
     return groups
 
 
 def load_folder(path: Path, image_size: int | None, channels: int | None, cache_dir: Path,
-                lazy: bool = False) -> ImageDataset:
+                lazy: bool = False, max_pixels: int = MAX_PIXELS) -> ImageDataset:
     """The dataset in `path`, decoded into the cache on first use. `lazy`: images stay on disk
     as ShardedArray views (see cache.load_arrays)."""
     path = Path(path).expanduser()
@@ -124,19 +142,26 @@ def load_folder(path: Path, image_size: int | None, channels: int | None, cache_
         raise DataError(f"dataset folder or archive not found: {path}")
     if not path.is_dir() and not _is_archive(path):
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz/.zip archive")
-    key = f"folder-{_fingerprint(path)}-s{image_size}-c{channels}"
+    key = f"folder-{_fingerprint(path)}-s{image_size}-c{channels}-p{max_pixels}"
     entry = cache_dir / key
     if not (entry / "meta.json").is_file():
-        _decode_folder(path, image_size, channels, entry)
+        _decode_folder(path, image_size, channels, entry, max_pixels)
     arrays, meta = load_arrays(entry, lazy)
     splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS if f"{s}_x" in arrays}
     skipped = [tuple(s) for s in meta["skipped"]]
-    for name, reason in skipped:
-        warnings.warn(f"{path}: skipped unreadable image {name}: {reason}")
+    if skipped:
+        warn_once(f"{path}: skipped {len(skipped)} unreadable file(s): "
+                  f"{_some(skipped, lambda s: f'{s[0]} ({s[1]})')}")
+    small = meta.get("small", [])
+    if small:
+        h, w = splits["train"].x.shape[-2:]
+        warn_once(f"{path}: {len(small)} image(s) far smaller than the {h}x{w} the images are resized to (upscaled "
+                  f"more than {SMALL_FACTOR}x): {_some(small, lambda s: f'{s[0]} ({s[1][1]}x{s[1][0]})')}")
     return ImageDataset(name=f"folder:{path}", classes=meta["classes"], skipped=skipped, **splits)
 
 
-def _decode_folder(path: Path, image_size: int | None, channels: int | None, entry: Path) -> None:
+def _decode_folder(path: Path, image_size: int | None, channels: int | None, entry: Path,
+                   max_pixels: int = MAX_PIXELS) -> None:
     """Decode every image into the cache entry `entry`, DECODE_CHUNK images at a time, each
     written straight to its row on disk: memory holds one chunk, whatever the dataset's size.
     Images are resized here, once, to `image_size` (when None, to the most common size among the
@@ -157,19 +182,20 @@ def _decode_folder(path: Path, image_size: int | None, channels: int | None, ent
         names_all = [rel for by_class in groups.values() for rels in by_class.values() for rel in rels]
         channels = guess_channels(_read_files(path, set(names_all[:: max(1, len(names_all) // 64)])))
     with EntryWriter(entry) as out:
-        decoder = _ChunkDecoder(out, splits, labels, channels, image_size)
+        decoder = _ChunkDecoder(out, splits, labels, channels, image_size, max_pixels)
         for rel, read in _iter_entries(path):
             if read is not None and rel in place:
                 decoder.add(place[rel], rel, read())
         decoder.flush()
-        skipped = decoder.finish()
+        skipped, small = decoder.finish()
         total = len(place)
         if len(skipped) > MAX_BAD_FRACTION * total:
             raise DataError(
                 f"{path}: {len(skipped)} of {total} files could not be read as images "
                 f"(e.g. {skipped[0][0]}: {skipped[0][1]}); refusing a mostly unreadable dataset"
             )
-        out.commit({"source": str(path), "classes": classes, "skipped": skipped, "channels": channels})
+        out.commit({"source": str(path), "classes": classes, "skipped": skipped, "channels": channels,
+                    "small": small})
 
 
 def _read_files(path: Path, wanted: set[str]) -> list[bytes]:
@@ -178,15 +204,17 @@ def _read_files(path: Path, wanted: set[str]) -> list[bytes]:
 
 class _ChunkDecoder:
     """Collects (place, name, bytes) and decodes them DECODE_CHUNK at a time into per-split shard
-    writers, remembering which rows decoded and which files did not."""
+    writers, remembering which rows decoded, which files did not and which were upscaled a lot."""
 
     def __init__(self, out: EntryWriter, splits: list[str], labels: dict[str, np.ndarray], channels: int,
-                 size: int | None):
+                 size: int | None, max_pixels: int = MAX_PIXELS):
         self.out, self.splits, self.labels, self.channels, self.size = out, splits, labels, channels, size
+        self.max_pixels = max_pixels
         self.pending: list[tuple[tuple[str, int], str, bytes]] = []
         self.writers: dict = {}
         self.good: dict[str, list[np.ndarray]] = {s: [] for s in splits}
-        self.bad: list[tuple[tuple[str, int], str, str]] = []
+        self.bad: list[tuple[tuple[str, int], str, str]] = []  # (place, name, reason)
+        self.small: list[tuple[tuple[str, int], str, tuple[int, int]]] = []  # (place, name, (h, w))
 
     def add(self, place: tuple[str, int], name: str, data: bytes) -> None:
         self.pending.append((place, name, data))
@@ -196,9 +224,12 @@ class _ChunkDecoder:
     def flush(self) -> None:
         if not self.pending:
             return
-        x, good, bad = decode_images([(name, data) for _, name, data in self.pending], self.channels, self.size)
-        bad_names = dict(bad)
+        small: list[tuple[str, tuple[int, int]]] = []
+        x, good, bad = decode_images([(name, data) for _, name, data in self.pending], self.channels, self.size,
+                                     max_pixels=self.max_pixels, small=small)
+        bad_names, small_names = dict(bad), dict(small)
         self.bad += [(place, name, bad_names[name]) for place, name, _ in self.pending if name in bad_names]
+        self.small += [(place, name, small_names[name]) for place, name, _ in self.pending if name in small_names]
         if len(good):
             self.size = self.size or tuple(x.shape[-2:])  # the first chunk's size holds for the rest
             self._open_writers(x.shape[1:])
@@ -216,9 +247,10 @@ class _ChunkDecoder:
             if split not in self.writers:
                 self.writers[split] = self.out.sharded(f"{split}_x", len(self.labels[split]), row_shape, np.uint8)
 
-    def finish(self) -> list[tuple[str, str]]:
+    def finish(self) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[int, int]]]]:
         """Close the writers (with the rows that decoded) and store the labels of those rows.
-        Returns (file, reason) of every file that did not decode, in split, class and file order."""
+        Returns (file, reason) of every file that did not decode and (file, (h, w)) of every image
+        upscaled more than SMALL_FACTOR times, each in split, class and file order."""
         for split in self.splits:
             rows = np.sort(np.concatenate(self.good[split])) if self.good[split] else np.zeros(0, np.int64)
             if split in self.writers:
@@ -228,5 +260,8 @@ class _ChunkDecoder:
                 self.out.add(f"{split}_x", np.zeros((0, self.channels, 1, 1), np.uint8))
             self.out.add(f"{split}_y", self.labels[split][rows])
         order = {s: i for i, s in enumerate(SPLITS)}
-        return [(name, reason) for (split, row), name, reason in sorted(self.bad, key=lambda b: (order[b[0][0]],
-                                                                                                   b[0][1]))]
+
+        def in_order(found: list) -> list:
+            return [(name, what) for _, name, what in sorted(found, key=lambda f: (order[f[0][0]], f[0][1]))]
+
+        return in_order(self.bad), in_order(self.small)

@@ -63,7 +63,9 @@ def predict(run_dir: Path, paths: list[str], k: int = 5) -> list[dict]:
     model = load_model(run_dir, "cpu")
     task = get_task(model.meta.get("task", "classification"))
     files = expand_image_paths(paths)
-    x, good, skipped = load_images_for_model(files, model.meta)
+    run_config = Path(run_dir) / "config.yaml"  # the run's own pixel limit, when it is a run folder
+    max_pixels = load_run_config(run_dir).data.max_pixels if run_config.is_file() else None
+    x, good, skipped = load_images_for_model(files, model.meta, max_pixels)
     results = [{"file": name, "error": reason} for name, reason in skipped]
     if len(good):
         answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)

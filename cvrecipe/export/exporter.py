@@ -117,7 +117,7 @@ def _merge(out_dir: Path, manifest: dict, filename: str, entry: dict) -> dict:
         manifest["files"] = {k: v for k, v in old.get("files", {}).items()
                              if k != filename and (out_dir / k).is_file()}
     manifest["files"][filename] = entry
-    return manifest
+    return mf.set_shapes(manifest)
 
 
 def _install(tmp: Path, out_dir: Path, filename: str, manifest: dict) -> None:

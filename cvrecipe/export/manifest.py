@@ -14,12 +14,16 @@ from pathlib import Path
 
 import torch
 
+from cvrecipe.data.images import DRAFT_FACTOR, GRAYSCALE_RULE
+
 MANIFEST = "model.json"
 FORMAT_VERSION = 1
 
-RESIZE_RULE = ("decode (alpha composited onto white; 16-bit scaled to 8-bit), convert to the model's channels, "
-               "then, if (H, W) differs from input_size, resize the whole image to input_size (bilinear, "
-               "antialiased, aspect ratio not kept, no crop) and round to uint8")
+RESIZE_RULE = ("decode (alpha composited onto white; 16-bit scaled to 8-bit; a JPEG at least "
+               f"{DRAFT_FACTOR}x input_size per side decoded at the smallest 1/2, 1/4 or 1/8 DCT scale that keeps it "
+               "at least 2x input_size), convert to the model's channels, then, if (H, W) differs from input_size, "
+               "resize the whole image to input_size (bilinear, antialiased, aspect ratio not kept, no crop) and "
+               "round to uint8")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -56,6 +60,7 @@ def build_manifest(meta: dict, source: dict) -> dict:
             "channel_order": "RGB" if channels == 3 else ("L" if channels == 1 else f"{channels} channels"),
             "input_size": list(meta["input_size"]),  # [H, W]
             "resize": RESIZE_RULE,
+            "grayscale": GRAYSCALE_RULE,
             "value_range": [0, 255],
             # applied inside the model: x = (uint8 / 255 - mean) / std; listed here for reference
             "normalization_in_model": True,
@@ -67,6 +72,20 @@ def build_manifest(meta: dict, source: dict) -> dict:
         "source": source,
         "files": {},
     }
+
+
+def set_shapes(manifest: dict) -> dict:
+    """Each file's input and output shapes, with its batch dimension (fixed, or "batch" for any), and
+    at the top the output shape all files share: a batch-1 export says [1, K], not ["batch", K]."""
+    pre, output = manifest["preprocessing"], manifest["output"]
+    batches = set()
+    for entry in manifest["files"].values():
+        batch = entry.get("batch_size") or "batch"
+        entry["input_shape"] = [batch, pre["channels"], *pre["input_size"]]
+        entry["output_shape"] = [batch, *output["shape"][1:]]
+        batches.add(batch)
+    output["shape"] = [batches.pop() if len(batches) == 1 else "batch", *output["shape"][1:]]
+    return manifest
 
 
 def file_entry(path: Path, fmt: str, precision: str, facts: dict, parity: dict) -> dict:

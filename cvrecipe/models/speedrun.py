@@ -128,10 +128,11 @@ def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int]
                  whiten_kernel: int = 2, bn_momentum: float = 0.6, bn_affine_weight: bool = False,
                  identity_init: bool = True, logit_scale: float = 1 / 9, dropout: float = 0.0,
                  whiten_bias_epochs: int | None = None, whiten_padding: int = 0,
-                 convs_per_group: int = 2) -> nn.Module:
+                 convs_per_group: int = 2, head_init_std: float | None = None) -> nn.Module:
     """`whiten_padding` pads the input by repeating its edge pixels before the whitening conv, so a
     k×k whitening keeps more of the image's size (28×28 Fashion-MNIST with k=3, padding 1: 28×28
-    maps, which pool to 14, 7, 3, against 26, 13, 6, 3 unpadded)."""
+    maps, which pool to 14, 7, 3, against 26, 13, 6, 3 unpadded). `head_init_std` rescales the
+    head's initial weights to that standard deviation (airbench94_muon: 1, with logit_scale 1/width)."""
     whiten_width = 2 * in_channels * whiten_kernel**2  # eigenvector filters and their negatives
     whiten = nn.Conv2d(in_channels, whiten_width, whiten_kernel, padding=whiten_padding,
                        padding_mode="replicate" if whiten_padding else "zeros", bias=True)
@@ -140,8 +141,12 @@ def speedrun_net(num_classes: int, in_channels: int, input_size: tuple[int, int]
     for width in widths:
         groups.append(ConvGroup(cin, width, bn_momentum, bn_affine_weight, identity_init, convs_per_group))
         cin = width
+    head = nn.Linear(cin, num_classes, bias=False)
+    if head_init_std is not None:
+        with torch.no_grad():
+            head.weight.mul_(head_init_std / head.weight.std())
     net = SpeedrunNet(whiten, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                      nn.Linear(cin, num_classes, bias=False), Scale(logit_scale))
+                      head, Scale(logit_scale))
     net.whiten_bias_epochs = whiten_bias_epochs
     return net
 

@@ -14,6 +14,7 @@ import hmac
 import signal
 import threading
 from importlib import resources
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,20 +24,26 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cvrecipe.serve import classification
+from cvrecipe import __version__
+from cvrecipe.serve import classification, schema
 from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response
 from cvrecipe.serve.settings import ServeSettings
 from cvrecipe.serve.state import ServerState, log
 
 
-async def require_token(request: Request) -> None:
-    """Bearer-token check for predict and admin routes (no-op when the server has no token)."""
+def has_token(request: Request) -> bool:
+    """Whether the request carries the server's bearer token (True when the server has none)."""
     token = request.app.state.server.settings.token
     if token is None:
-        return
+        return True
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+async def require_token(request: Request) -> None:
+    """Bearer-token check for predict and admin routes (no-op when the server has no token)."""
+    if not has_token(request):
         raise ServeError(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer TOKEN'",
                          {"WWW-Authenticate": "Bearer"})
 
@@ -59,12 +66,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                                      expose_headers=["X-Request-ID"]))
-    middleware.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes))
+    middleware.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes, drain_s=settings.timeout_s))
     app = FastAPI(title="cvrecipe", lifespan=lifespan, middleware=middleware, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json", version=__version__,
+                  description="Image model inference: POST an image, get the model's answer. Every error is a JSON "
+                              "body {error: {status, code, message}, request_id}.")
     app.state.server = state
     _add_error_handlers(app)
     _add_routes(app)
+    fastapi_schema = app.openapi  # builds the schema once and keeps it in app.openapi_schema, which finish() corrects
+    app.openapi = lambda: app.openapi_schema or schema.finish(fastapi_schema(), settings.token is not None)
     return app
 
 
@@ -119,34 +130,45 @@ def _add_routes(app: FastAPI) -> None:
     async def index():
         return HTMLResponse(page)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=schema.Health, summary="the process is up")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", summary="ready to answer predictions (503 while loading or stopping)",
+             responses={200: {"model": schema.Readiness}, 503: {"model": schema.Readiness,
+                                                                "description": "not ready; status says why"}})
     async def readyz(request: Request):
         state: ServerState = request.app.state.server
-        body = {"status": state.status, "version": state.backend.version if state.backend else None}
+        status = "stopping" if state.stopping and state.status == "ready" else state.status
+        body = {"status": status, "version": state.backend.version if state.backend else None}
         if state.error:
             body["error"] = state.error
-        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", summary="the served model: classes, input, version, limits",
+             responses={200: {"model": schema.ModelInfo}, **schema.errors(503)})
     async def model_info(request: Request):
         state: ServerState = request.app.state.server
         s = state.settings
-        return {**state.require_ready().describe(), "top_k_default": 5,
-                "limits": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "queue_size": s.queue_size,
-                           "timeout_s": s.timeout_s, "max_body_bytes": s.max_body_bytes, "max_pixels": s.max_pixels,
-                           "max_files": s.max_files}, "auth": s.token is not None}
+        info = state.require_ready().describe()
+        if not has_token(request):  # where the files live is for the token holder only
+            info = {**info, "file": Path(info["file"]).name, "run": info["run"] and Path(info["run"]).name}
+        return JSONResponse({**info, "top_k_default": 5, "auth": s.token is not None,
+                             "limits": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms,
+                                        "queue_size": s.queue_size, "timeout_s": s.timeout_s,
+                                        "max_body_bytes": s.max_body_bytes, "max_pixels": s.max_pixels,
+                                        "max_files": s.max_files}})
 
-    @app.get("/metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics(request: Request):
         return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     for add_task_routes in TASK_ROUTES.values():
         add_task_routes(app, require_token)
 
-    @app.post("/admin/reload", dependencies=[Depends(require_token)])
+    @app.post("/admin/reload", dependencies=[Depends(require_token)], summary="load the model file again and swap it in",
+              responses={200: {"model": schema.Reloaded}, **schema.errors(401, 409, 500, 503)})
     async def reload(request: Request):
         return await request.app.state.server.reload()

@@ -12,11 +12,43 @@ from typing import Callable
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
+from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError, read_images, refusal
 from cvrecipe.serve.state import ServerState
 
 TASK = "classification"
+
+
+class ClassProbability(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class")
+    probability: float = Field(ge=0, le=1)
+
+
+class Prediction(BaseModel):
+    request_id: str
+    model: schema.ModelName
+    top: list[ClassProbability] = Field(description="the k most probable classes, most probable first")
+    latency_ms: float
+
+
+class FileAnswer(BaseModel):
+    file: str = Field(description="the form field's file name")
+    top: list[ClassProbability] | None = Field(None, description="when the file could be used")
+    error: schema.ErrorDetail | None = Field(None, description="when it could not")
+
+
+class BatchPrediction(BaseModel):
+    request_id: str
+    model: schema.ModelName
+    results: list[FileAnswer] = Field(description="one per file, in the order sent")
+    latency_ms: float
+
+
+ERRORS = schema.errors(400, 401, 409, 413, 415, 503, 504)
 
 
 def top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
@@ -28,7 +60,8 @@ def top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[list[dict]
 
 
 def add_routes(app: FastAPI, require_token: Callable) -> None:
-    @app.post("/v1/predict", dependencies=[Depends(require_token)])
+    @app.post("/v1/predict", dependencies=[Depends(require_token)], summary="classify one image",
+              responses={200: {"model": Prediction}, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def predict(request: Request, k: int = Query(5, ge=1, le=1000)):
         result = await _classify(request, max_files=1, k=k)
         _, answer = result["entries"][0]
@@ -38,7 +71,9 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
         return JSONResponse({"request_id": result["request_id"], "model": result["model"], "top": answer,
                              "latency_ms": result["latency_ms"]})
 
-    @app.post("/v1/predict/batch", dependencies=[Depends(require_token)])
+    @app.post("/v1/predict/batch", dependencies=[Depends(require_token)],
+              summary="classify several images sent as multipart file fields",
+              responses={200: {"model": BatchPrediction}, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def predict_batch(request: Request, k: int = Query(5, ge=1, le=1000)):
         result = await _classify(request, max_files=request.app.state.server.settings.max_files, k=k)
         entries = result["entries"]

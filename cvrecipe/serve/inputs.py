@@ -2,20 +2,18 @@
 (from the header alone), decode with the training data's decoder.
 
 Images reach the model through `cvrecipe.data.images.decode_images`, the function that decoded
-the training set, so colour conversion and resizing are the same in training and serving.
+the training set, so colour conversion and resizing are the same in training and serving, and
+the same header checks guard both. It decodes and resizes one large image at a time, so the
+full-size pixels held by a batch stay bounded whatever the images' sizes.
 """
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from cvrecipe.data.images import decode_images
+from cvrecipe.data.images import ImageRefused, check_pixels, decode_images, read_header
 
 RAW_TYPES = ("image/", "application/octet-stream")  # bodies that are the image itself
 
@@ -52,24 +50,17 @@ async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes
                      f"Content-Type image/* (e.g. image/png) or as multipart/form-data with a 'file' field")
 
 
+STATUS = {"too_many_pixels": 413}  # ImageRefused codes that are not a 400
+
+
 def check_header(data: bytes, max_pixels: int) -> None:
     """Refuse empty, unrecognised and oversized images from their header alone, before any
     pixel is decoded: a small file may declare billions of pixels (a decompression bomb)."""
-    if not data:
-        raise ServeError(400, "empty_image", "the image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only; no .load()
-                width, height = img.size
-    except Image.DecompressionBombError as err:  # PIL's own ceiling, also read from the header
-        raise ServeError(413, "too_many_pixels", f"image refused unread: {err}") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        message = "not a recognised image format (PNG, JPEG, GIF, BMP, TIFF, WebP, ...) or a damaged header"
-        raise ServeError(400, "not_an_image", message) from err
-    if width * height > max_pixels:
-        raise ServeError(413, "too_many_pixels", f"image declares {width}x{height} = {width * height} pixels, above "
-                                                 f"the limit of {max_pixels}; refused without decoding")
+        check_pixels(read_header(data), max_pixels, setting="the server's --max-pixels")
+    except ImageRefused as err:
+        message = "the image is empty (0 bytes)" if err.code == "empty_image" else f"image {err}"
+        raise ServeError(STATUS.get(err.code, 400), err.code, message) from err
 
 
 def refusal(data: bytes, max_pixels: int) -> ServeError | None:
@@ -81,14 +72,15 @@ def refusal(data: bytes, max_pixels: int) -> ServeError | None:
     return None
 
 
-def decode_batch(blobs: list[bytes], shape: tuple[int, int, int]) -> list[np.ndarray | ServeError]:
+def decode_batch(blobs: list[bytes], shape: tuple[int, int, int], max_pixels: int) -> list[np.ndarray | ServeError]:
     """Per blob, a uint8 `shape` (C, H, W) image from the training decoder, or why it failed.
 
     One call per forward pass: the decoder's per-call set-up is shared by the whole batch and
-    JPEGs are decoded together. CPU work, run on the inference thread.
+    small JPEGs are decoded together. CPU work, run on the inference thread.
     """
     channels, height, width = shape
-    x, good, skipped = decode_images([(str(i), b) for i, b in enumerate(blobs)], channels, (height, width), threads=1)
+    x, good, skipped = decode_images([(str(i), b) for i, b in enumerate(blobs)], channels, (height, width),
+                                     threads=1, max_pixels=max_pixels)
     out: list[np.ndarray | ServeError] = [None] * len(blobs)
     for row, i in enumerate(good):
         out[i] = x[row]

@@ -5,6 +5,7 @@ streaming bodies and add a task per request.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -65,32 +66,76 @@ def _route_label(scope) -> str:
     return scope["path"] if scope["path"] in known else "unmatched"
 
 
+DRAIN_BYTES = 64 * 2**20  # request bytes read and dropped after an early answer, so the client sees it
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body above `max_bytes`, from Content-Length when the client sends
-    it (before reading anything) and by counting bytes as they arrive (chunked or lying clients)."""
+    it (before reading anything) and by counting bytes as they arrive (chunked or lying clients).
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    Every answer given before the request body was read (a 413, but also a 401 or 415) is held
+    open until the rest of the body has been read and dropped, up to DRAIN_BYTES in all and for at
+    most `drain_s`: closing a socket with unread data makes the kernel reset the connection, and a
+    client that sends its whole body before reading (urllib, many SDKs) would then see
+    ConnectionResetError instead of the answer. A client that waits for "100 Continue" is never
+    asked for a body it was refused.
+    """
+
+    def __init__(self, app, max_bytes: int, drain_s: float = 10.0, drain_bytes: int = DRAIN_BYTES):
+        self.app, self.max_bytes, self.drain_s, self.drain_bytes = app, max_bytes, drain_s, drain_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.max_bytes
         message = f"request body is larger than the server's limit of {limit} bytes ({limit / 2**20:.3g} MiB)"
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            request_id = scope.get("state", {}).get("request_id")
-            response = error_response(413, "body_too_large", message, request_id, {"Connection": "close"})
-            return await response(scope, receive, send)
-        received = 0
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        declared = int(declared) if declared is not None and declared.isdigit() else None
+        waits = headers.get(b"expect", b"").lower() == b"100-continue"
+        # body: bytes read so far, and whether the whole of it has been (or need not be) read
+        body = {"read": 0, "done": declared == 0 or (declared is None and b"transfer-encoding" not in headers),
+                "asked": False}
 
         async def counting_receive():
-            nonlocal received
+            body["asked"] = True
             msg = await receive()
             if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > limit:
+                body["read"] += len(msg.get("body", b""))
+                body["done"] = not msg.get("more_body", False)
+                if body["read"] > limit:
                     raise ServeError(413, "body_too_large", message, {"Connection": "close"})
+            else:  # http.disconnect
+                body["done"] = True
             return msg
 
-        await self.app(scope, counting_receive, send)
+        async def send_after_drain(msg):
+            if msg["type"] == "http.response.body" and not msg.get("more_body", False) and not body["done"] \
+                    and not (waits and not body["asked"]):
+                await send({**msg, "more_body": True})  # the whole answer is out; the response stays open
+                await self._drain(receive, body)
+                msg = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(msg)
+
+        if declared is not None and declared > limit:
+            if declared > self.drain_bytes:
+                body["done"] = True  # too much to read: the connection closes unread
+            request_id = scope.get("state", {}).get("request_id")
+            response = error_response(413, "body_too_large", message, request_id, {"Connection": "close"})
+            return await response(scope, receive, send_after_drain)
+        await self.app(scope, counting_receive, send_after_drain)
+
+    async def _drain(self, receive, body: dict) -> None:
+        async def read_rest():
+            while body["read"] <= self.drain_bytes:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return
+                body["read"] += len(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(read_rest(), self.drain_s)
+        except asyncio.TimeoutError:
+            pass  # a client this slow gets the connection closed after its answer

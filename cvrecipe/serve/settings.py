@@ -16,7 +16,7 @@ class ServeSettings:
     queue_size: int = 256  # images waiting for a forward pass before new requests get 503
     timeout_s: float = 10.0  # a request not answered in this time (queue + inference) gets 504
     max_body_mb: float = 10.0  # request bodies above this many MiB get 413
-    max_pixels: int = 40_000_000  # images declaring more pixels (width × height) are refused unread
+    max_pixels: int = 40_000_000  # images declaring more pixels (width × height) are refused unread; = data.max_pixels
     max_files: int = 64  # images per /v1/predict/batch request
     token: str | None = None  # bearer token required by predict and admin routes; None = open
     cors_origin: str | None = None  # one origin allowed to call from a browser; None = CORS off

@@ -24,6 +24,7 @@ class ServerState:
         self.backend: Backend | None = None  # swapped as a whole on reload; read once per batch
         self.batcher: Batcher | None = None
         self.status = "loading"  # loading | ready | failed | draining
+        self.stopping = False  # a shutdown signal arrived: /readyz says 503 while the last requests are answered
         self.arriving = 0  # predict requests reading or checking their body, not yet queued
         self.error: str | None = None
         self._reload_lock = asyncio.Lock()
@@ -76,7 +77,7 @@ class ServerState:
         """On the inference thread: decode a batch of image files, run the model on those that
         decoded. One output per blob: logits (K,) float32, or the ServeError that refused it."""
         backend = self.backend  # one model per batch, even if a reload swaps it meanwhile
-        outputs = decode_batch(blobs, backend.input_shape)
+        outputs = decode_batch(blobs, backend.input_shape, self.settings.max_pixels)
         good = [i for i, out in enumerate(outputs) if isinstance(out, np.ndarray)]
         if good:
             logits = backend.predict(np.stack([outputs[i] for i in good]))  # (n, C, H, W) uint8 → (n, K)

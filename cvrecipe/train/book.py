@@ -72,10 +72,15 @@ class EpochBook:
         return range(self.state["epoch"], 0 if self.state["stopped_early"] else self.cfg.train.epochs)
 
     def finish(self) -> list[dict]:
-        if self.writer is not None:
-            self.writer.close()
+        self.close()
         self.notify("on_train_end", self.state["history"], self.run_dir)
         return self.state["history"]
+
+    def close(self) -> None:
+        """Close the logs (also when training stops on an error or a callback's exception)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def notify(self, event: str, *args) -> None:
         for callback in self.callbacks:

@@ -4,6 +4,11 @@ runs/<name>/  config.yaml  run.json  metrics.csv  events.*  best.safetensors  la
               skipped_files.txt (when any input file was unreadable)  mlflow.json (when tracked)
 (evaluation adds eval.json, report.html and plots/: see cvrecipe/evaluate/job.py)
 
+The folder is created only once the config, the data and the sanity checks have passed, and a
+training that fails before its first checkpoint removes it again: a failed start leaves nothing
+behind. A run killed before its first checkpoint (its folder has config.yaml but no last.ckpt)
+is started again from its saved config by `--resume`.
+
 With train.nproc > 1 the job starts that many processes through torchrun's launcher (launch.py)
 and each of them runs this job again as one rank; in a process torchrun started, rank 0 makes
 the run folder, runs the sanity checks and writes everything, and the others train alongside.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +27,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from cvrecipe.artifact.checkpoint import load_resume
 from cvrecipe.config import Config, load_run_config, save_config
 from cvrecipe.data import ImageDataset, load_dataset, streamed
 from cvrecipe.device import resolve_device
@@ -51,9 +58,12 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None,
-          callbacks: list | None = None, nproc: int | None = None, max_restarts: int = 0) -> Path:
+          callbacks: list | None = None, keep_failed: bool = False, nproc: int | None = None,
+          max_restarts: int = 0) -> Path:
     """Train per `cfg` in a new run folder, or continue the run in `resume_dir`. Returns the folder.
-    The folder is created only once the data has loaded and the sanity checks have passed.
+    The folder is created only once the data has loaded and the sanity checks have passed. A new run
+    that fails before its first epoch's results is removed again, unless `keep_failed` (a tuning trial
+    keeps its folder so that its trial.json says how it failed).
 
     `nproc` (default: cfg.train.nproc, or the resumed run's): data-parallel processes to start on
     this machine, through torchrun's launcher; the call returns when they have all finished, and
@@ -67,22 +77,30 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
     if nproc > 1 and not distributed.launched_by_torchrun():
         from cvrecipe.train.launch import train_processes
 
-        return train_processes(cfg, nproc, resume_dir, console, callbacks, max_restarts)
+        try:
+            return train_processes(cfg, nproc, resume_dir, console, callbacks, max_restarts, keep_failed)
+        except BaseException as err:
+            _notify_failed(callbacks, err)
+            raise
     with distributed.join(cfg.train) as world:
         return _train_rank(cfg, resume_dir, console if world.is_main else Console(quiet=True),
-                           callbacks if world.is_main else None, world)
+                           callbacks if world.is_main else None, world, keep_failed)
 
 
 def _train_rank(cfg: Config, resume_dir: Path | None, console: Console, callbacks: list | None,
-                world: World) -> Path:
-    if resume_dir is None and distributed.restarted():  # torchrun restarted failed ranks: go on from last.ckpt
+                world: World, keep_failed: bool) -> Path:
+    resume = resume_dir is not None
+    if resume:  # rank 0 checks last.ckpt (or clears a start that never reached one) before any data is read
+        resume = world.from_main(_resumable(Path(resume_dir), console) if world.is_main else None)
+    elif distributed.restarted():  # torchrun restarted failed ranks: go on from last.ckpt
         resume_dir = world.from_main(_restarted_run(cfg) if world.is_main else None)
         if resume_dir is not None:
-            cfg = load_run_config(resume_dir)
+            cfg, resume = load_run_config(resume_dir), True
+    new = resume_dir is None
     device = world.device(cfg.train.device)
     ds = load_dataset(cfg.data, seed=cfg.train.seed, device=device)
     run_dir = resume_dir
-    if resume_dir is None:  # rank 0 checks, makes the folder and tells the others where it is
+    if new:  # rank 0 checks, makes the folder and tells the others where it is
         run_dir = world.from_main(_new_run(cfg, ds, console, world) if world.is_main else None)
     run_dir = Path(run_dir)
     if cfg.track.mlflow and world.is_main:
@@ -97,8 +115,21 @@ def _train_rank(cfg: Config, resume_dir: Path | None, console: Console, callback
                   f"{'test ' + str(len(ds.test)) if ds.test is not None else ''}  classes {len(ds.classes)}  "
                   f"image {ds.image_shape}{'  (streamed from disk)' if streamed(ds) else ''}"
                   f"{f'  ranks {world.size}' if world.size > 1 else ''}")
-    fit(cfg, ds, run_dir, resume=resume_dir is not None, console=console, callbacks=callbacks, world=world)
+    try:
+        fit(cfg, ds, run_dir, resume=resume, console=console, callbacks=callbacks, world=world)
+    except BaseException as err:
+        _notify_failed(callbacks, err)  # e.g. the MLflow run is marked FAILED with the error
+        if new and world.is_main and not keep_failed and isinstance(err, Exception) and not _has_results(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            console.print(f"removed {run_dir}: the run failed before its first epoch ended")
+        raise
     return run_dir
+
+
+def _notify_failed(callbacks: list | None, err: BaseException) -> None:
+    for callback in callbacks or []:
+        if hasattr(callback, "on_train_failed"):
+            callback.on_train_failed(err)
 
 
 def _new_run(cfg: Config, ds: ImageDataset, console: Console, world: World) -> str:
@@ -117,6 +148,24 @@ def _restarted_run(cfg: Config) -> str | None:
     a checkpoint to go on from (else None: the run starts again, in a new folder)."""
     found = distributed.find_elastic_run(cfg.runs_dir, distributed.elastic_run_id())
     return str(found) if found is not None and (found / "last.ckpt").is_file() else None
+def _has_results(run_dir: Path) -> bool:
+    """Did the run get as far as an epoch's metrics or a checkpoint? (Then its folder is kept, e.g.
+    for a run stopped after epoch 1, or a tuning trial pruned there.)"""
+    return any((run_dir / name).is_file() for name in ("last.ckpt", "best.safetensors", "metrics.csv"))
+
+
+def _resumable(run_dir: Path, console: Console) -> bool:
+    """Whether `run_dir` continues from its last.ckpt (refused here, before any data is read, when
+    the file is damaged or unsafe), or starts again: a run killed before its first checkpoint has
+    only its config, which is all a run needs to start (the logs of the killed start are dropped)."""
+    if (run_dir / "last.ckpt").is_file():
+        load_resume(run_dir / "last.ckpt")
+        return True
+    console.print(f"{run_dir} has no last.ckpt (it stopped before its first checkpoint): starting it again from "
+                  f"its saved config.yaml")
+    for partial in [*run_dir.glob("events.out.tfevents.*"), run_dir / "metrics.csv", run_dir / "best.safetensors"]:
+        partial.unlink(missing_ok=True)
+    return False
 
 
 def run_info(cfg: Config, ds: ImageDataset) -> dict:

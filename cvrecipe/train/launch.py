@@ -42,8 +42,9 @@ class RanksFailed(RuntimeError):
 
 
 def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, console: Console | None = None,
-                    callbacks: list | None = None, max_restarts: int = 0) -> Path:
-    """Train `cfg` (or resume `resume_dir`) on `nproc` local processes; returns the run folder."""
+                    callbacks: list | None = None, max_restarts: int = 0, keep_failed: bool = False) -> Path:
+    """Train `cfg` (or resume `resume_dir`) on `nproc` local processes; returns the run folder.
+    `keep_failed`: rank 0 keeps the folder of a new run that fails before its first epoch ends."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -63,6 +64,8 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
             args = ["train", str(Path(tmp) / "config.yaml")]
         else:
             args = ["train", "--resume", str(resume_dir)]
+        if keep_failed:
+            args.append("--keep-failed")
         # the rendezvous of one machine's agent needs no socket: torch's c10d rendezvous on a file store
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend="c10d",
                               rdzv_endpoint=str(Path(tmp) / "rendezvous"), rdzv_configs={"store_type": "file"},

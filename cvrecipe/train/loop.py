@@ -42,7 +42,8 @@ from cvrecipe.train.distributed import World
 from cvrecipe.train.ema import WeightEMA
 from cvrecipe.train.feed import DeviceArrays, Feed, ShardStream
 from cvrecipe.train.finetune import Finetune
-from cvrecipe.train.optim import build_optimizer
+from cvrecipe.train.optim import build_optimizer, param_groups
+from cvrecipe.train.precision import MasterWeights, to_half_weights
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,9 +64,10 @@ class Step:
     steps_per_epoch: int
     batch_size: int  # the global batch: images per optimisation step over all ranks
     device: torch.device
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # autocast dtype; None with half weights (the weights are the dtype)
     memory_format: torch.memory_format
     train_model: torch.nn.Module | None = None  # what the step calls: the model, compiled and/or in DDP
+    master: MasterWeights | None = None  # fp32 copies the optimizer updates, with train.half_weights
 
 
 def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None,
@@ -105,10 +107,21 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
         from cvrecipe.train.probe import fit_probe
 
         del source
-        return fit_probe(cfg, ds, model, book, device, resume)
+        try:
+            return fit_probe(cfg, ds, model, book, device, resume)
+        finally:
+            book.close()
     step = _build_step(cfg, task, model, finetune, source, ds.hflip_ok, device, memory_format, world)
     book.start(model, _restore(run_dir / "last.ckpt", step) if resume else None)
+    try:
+        return _epochs(cfg, ds, model, finetune, step, book, has_val, console)
+    finally:
+        book.close()  # on an error or a callback's exception too (e.g. a pruned tuning trial)
 
+
+def _epochs(cfg: Config, ds: ImageDataset, model: ImageModel, finetune: Finetune, step: Step, book: EpochBook,
+            has_val: bool, console: Console) -> list[dict]:
+    tc, task, world = cfg.train, step.task, step.world
     for epoch in book.epochs():
         finetune.on_epoch_start(epoch)  # freezes/unfreezes the backbone (a no-op without a strategy)
         if hasattr(model.net, "on_epoch_start"):  # e.g. the speedrun net freezing its whitening bias
@@ -147,15 +160,21 @@ def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, 
         raise ValueError(f"a global batch of {batch_size} does not split into {world.size} process(es) x "
                          f"train.grad_accum={tc.grad_accum} equal micro-batches; make train.batch_size a multiple "
                          f"of {world.size * tc.grad_accum}")
-    optimizer = build_optimizer(model, cfg, finetune.param_groups())
+    groups, master = finetune.param_groups() or param_groups(model, cfg), None
+    if tc.half_weights:  # weights in `dtype` instead of autocast; the optimizer may update fp32 copies
+        to_half_weights(model, dtype)
+        master = MasterWeights(model) if cfg.optim.master_weights else None
+        groups = master.param_groups(groups) if master else groups
+    optimizer = build_optimizer(model, cfg, groups)
+    fp16_grads = dtype == torch.float16 and (not tc.half_weights or master is not None)
     base_flip = torch.rand(len(source), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5
     feed = Feed(source, task, cfg.augment, hflip_ok, base_flip, micro, steps_per_epoch, tc.grad_accum, world.rank,
                 world.size, memory_format)
     return Step(task=task, model=model, optimizer=optimizer, scheduler=finetune.scheduler(optimizer, cfg, steps_per_epoch),
-                scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                scaler=torch.amp.GradScaler(device.type, enabled=fp16_grads),
                 ema=WeightEMA(model) if cfg.average.name != "none" else None, feed=feed, world=world,
-                steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device, dtype=dtype,
-                memory_format=memory_format)
+                steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device,
+                dtype=None if tc.half_weights else dtype, memory_format=memory_format, master=master)
 
 
 def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_classes: int) -> dict[str, float]:
@@ -176,6 +195,8 @@ def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_clas
         bar = progress.add_task("train", total=steps, info="")
         for i in range(steps):
             step.optimizer.zero_grad(set_to_none=True)
+            if step.master is not None:  # the optimizer holds the fp32 copies; the model's half grads are apart
+                step.model.zero_grad(set_to_none=True)
             for j in range(accum):  # gradient accumulation: the step's micro-batches on this rank
                 x, y = next(batches)
                 with world.accumulating(last=j == accum - 1):
@@ -185,11 +206,16 @@ def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_clas
                     step.scaler.scale(loss / accum if accum > 1 else loss).backward()
                 loss_sum += loss.detach()
                 meter.update(logits.detach(), y)
+            if step.master is not None:
+                step.master.to_master()
             if tc.grad_clip:
                 step.scaler.unscale_(step.optimizer)
-                torch.nn.utils.clip_grad_norm_(step.model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for g in step.optimizer.param_groups for p in g["params"]],
+                                               tc.grad_clip)
             step.scaler.step(step.optimizer)
             step.scaler.update()
+            if step.master is not None:
+                step.master.to_model()
             step.scheduler.step()
             done = epoch * steps + i + 1  # optimisation steps so far in the run
             if step.ema is not None and done % avg.every == 0:
@@ -241,7 +267,8 @@ def _snapshot(step: Step) -> dict:
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
             "scheduler": step.scheduler.state_dict(), "scaler": step.scaler.state_dict(), "rng": rng,
-            "ema": step.ema.state_dict() if step.ema is not None else None}
+            "ema": step.ema.state_dict() if step.ema is not None else None,
+            "master": step.master.state_dict() if step.master is not None else None}
 
 
 def _restore(path: Path, step: Step) -> dict:
@@ -254,6 +281,8 @@ def _restore(path: Path, step: Step) -> dict:
     step.scaler.load_state_dict(ckpt["scaler"])
     if step.ema is not None and ckpt.get("ema") is not None:
         step.ema.load_state_dict(ckpt["ema"])
+    if step.master is not None and ckpt.get("master") is not None:
+        step.master.load_state_dict(ckpt["master"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

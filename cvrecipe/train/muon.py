@@ -5,6 +5,8 @@ For a conv weight (O, I, kh, kw) the update is reshaped to (O, I·kh·kw), repla
 iterations that run well in bf16 on GPUs — and scaled so its size does not depend on the
 matrix's aspect ratio. Groups with `orthogonalize=False` (biases, norms, the head) take plain
 Nesterov-SGD steps, as torch.optim.SGD would, so one optimizer and one scheduler serve the whole net.
+With `normalize`, each filter bank is first rescaled to Frobenius norm sqrt(rows), so the weights
+keep their size and lr is a relative step (airbench94_muon's variant).
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, orthogonalize: bool = True):
+                 weight_decay: float = 0.0, ns_steps: int = 5, orthogonalize: bool = True, normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      ns_steps=ns_steps, orthogonalize=orthogonalize))
+                                      ns_steps=ns_steps, orthogonalize=orthogonalize, normalize=normalize))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -51,6 +53,8 @@ class Muon(torch.optim.Optimizer):
                 update = orthogonalize(g.reshape(len(g), -1), group["ns_steps"]).view_as(p)
                 rows, cols = update.shape[0], update[0].numel()
                 scale = max(1.0, rows / cols) ** 0.5  # keeps per-entry update size independent of shape
+                if group["normalize"]:  # the filter bank back to norm sqrt(rows): the step is relative to it
+                    p.mul_(rows**0.5 / p.norm().clamp_min(1e-12))
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled
                 p.add_(update, alpha=-group["lr"] * scale)

@@ -15,8 +15,9 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # Ba
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """The default grouping, by module type: the parameters of normalisation layers (lr ×
     optim.norm_lr_scale, 64 in the speedrun recipes), the classifier head (lr × optim.head_lr_scale),
-    other biases, and the rest. Weight decay applies to conv/linear weights only: decaying biases
-    and normalisation parameters only fights the normalisation."""
+    other biases (lr × optim.bias_lr_scale; schedule.bias_end_epochs may end their schedule early),
+    and the rest. Weight decay applies to conv/linear weights only: decaying biases and
+    normalisation parameters only fights the normalisation. "kind" names each group."""
     head = classifier_head(model) if any(isinstance(m, nn.Linear) for m in model.modules()) else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
@@ -31,11 +32,10 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         else:
             groups["weights" if p.ndim > 1 else "biases"].append(p)
     o = cfg.optim
-    return [{"params": groups["weights"], "lr_scale": 1.0, "decay": True},
-            {"params": groups["biases"], "lr_scale": 1.0, "decay": False},
-            {"params": groups["norm"], "lr_scale": o.norm_lr_scale, "decay": False},
-            {"params": groups["head_weights"], "lr_scale": o.head_lr_scale, "decay": True},
-            {"params": groups["head_biases"], "lr_scale": o.head_lr_scale, "decay": False}]
+    scales = {"weights": 1.0, "biases": o.bias_lr_scale, "norm": o.norm_lr_scale, "head_weights": o.head_lr_scale,
+              "head_biases": o.head_lr_scale}
+    return [{"params": params, "lr_scale": scales[kind], "decay": kind in ("weights", "head_weights"), "kind": kind}
+            for kind, params in groups.items()]
 
 
 def build_optimizer(model: nn.Module, cfg: Config, groups: list[dict] | None = None) -> torch.optim.Optimizer:
@@ -59,7 +59,7 @@ def build_optimizer(model: nn.Module, cfg: Config, groups: list[dict] | None = N
     else:
         base_lr = o.lr
         wd_of = lambda scale: o.weight_decay  # noqa: E731
-    torch_groups = [{"params": g["params"], "lr": base_lr * g["lr_scale"],
+    torch_groups = [{"params": g["params"], "lr": base_lr * g["lr_scale"], "kind": g.get("kind", "other"),
                      "weight_decay": wd_of(g["lr_scale"]) if g["decay"] else 0.0} for g in groups]
     if o.name == "muon":
         return _muon(torch_groups, cfg)
@@ -82,7 +82,7 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig, steps_per_epoch:
     if cfg.name == "triangular":
         # linear from ends[0] up to the peak, then linear down to ends[1] (airbench)
         start, end = cfg.ends
-        rise = cfg.peak_at
+        rise = cfg.peak_at  # 0: no rise, the schedule starts at the peak
         if progress < rise:
             return start + (1 - start) * progress / rise
         return 1 + (end - 1) * (progress - rise) / (1 - rise)
@@ -96,9 +96,16 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig, steps_per_epoch:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    """schedule.name over the run for every group; with schedule.bias_end_epochs the "biases" group
+    instead decays linearly from its peak to 0 by that epoch."""
     total = cfg.train.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, cfg.schedule, steps_per_epoch))
+    main = lambda step: lr_factor(step, total, cfg.schedule, steps_per_epoch)  # noqa: E731
+    factors = [main] * len(optimizer.param_groups)
+    if cfg.schedule.bias_end_epochs is not None:
+        end = max(1, round(cfg.schedule.bias_end_epochs * steps_per_epoch))
+        bias = lambda step: max(0.0, 1 - step / end)  # noqa: E731
+        factors = [bias if g.get("kind") == "biases" else main for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def _muon(torch_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
@@ -112,8 +119,9 @@ def _muon(torch_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
         filters = [p for p in g["params"] if p.ndim == 4]
         rest = [p for p in g["params"] if p.ndim != 4]
         if filters:
-            groups.append({"params": filters, "lr": o.muon_lr, "momentum": o.muon_momentum,
-                           "weight_decay": 0.0, "orthogonalize": True})
+            groups.append({"params": filters, "lr": o.muon_lr, "momentum": o.muon_momentum, "kind": "filters",
+                           "weight_decay": 0.0, "orthogonalize": True, "ns_steps": o.muon_ns_steps,
+                           "normalize": o.muon_normalize})
         if rest:
             groups.append({**g, "params": rest, "momentum": o.momentum, "orthogonalize": False})
     return Muon(groups, lr=o.muon_lr, momentum=o.muon_momentum)

@@ -67,6 +67,8 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 class SanityCheckFailed(RuntimeError):
     """At least one sanity check failed; the message names each failure with its numbers."""
 
+    exit_status = 2  # the command line's code for bad input: the recipe's setup, not the run, is at fault
+
 
 @dataclass
 class CheckResult:

@@ -92,6 +92,15 @@ class MlflowLogger:
         _log_files(self.client, self.run_id, Path(run_dir), MODEL_FILES, "model")
         self.client.set_terminated(self.run_id, "FINISHED")
 
+    def on_train_failed(self, error: BaseException) -> None:
+        """A training that raised (a crash, a diverged loss: FAILED) or was interrupted (KILLED)
+        does not stay RUNNING; the error is kept as the run's tag cvrecipe.error."""
+        if self.run_id is None:  # failed before its MLflow run was created
+            return
+        text = " ".join(str(error).split()) or type(error).__name__
+        self.client.set_tag(self.run_id, "cvrecipe.error", f"{type(error).__name__}: {text}"[:5000])
+        self.client.set_terminated(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
 
 def _log_files(client, run_id: str, run_dir: Path, names: tuple[str, ...], artifact_path: str) -> None:
     for name in names:

@@ -84,3 +84,11 @@ def test_lean_max_pool_matches_max_pool_and_keeps_no_indices(dtype):
     assert torch.int64 not in saved  # only the input is kept; indices are found again in backward
     with torch.no_grad():  # evaluation and export take the plain pooling path
         assert torch.equal(LeanMaxPool2d(2).eval()(x), ref.detach())
+
+
+def test_head_init_std_rescales_only_the_heads_start():
+    torch.manual_seed(0)
+    net = create_model("speedrun-net", num_classes=10, in_channels=3, input_size=(16, 16), widths=[8, 16, 16],
+                       head_init_std=1.0).net
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.weight.std().item() == pytest.approx(1.0, rel=1e-5)

@@ -26,6 +26,7 @@ from cvrecipe.config import ConfigError, load_config, load_run_config
 from cvrecipe.models.registry import register
 from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
+from cvrecipe.train.launch import RanksFailed
 
 ROOT = Path(__file__).resolve().parents[2]
 # digits, no augmentation, a constant lr (so 2 epochs then 1 more are 3 epochs), BatchNorm over the global batch
@@ -238,6 +239,18 @@ def _children(pid: int) -> dict[int, int]:
         if ppid == pid and rank:
             ranks[int(rank[0])] = int(entry.name)
     return ranks
+
+
+@pytest.mark.parametrize("keep_failed", [False, True])
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder_unless_kept(tmp_path, keep_failed):
+    """As on one process: rank 0 removes the folder of a new run that failed before any results,
+    unless train(..., keep_failed=True) (a tuning trial keeps it, for its trial.json)."""
+    cfg = _config(tmp_path, ["model.kwargs={nope: 1}"])  # every rank fails building the model, after the folder
+    with pytest.raises(RanksFailed, match=r"rank \d of 2 \(pid \d+\) failed \(exit code 1\)"):
+        train(cfg, nproc=2, keep_failed=keep_failed)
+    kept = sorted(p.name for p in (tmp_path / "r").iterdir()) if (tmp_path / "r").exists() else []
+    assert kept == (["config.yaml", "run.json"] if keep_failed else [])
+    assert not _children(os.getpid())
 
 
 def _launch(tmp_path, extra):

@@ -124,3 +124,37 @@ def test_muon_recipe_puts_conv_filters_under_muon():
     muon = [g for g in opt.param_groups if g["orthogonalize"]]
     assert [p.shape for g in muon for p in g["params"]] == [torch.Size([4, 3, 3, 3])]
     assert muon[0]["lr"] == cfg.optim.muon_lr
+
+
+def test_muon_normalize_rescales_each_filter_bank_before_its_orthogonal_step():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3) * 5)
+    before = w.detach().clone()
+    opt = Muon([{"params": [w], "normalize": True, "ns_steps": 3}], lr=0.1, momentum=0.0, nesterov=False)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    rescaled = before * (8 ** 0.5 / before.norm())  # Frobenius norm sqrt(out channels) = sqrt(8)
+    expected = rescaled - 0.1 * orthogonalize(w.grad.reshape(8, 36), steps=3).view_as(w)
+    torch.testing.assert_close(w.detach(), expected)
+
+
+def test_bias_end_epochs_ends_the_bias_schedule_early_and_leaves_the_others():
+    """schedule.bias_end_epochs: the biases group (outside norm layers and the head) decays linearly
+    to zero by that epoch and stays there; every other group follows schedule.name."""
+    cfg = load_config(None, ["schedule.name=triangular", "schedule.peak_at=0", "schedule.ends=[1, 0]",
+                             "schedule.bias_end_epochs=2", "train.epochs=8", "optim.bias_lr_scale=3"])
+    from cvrecipe.train.optim import build_scheduler
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    opt = build_optimizer(net, cfg)
+    kinds = [g["kind"] for g in opt.param_groups]
+    peak = {g["kind"]: g["lr"] for g in opt.param_groups}
+    assert peak["biases"] == pytest.approx(3 * peak["weights"])
+    scheduler = build_scheduler(opt, cfg, steps_per_epoch=10)
+    seen = []
+    for _ in range(80):
+        seen.append({k: g["lr"] for k, g in zip(kinds, opt.param_groups)})
+        opt.step(), scheduler.step()
+    assert seen[10]["biases"] == pytest.approx(peak["biases"] * 0.5)  # halfway to epoch 2
+    assert all(s["biases"] == 0 for s in seen[20:])
+    assert seen[40]["weights"] == pytest.approx(peak["weights"] * 0.5)  # linear from the peak over 80 steps

@@ -1,0 +1,148 @@
+"""The command line's error boundary, through real `cvrecipe` processes: every failure is one line
+naming the file, key or limit, with exit status 2 for bad input and 1 for a failed run, and no
+traceback unless --debug (or CVRECIPE_DEBUG=1) asks for it. Tampered run folders (a pickle that
+would run code, garbage weights, a YAML tag) are refused without running anything and without
+suggesting weights_only=False; a decompression bomb given to `predict` is refused unread."""
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from cvrecipe.cli import main
+from cvrecipe.config import load_config
+from cvrecipe.train.job import train
+
+from conftest import make_image_folder
+from image_files import encode, jpeg_declaring
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cvrecipe(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cvrecipe", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    """The run's only `error:` line, after checking that nothing printed a traceback."""
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text and "weights_only" not in text, text
+    lines = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = load_config("digits-quick", [f"runs_dir={root}", "train.epochs=1", "train.sanity=false", "name=good"])
+    return train(cfg, console=Console(quiet=True))
+
+
+def tampered(run_dir: Path, tmp_path: Path, name: str, data: bytes) -> Path:
+    copy = tmp_path / "tampered"
+    shutil.copytree(run_dir, copy)
+    (copy / name).write_bytes(data)
+    return copy
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious last.ckpt holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(run_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = tampered(run_dir, tmp_path, "last.ckpt", pickle.dumps({"model": RunsCode(marker)}, protocol=2))
+    refusal = f"error: {evil / 'last.ckpt'}: not a cvrecipe checkpoint (refused: loading it would run code)"
+    out = cvrecipe("train", "--resume", evil, cwd=tmp_path)
+    assert out.returncode == 2 and one_error_line(out) == refusal
+    assert not marker.exists() and "run folder" not in out.stdout  # refused before any data was read
+    # the newest pickle protocol too (torch's loader fails on another opcode there), in this process
+    (evil / "last.ckpt").write_bytes(pickle.dumps({"model": RunsCode(marker)}, protocol=pickle.HIGHEST_PROTOCOL))
+    assert main(["train", "--resume", str(evil)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out.strip() == refusal and "weights_only" not in printed.out + printed.err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("verb", ["eval", "predict", "export"])
+def test_garbage_weights_are_one_line_naming_the_file(run_dir, tmp_path, verb):
+    bad = tampered(run_dir, tmp_path, "best.safetensors", b"\xff" * 64)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    out = cvrecipe(verb, bad, *([image] if verb == "predict" else []), cwd=tmp_path)
+    assert out.returncode == 2
+    line = one_error_line(out)
+    assert f"{bad / 'best.safetensors'}: not a cvrecipe checkpoint (unreadable safetensors" in line
+
+
+def test_a_yaml_tag_in_a_run_config_is_refused_not_constructed(run_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    bad = tampered(run_dir, tmp_path, "config.yaml", f"!!python/object/apply:os.system ['touch {marker}']\n".encode())
+    refusal = (f"error: {bad / 'config.yaml'}: not a cvrecipe config (refused: could not determine a constructor for "
+               f"the tag 'tag:yaml.org,2002:python/object/apply:os.system', line 1; configs are plain YAML with no tags)")
+    out = cvrecipe("eval", bad, cwd=tmp_path)
+    assert out.returncode == 2 and one_error_line(out) == refusal
+    assert main(["train", "--resume", str(bad)]) == 2 and capsys.readouterr().out.strip() == refusal
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("override", ["optim.lr=-1", "optim.name=foo", "schedule.name=foo", "train.schedule=foo",
+                                      "train.batch_size=0", "train.epochs=0"])
+def test_bad_values_are_one_line_and_leave_no_run_folder(tmp_path, override):
+    out = cvrecipe("train", "digits-quick", override, f"runs_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert out.returncode == 2 and override.split("=")[0] in one_error_line(out)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_run_exits_1_with_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    args = ["train", "digits-quick", "model.kwargs={nope: 1}", f"runs_dir={tmp_path / 'runs'}", "--no-sanity"]
+    out = cvrecipe(*args, cwd=tmp_path)
+    line = one_error_line(out)
+    assert out.returncode == 1 and line.startswith("error: TypeError:") and "'nope'" in line and "--debug" in line
+    assert not any((tmp_path / "runs").glob("*/config.yaml"))  # the folder of the failed start was removed
+    assert main([*args, "--debug"]) == 1  # anywhere on the line
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setenv("CVRECIPE_DEBUG", "1")
+    assert main(args) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_jpeg_bomb_unread_with_the_memory_of_an_ordinary_image(run_dir, tmp_path):
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(jpeg_declaring(30_000, 30_000))  # 629 bytes declaring 900 Mpx (2.7 GB decoded)
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(np.zeros((8, 8), np.uint8), "PNG"))
+    peaks = {}
+    for image in (good, bomb):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        out = cvrecipe("predict", run_dir, image, cwd=tmp_path)
+        peaks[image.name] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert "bomb.jpg: unreadable (declares 30000x30000 = 900,000,000 pixels, above the limit of 40,000,000" in out.stdout
+    # ru_maxrss of children is the largest child so far: the bomb's run must not raise it much
+    assert peaks["bomb.jpg"][0] - peaks["good.png"][0] < 100 * 1024, peaks
+
+
+def test_a_command_warns_about_skipped_files_once(tmp_path, recwarn):
+    """`run` loads its data three times (train, evaluate, report); the warning about a bad file is
+    given once (recwarn records every warning issued, repeats included)."""
+    data = make_image_folder(tmp_path / "imgs", per_class={"train": 12, "test": 4}, size=8)
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    assert main(["run", "digits-quick", f"data.name=folder:{data}", f"runs_dir={tmp_path / 'runs'}", "--no-sanity",
+                 "train.epochs=1", "data.val_fraction=0.2"]) == 0
+    skipped = [w for w in recwarn if "skipped 1 unreadable file(s): train/cat/broken.jpg" in str(w.message)]
+    assert len(skipped) == 1, [str(w.message) for w in recwarn]
