@@ -4,7 +4,10 @@ augmentation draws), holds no more than its budget of the data in host memory, a
 exactly after a crash."""
 import csv
 import json
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +55,15 @@ def _traced_peak(fn):
         tracemalloc.stop()
 
 
+def _two_runs_traced(folder, cache, root) -> dict:
+    """The in-memory run, then the streamed one, each under _traced_peak. Run in a process of its
+    own: tracemalloc counts every thread's allocations, and threads that earlier tests leave in the
+    test process (e.g. torch's rendezvous keep-alive timer after a stopped launch) would count too."""
+    whole, whole_peak = _traced_peak(lambda: train(_config(folder, cache, root / "whole")))
+    streamed, streamed_peak = _traced_peak(lambda: train(_config(folder, cache, root / "streamed", BUDGET_GB)))
+    return {"whole": str(whole), "streamed": str(streamed), "whole_peak": whole_peak, "streamed_peak": streamed_peak}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 2-epoch run twice: in memory, and streamed with a 2 MiB budget."""
@@ -60,10 +72,16 @@ def runs(tmp_path_factory):
     cache = root / "cache"
     cfg = _config(folder, cache, root / "runs")
     load_source(cfg.data.name, cfg.data, lazy=True)  # decode into the cache before anything is measured
-    whole, whole_peak = _traced_peak(lambda: train(_config(folder, cache, root / "whole")))
-    streamed, streamed_peak = _traced_peak(lambda: train(_config(folder, cache, root / "streamed", BUDGET_GB)))
-    return {"folder": folder, "cache": cache, "root": root, "whole": whole, "streamed": streamed,
-            "whole_peak": whole_peak, "streamed_peak": streamed_peak}
+    here = Path(__file__).resolve().parent
+    code = (f"import json, sys; sys.path[:0] = [{str(here.parents[1])!r}, {str(here.parent)!r}, {str(here)!r}]; "
+            f"import test_stream as t; "
+            f"print(json.dumps(t._two_runs_traced(*map(t.Path, sys.argv[1:]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(cache), str(root)], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"folder": folder, "cache": cache, "root": root, **measured,
+            "whole": Path(measured["whole"]), "streamed": Path(measured["streamed"])}
 
 
 def test_the_streamed_run_trains_exactly_as_the_in_memory_run(runs):
