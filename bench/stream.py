@@ -94,7 +94,7 @@ def child(args) -> None:
     from cvrecipe.config import load_config
     from cvrecipe.data import ImageDataset, Split
     from cvrecipe.data.cache import load_arrays
-    from cvrecipe.device import autocast, backend_settings, epoch_generator, seed_everything
+    from cvrecipe.device import autocast, backend_settings, seed_everything
     from cvrecipe.tasks import get_task
     from cvrecipe.train import loop
     from cvrecipe.train.distributed import World
@@ -119,9 +119,7 @@ def child(args) -> None:
         model = build_model(cfg, ds, source.x if isinstance(source, loop.DeviceArrays) else None).to(device, memory_format=mf)
         step = loop._build_step(cfg, task, model, Finetune(model, cfg.finetune, 1), source, True, device, mf, World())
         step.train_model = model
-        gen = epoch_generator(0, 0, device)
-        order = torch.randperm(len(source), generator=gen)
-        batches = step.feed.epoch(order, gen, 0)
+        batches = _epochs(step.feed, len(source), device)  # the workset's 2,048 images are 8 steps an epoch
         waits, totals = [], []
         for i in range(WARMUP_STEPS + args.steps):
             t0 = time.perf_counter()
@@ -141,6 +139,23 @@ def child(args) -> None:
     print(json.dumps({"variant": args.variant, "images_per_s": args.steps * args.batch / sum(totals),
                       "wait_share": sum(waits) / sum(totals), "step_s": float(np.median(totals)),
                       "peak_rss": peak_rss(), "rows": len(x), "loss": float(loss)}))
+
+
+def _epochs(feed, n: int, device):
+    """The feed's batches, epoch after epoch (each epoch's order drawn as the loop draws it)."""
+    import contextlib
+
+    import torch
+
+    from cvrecipe.device import epoch_generator
+
+    epoch = 0
+    while True:
+        gen = epoch_generator(0, epoch, device)
+        order = torch.randperm(n, generator=gen, device=device)
+        with contextlib.closing(feed.epoch(order, gen, epoch)) as batches:
+            yield from batches
+        epoch += 1
 
 
 def run_child(args, variant: str) -> dict:
