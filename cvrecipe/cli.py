@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use deterministic kernels (same as train.deterministic=true)")
     p.add_argument("--no-sanity", action="store_true",
                    help="skip the sanity checks before training (same as train.sanity=false)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel processes on this machine, started through torchrun's launcher (same as "
+                        "train.nproc=N; with --resume: the process count to go on with)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: start failed processes again up to K times, from the last checkpoint")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the folder of a new run that fails before its first epoch ends (removed by default)")
 
     p = verbs.add_parser("eval", help="evaluate a run's best checkpoint",
                          description="Accuracy, top-5, per-class precision/recall/F1 and confusion matrix "
@@ -230,7 +237,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "train":
         from cvrecipe.train.job import train
 
-        train(cfg, resume_dir=args.resume, console=console)
+        if args.nproc is not None and args.nproc < 1:
+            raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
+        train(cfg, resume_dir=args.resume, console=console, keep_failed=args.keep_failed, nproc=args.nproc,
+              max_restarts=args.max_restarts)
     elif args.verb == "eval":
         from cvrecipe.evaluate.job import evaluate
 
@@ -323,7 +333,8 @@ def _data(args: argparse.Namespace, console: Console) -> None:
     from cvrecipe.data import load_source
 
     t0 = time.perf_counter()
-    ds = load_source(args.data, DataConfig(name=args.data, image_size=args.image_size, channels=args.channels))
+    ds = load_source(args.data, DataConfig(name=args.data, image_size=args.image_size, channels=args.channels),
+                     lazy=True)  # the images stay on disk: a dataset larger than memory prepares too
     seconds = time.perf_counter() - t0
     console.print(f"{ds.name}: {len(ds.classes)} classes, image (C, H, W) {ds.image_shape}, loaded in {seconds:.2f}s")
     for split in ("train", "val", "test"):

@@ -69,6 +69,11 @@ class DataConfig:
                                             ".yaml beside it, else the mask values themselves")
     cache_dir: str | None = option(None, "where decoded uint8 arrays are kept; null = $CVRECIPE_CACHE or "
                                          "~/.cache/cvrecipe")
+    memory_gb: float | None = option(None, "GiB the dataset may take in memory (on a GPU: on the device); a larger "
+                                           "one is streamed from the cache's shards on disk. null = half of the "
+                                           "memory free when the run starts", gt=0)
+    prefetch: int = option(4, "streamed data: batches read ahead while the current step runs", ge=1)
+    read_threads: int = option(2, "streamed data: threads reading batches from the shards", ge=1)
     max_pixels: int = option(40_000_000, "image files whose header declares more pixels (width x height) than this "
                                          "are skipped unread (decompression bombs); also `predict`'s limit for the "
                                          "run. PIL refuses non-JPEG files above ~179 Mpx in any case", ge=1)
@@ -144,6 +149,15 @@ class TrainConfig:
     grad_clip: float | None = option(None, "clip the global gradient norm to this; null = off", gt=0)
     log_every: int = option(20, "steps between progress updates and NaN checks (each costs a device sync)", ge=1)
     sanity: bool = option(True, "run the sanity checks (`cvrecipe doctor`) before training; a fail stops the run")
+    nproc: int = option(1, "data-parallel processes `cvrecipe train` starts on this machine through torchrun's "
+                           "launcher (one per GPU); ignored in processes torchrun started itself", ge=1)
+    grad_accum: int = option(1, "micro-batches per optimisation step in each process: train.batch_size stays the "
+                                "global batch, split over nproc x grad_accum micro-batches", ge=1)
+    sync_bn: bool = option(False, "with several processes, BatchNorm statistics over the global batch "
+                                  "(SyncBatchNorm) instead of each process's share")
+    rank_timeout_s: float = option(600.0, "with several processes, seconds a process waits for the others at a "
+                                          "collective before the job stops with an error (a rank died or hangs)",
+                                   gt=0)
 
 
 @dataclass
@@ -471,6 +485,11 @@ def check_rules(cfg: Config) -> None:
                           f"or monitor a train_ metric")
     _check_folds(cfg)
     _check_task(cfg)
+    tc = cfg.train
+    if tc.batch_size % (tc.nproc * tc.grad_accum):
+        raise ConfigError(f"train.batch_size={tc.batch_size} does not split into train.nproc={tc.nproc} x "
+                          f"train.grad_accum={tc.grad_accum} equal micro-batches; make it a multiple of "
+                          f"{tc.nproc * tc.grad_accum}")
     ft = cfg.finetune
     if ft.strategy == "two-stage" and not 0 < ft.freeze_epochs < cfg.train.epochs:
         raise ConfigError(f"finetune.freeze_epochs={ft.freeze_epochs}: two-stage needs 1 to train.epochs - 1 "

@@ -44,6 +44,35 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+MEMORY_FRACTION = 0.5  # of the memory free now that a dataset may take by default (the rest: model, activations, others)
+
+
+def available_memory() -> int:
+    """Bytes of host memory available now (Linux: MemAvailable, which counts reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(memory_gb: float | None, device: torch.device | str | None = None) -> int:
+    """Bytes a dataset may hold in memory before it is streamed from disk: `memory_gb` when set,
+    else MEMORY_FRACTION of the host memory available now, and on a GPU (where the in-memory
+    path keeps the training images) also of the device memory free now."""
+    if memory_gb is not None:
+        return int(memory_gb * 2**30)
+    budget = MEMORY_FRACTION * available_memory()
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, MEMORY_FRACTION * free)
+    return int(budget)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -14,6 +14,11 @@ from cvrecipe.device import autocast
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 
 
+def inference_batch_size(model: torch.nn.Module, batch_size: int) -> int:
+    """The images per batch iter_logits takes: `batch_size`, or at most TILED_BATCH for a model run in tiles."""
+    return min(batch_size, TILED_BATCH) if getattr(model, "meta", {}).get("tile") else batch_size
+
+
 @torch.no_grad()
 def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 512,
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
@@ -21,19 +26,18 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
     """Per batch of `batch_size` uint8 images (N, C, H, W), in order: the model's float32 outputs
     on the CPU ((B, K) logits for a classifier; (B, K, H, W) for a segmentation model, run over
     overlapping tiles of its input size when its meta asks for it: tiling.py), in eval mode (the
-    model's mode is put back after).
+    model's mode is put back after). `x` may also be a ShardedArray (images on disk): it is read a
+    batch at a time.
 
     `tta` > 0 averages the outputs of flipped (and at level 2, shifted) views; `tta_mirror=False`
     leaves the mirrored ones out; see tta.py."""
     device = device or next(model.parameters()).device
-    x = torch.as_tensor(x)
     was_training = model.training
     model.eval()
     if channels_last:  # weights too: conv kernels then run without layout conversions (1.6x for EfficientNet on CPU)
         model.to(memory_format=torch.channels_last)
     meta = getattr(model, "meta", {})
-    if meta.get("tile"):
-        batch_size = min(batch_size, TILED_BATCH)
+    batch_size = inference_batch_size(model, batch_size)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         if channels_last:
@@ -43,7 +47,7 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
 
     try:
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].to(device, non_blocking=True)
+            batch = torch.as_tensor(x[start:start + batch_size]).to(device, non_blocking=True)
             yield run_outputs(forward, batch, meta).cpu()
     finally:
         model.train(was_training)

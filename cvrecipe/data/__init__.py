@@ -1,4 +1,8 @@
-"""Data: named datasets and folders → checked, split uint8 arrays ready to move to a device."""
+"""Data: named datasets and folders → checked, split uint8 arrays ready to move to a device.
+
+A dataset that fits the memory budget (data.memory_gb; by default half of the memory free now)
+is read whole into numpy arrays, as it always was. A larger one keeps its images on disk, in the
+cache's shards, as ShardedArray views that training and evaluation read a batch at a time."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,28 +15,34 @@ from cvrecipe.data.cache import cache_root
 from cvrecipe.data.dataset import (IGNORE, DataError, ImageDataset, Split, holdout_split, kfold_split,
                                    stratified_subset)
 from cvrecipe.data.folder import load_folder
+from cvrecipe.data.shards import ShardedArray, in_memory
 from cvrecipe.data.sources import REGISTRY, load_named
+from cvrecipe.device import memory_budget
 
-__all__ = ["IGNORE", "DataError", "ImageDataset", "Split", "load_dataset", "load_source", "REGISTRY"]
+__all__ = ["IGNORE", "DataError", "ImageDataset", "ShardedArray", "Split", "load_dataset", "load_source",
+           "REGISTRY", "streamed"]
 
 
-def load_source(name: str, cfg: DataConfig | None = None) -> ImageDataset:
-    """The dataset as its source provides it (no val carving, no subsetting)."""
+def load_source(name: str, cfg: DataConfig | None = None, lazy: bool = False) -> ImageDataset:
+    """The dataset as its source provides it (no val carving, no subsetting). `lazy`: images stay
+    on disk as ShardedArray views."""
     cfg = cfg or DataConfig(name=name)
     cache = cache_root(cfg.cache_dir)
     if name.startswith("folder:"):
-        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, cfg.max_pixels)
+        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, lazy, cfg.max_pixels)
     if name.startswith("masks:"):
         from cvrecipe.data.masks import load_masks
 
         return load_masks(name[len("masks:"):], cfg.image_size, cfg.channels, cache, cfg.mask_classes,
                           cfg.max_pixels)
-    return load_named(name, cache)
+    return load_named(name, cache, lazy)
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
-    """Load, convert to the configured size/channels, carve val from train if needed, subset."""
-    ds = load_source(cfg.name, cfg)
+def load_dataset(cfg: DataConfig, seed: int = 0, device: torch.device | str | None = None) -> ImageDataset:
+    """Load, convert to the configured size/channels, carve val from train if needed, subset; then
+    read it into memory when it fits the budget (data.memory_gb, or half the memory free now on
+    `device`, where training would keep it), else leave the images on disk to be streamed."""
+    ds = load_source(cfg.name, cfg, lazy=True)
     ds = _conform(ds, cfg.image_size, cfg.channels)
     if cfg.folds:  # cross-validation: fold `cfg.fold` is the val split
         if ds.val is not None:
@@ -49,15 +59,43 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset:
         ds = dataclasses.replace(ds, train=ds.train.take(stratified_subset(ds.train.y, cfg.subset, seed)))
     if cfg.hflip_ok is not None:
         ds = dataclasses.replace(ds, hflip_ok=cfg.hflip_ok)
+    if _nbytes(ds) <= memory_budget(cfg.memory_gb, device):
+        ds = _read_whole(ds)
     ds.check()
     return ds
 
 
+def streamed(ds: ImageDataset) -> bool:
+    """Are the dataset's training images read from disk a batch at a time?"""
+    return isinstance(ds.train.x, ShardedArray)
+
+
+def _splits(ds: ImageDataset) -> list[Split]:
+    return [s for s in (ds.train, ds.val, ds.test) if s is not None]
+
+
+def _nbytes(ds: ImageDataset) -> int:
+    return sum(split.x.nbytes + split.y.nbytes for split in _splits(ds))
+
+
+def _read_whole(ds: ImageDataset) -> ImageDataset:
+    def read(split: Split | None) -> Split | None:
+        return None if split is None else Split(in_memory(split.x), in_memory(split.y), split.names)
+
+    return dataclasses.replace(ds, train=read(ds.train), val=read(ds.val), test=read(ds.test))
+
+
 def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageDataset:
-    """Resize / change channel count of every split (a no-op when they already match)."""
+    """Resize / change channel count of every split (a no-op when they already match). Images on
+    disk are read into memory to be converted: folder sources are decoded at the configured size
+    and channels already, so only the small registered datasets get here."""
     def fix(split: Split | None) -> Split | None:
         if split is None:
             return None
+        if isinstance(split.x, ShardedArray):
+            if (channels is None or split.x.shape[1] == channels) and (size is None or split.x.shape[-2:] == (size, size)):
+                return split
+            split = Split(in_memory(split.x), split.y, split.names)
         x = torch.from_numpy(split.x)
         if channels is not None and x.shape[1] != channels:
             if channels == 3 and x.shape[1] == 1:

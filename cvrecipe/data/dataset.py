@@ -1,12 +1,15 @@
-"""In-memory dataset types: every split is a uint8 array (N, C, H, W) plus its targets: int64 class
-labels (N,) for classification, uint8 class-index masks (N, H, W) for segmentation (IGNORE = not
-labelled)."""
+"""Dataset types: every split is a uint8 array (N, C, H, W) plus its targets: int64 class labels
+(N,) for classification, uint8 class-index masks (N, H, W) for segmentation (IGNORE = not
+labelled). The images are a numpy array in memory, or a ShardedArray (shards.py) read from disk a
+batch at a time when the dataset is larger than the memory budget."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from cvrecipe.data.shards import take_rows
 
 
 IGNORE = 255  # mask value of pixels without a label: no loss, no metric
@@ -18,7 +21,7 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    x: np.ndarray  # (N, C, H, W) uint8
+    x: np.ndarray  # (N, C, H, W) uint8 (or a ShardedArray of them)
     y: np.ndarray  # (N,) int64 class indices, or (N, H, W) uint8 class-index masks
     names: list[str] | None = None  # the file of each image, where the source keeps them
 
@@ -46,7 +49,7 @@ class Split:
 
     def take(self, index: np.ndarray) -> "Split":
         names = [self.names[i] for i in np.asarray(index, np.int64)] if self.names is not None else None
-        return Split(self.x[index], self.y[index], names)
+        return Split(take_rows(self.x, index), take_rows(self.y, index), names)
 
 
 @dataclass
@@ -150,17 +153,17 @@ def pixel_mean_std(x, chunk: int | None = None, ddof: int = 1) -> tuple[np.ndarr
     Float64 sums over chunks of `chunk` images (default 1,024 on a CPU, 8,192 on a GPU): memory
     stays at one chunk in float64 instead of a float copy of the whole set (600 MB for CIFAR-10's
     training split), and the sums are exact enough (255² · 10⁹ is far inside float64's 2⁵³)."""
-    x = torch.as_tensor(x)
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     c = x.shape[1]
     if chunk is None:  # host memory is what is short on a CPU; on a GPU, fewer launches
-        chunk = 1024 if x.device.type == "cpu" else 8192
-    total = torch.zeros(c, dtype=torch.float64, device=x.device)
+        chunk = 1024 if device.type == "cpu" else 8192
+    total = torch.zeros(c, dtype=torch.float64, device=device)
     total_sq = torch.zeros_like(total)
-    for start in range(0, len(x), chunk):
-        part = x[start:start + chunk].transpose(0, 1).reshape(c, -1).double()
+    for start in range(0, len(x), chunk):  # sliced before conversion: a ShardedArray reads one chunk at a time
+        part = torch.as_tensor(x[start:start + chunk]).transpose(0, 1).reshape(c, -1).double()
         total += part.sum(1)
         total_sq += part.square().sum(1)
-    n = x.numel() // max(c, 1)
+    n = len(x) * int(np.prod(x.shape[1:])) // max(c, 1)
     mean = total / max(n, 1)
     var = ((total_sq - n * mean**2) / max(n - ddof, 1)).clamp_min(0.0)
     return (mean / 255).cpu().numpy(), (var.sqrt() / 255).cpu().numpy()

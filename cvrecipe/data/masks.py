@@ -122,7 +122,7 @@ def _group_pairs(path: Path) -> tuple[dict, list[tuple[str, str]]]:
     """{split: {stem: {"image": (rel, bytes), "mask": (rel, bytes)}}} and the files that fit no pair."""
     groups: dict[str, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
     stray = []
-    for rel, data in _iter_entries(path):
+    for rel, data in _iter_entries(path):  # data: a function that reads the file, None for a folder
         parts = rel.strip("/").split("/")
         if data is None or any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1] == "classes.yaml":
             continue
@@ -138,7 +138,7 @@ def _group_pairs(path: Path) -> tuple[dict, list[tuple[str, str]]]:
         if kind in groups[split][stem]:
             stray.append(rel)  # a second mask (label/ and mask/) or image of the same name
             continue
-        groups[split][stem][kind] = (rel, data)
+        groups[split][stem][kind] = (rel, data())  # the entry's reader, called while its archive is open
     if not groups:
         raise DataError(f"{path}: no image/NAME.* + label/NAME.* (or mask/NAME.*) pairs found "
                         f"(found {len(stray)} other files, e.g. {stray[:3]})")

@@ -128,21 +128,22 @@ REGISTRY: dict[str, Callable[[Path], ImageDataset]] = {
 }
 
 
-def load_named(name: str, cache: Path) -> ImageDataset:
-    """A registered dataset, from the decoded cache when present (milliseconds), else from source."""
+def load_named(name: str, cache: Path, lazy: bool = False) -> ImageDataset:
+    """A registered dataset, from the decoded cache when present (milliseconds), else from source
+    (then cached). `lazy`: images stay on disk as ShardedArray views (see cache.load_arrays)."""
     if name not in REGISTRY:
         raise DataError(f"unknown dataset '{name}'; known: {', '.join(REGISTRY)} or folder:PATH")
-    entry = cache / f"named-{name}-v1"
-    cached = load_arrays(entry)
-    if cached is not None:
-        arrays, meta = cached
-        splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "val", "test") if f"{s}_x" in arrays}
-        return ImageDataset(name, meta["classes"], hflip_ok=meta["hflip_ok"], **splits)
-    ds = REGISTRY[name](cache)
-    arrays = {}
-    for split in ("train", "val", "test"):
-        part = getattr(ds, split)
-        if part is not None:
-            arrays[f"{split}_x"], arrays[f"{split}_y"] = part.x, part.y
-    save_arrays(entry, arrays, {"classes": ds.classes, "hflip_ok": ds.hflip_ok})
-    return ds
+    entry = cache / f"named-{name}-v2"  # v2: the sharded entry layout (cache.py)
+    if not (entry / "meta.json").is_file():
+        ds = REGISTRY[name](cache)
+        arrays = {}
+        for split in ("train", "val", "test"):
+            part = getattr(ds, split)
+            if part is not None:
+                arrays[f"{split}_x"], arrays[f"{split}_y"] = part.x, part.y
+        save_arrays(entry, arrays, {"classes": ds.classes, "hflip_ok": ds.hflip_ok})
+        if not lazy:
+            return ds
+    arrays, meta = load_arrays(entry, lazy)
+    splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "val", "test") if f"{s}_x" in arrays}
+    return ImageDataset(name, meta["classes"], hflip_ok=meta["hflip_ok"], **splits)

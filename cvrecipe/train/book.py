@@ -5,6 +5,9 @@ console line, callbacks), choosing best.safetensors by checkpoint.monitor, early
 checkpoint cadence (checkpoint.every_s) and the part of last.ckpt that is bookkeeping (epoch,
 step, best value, epochs without improvement, history). The training path adds its own state
 (weights, optimizer, ...) through the `snapshot` callable it hands to `end_epoch`.
+
+With several processes every rank keeps the same bookkeeping (the rows come from rank 0), so they
+all stop together; only rank 0's EpochBook writes anything, the others' are FollowerBooks.
 """
 from __future__ import annotations
 
@@ -58,8 +61,11 @@ class EpochBook:
         if resumed is not None:
             self.state = {k: resumed[k] for k in STATE_KEYS}
             self.console.print(f"resuming {self.run_dir} at epoch {self.state['epoch'] + 1} (step {self.state['step']})")
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state["step"] if resumed is not None else None)
+        self._open_logs(resumed is not None)
         self.notify("on_train_start", model, self.cfg, self.run_dir)
+
+    def _open_logs(self, resumed: bool) -> None:
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state["step"] if resumed else None)
 
     def epochs(self) -> range:
         """The epochs still to train (none when a resumed run had already stopped early)."""
@@ -112,22 +118,27 @@ class EpochBook:
         value = row[cfg.checkpoint.monitor]
         if not self.has_val:  # nothing to select on: keep the latest weights
             if due:
-                save_weights(deployable(scored), self.run_dir / "best.safetensors", {"epoch": row["epoch"]})
+                self._save_best(deployable, scored, {"epoch": row["epoch"]})
         elif improved(value, state["best"], cfg.monitor_mode, cfg.stop.min_delta):
             state["best"], state["bad_epochs"] = value, 0
-            save_weights(deployable(scored), self.run_dir / "best.safetensors",
-                         {"epoch": row["epoch"], cfg.checkpoint.monitor: value})
+            self._save_best(deployable, scored, {"epoch": row["epoch"], cfg.checkpoint.monitor: value})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = row["epoch"]
         state["stopped_early"] = cfg.stop.early and state["bad_epochs"] >= cfg.stop.patience
         if due or state["stopped_early"]:
-            save_resume({**dict(state), **snapshot()}, self.run_dir / "last.ckpt")
+            self._save_resume(snapshot)
             self.last_write = time.perf_counter()
         if state["stopped_early"]:
             self.console.print(f"early stopping: {cfg.checkpoint.monitor} has not improved for {cfg.stop.patience} "
                                f"epochs (best {state['best']:.4f})")
         return state["stopped_early"]
+
+    def _save_best(self, deployable: Callable, scored: torch.nn.Module, extra: dict) -> None:
+        save_weights(deployable(scored), self.run_dir / "best.safetensors", extra)
+
+    def _save_resume(self, snapshot: Callable[[], dict]) -> None:
+        save_resume({**dict(self.state), **snapshot()}, self.run_dir / "last.ckpt")
 
     def _log(self, row: dict) -> None:
         for key in self.fields[2:-2] + ["images_per_s"]:  # lr, train_*, val_*, throughput
@@ -144,6 +155,26 @@ class EpochBook:
             "  ".join(f"val {m} {row[f'val_{m}']:.4f}" for m in self.task.metrics) + "  "
         self.console.print(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  train {train}  {val}"
                            f"lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s  {row['images_per_s']:,.0f} img/s")
+
+
+class FollowerBook(EpochBook):
+    """The bookkeeping of a rank other than 0: the same decisions (epochs, best value, early
+    stopping) from the same rows, and no files, logs or callbacks."""
+
+    def _open_logs(self, resumed: bool) -> None:
+        pass
+
+    def _log(self, row: dict) -> None:
+        pass
+
+    def _save_best(self, deployable: Callable, scored: torch.nn.Module, extra: dict) -> None:
+        pass
+
+    def _save_resume(self, snapshot: Callable[[], dict]) -> None:
+        pass
+
+    def notify(self, event: str, *args) -> None:
+        pass
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:

@@ -1,10 +1,14 @@
 """The training loop. Reads top to bottom: set up → (resume) → epochs → checkpoints.
 
-The whole uint8 dataset lives on the training device; each step gathers a batch by index,
-augments it with batched tensor ops, and runs forward/backward. Data order and augmentation
-draw from a generator seeded by (seed, epoch), and the resume file stores everything else that
-changes (weights, optimizer, scheduler, scaler, global RNG, early-stopping state, history), so a
-resumed run replays exactly what an uninterrupted one would have done.
+Each step takes a batch from the feed (feed.py: the whole uint8 training set on the device when it
+fits the memory budget, else read from the cache's shards on disk ahead of the step), augmented
+with batched tensor ops on the device, and runs forward/backward. Data order and augmentation draw
+from a generator seeded by (seed, epoch), and the resume file stores everything else that changes
+(weights, optimizer, scheduler, scaler, global RNG, early-stopping state, history), so a resumed
+run replays exactly what an uninterrupted one would have done.
+
+With several processes (distributed.py) every rank runs this same loop on its own part of each
+step's global batch; the World it is given does the collectives, and is a no-op for one process.
 
 What differs between tasks (loss, augmentation of image and target, metrics) comes from the
 task object; what happens between epochs (logs, best checkpoint, early stopping, last.ckpt) from
@@ -12,27 +16,31 @@ the EpochBook (book.py), which the feature-cached probe (probe.py) shares.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cvrecipe.artifact.build import build_model
 from cvrecipe.artifact.checkpoint import load_resume
-from cvrecipe.artifact.inference import iter_logits
-from cvrecipe.config import AugmentConfig, Config
-from cvrecipe.data import ImageDataset
-from cvrecipe.device import (autocast, autocast_dtype, backend_settings, epoch_generator, resolve_device,
-                             seed_everything)
+from cvrecipe.artifact.inference import inference_batch_size, iter_logits
+from cvrecipe.config import Config
+from cvrecipe.data import ImageDataset, streamed
+from cvrecipe.data.shards import slice_rows
+from cvrecipe.device import autocast, autocast_dtype, backend_settings, epoch_generator, seed_everything
 from cvrecipe.models import ImageModel
 from cvrecipe.tasks import Task, get_task
-from cvrecipe.train.book import EpochBook, split_metrics
+from cvrecipe.train.book import EpochBook, FollowerBook, split_metrics
+from cvrecipe.train.distributed import World
 from cvrecipe.train.ema import WeightEMA
+from cvrecipe.train.feed import DeviceArrays, Feed, ShardStream
 from cvrecipe.train.finetune import Finetune
 from cvrecipe.train.optim import build_optimizer, param_groups
 from cvrecipe.train.precision import MasterWeights, to_half_weights
@@ -47,38 +55,39 @@ class Step:
     """What one optimisation step needs, built once per fit()."""
     task: Task
     model: ImageModel
-    train_model: torch.nn.Module  # the model itself, or its torch.compile'd wrapper (same parameters)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
-    train_x: torch.Tensor  # (N, C, H, W) uint8 on the device
-    train_y: torch.Tensor  # the task's targets on the device: (N,) int64 labels or (N, H, W) uint8 masks
-    base_flip: torch.Tensor  # (N,) bool: per-run flip coins for augment.flip_mode=alternate
+    feed: Feed  # this rank's augmented micro-batches of each epoch
+    world: World
     steps_per_epoch: int
-    batch_size: int
+    batch_size: int  # the global batch: images per optimisation step over all ranks
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None with half weights (the weights are the dtype)
     memory_format: torch.memory_format
+    train_model: torch.nn.Module | None = None  # what the step calls: the model, compiled and/or in DDP
     master: MasterWeights | None = None  # fp32 copies the optimizer updates, with train.half_weights
 
 
 def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None,
-        callbacks: list | None = None) -> list[dict]:
+        callbacks: list | None = None, world: World | None = None) -> list[dict]:
     """Train `cfg.model` on `ds`, writing checkpoints and metrics into `run_dir`. Returns the history.
 
     `callbacks`: objects with any of `on_train_start(model, cfg, run_dir)`, `on_epoch_end(row, model)`
-    and `on_train_end(history, run_dir)`; used by experiment trackers.
+    and `on_train_end(history, run_dir)`; used by experiment trackers. `world`: the ranks this
+    process trains with (distributed.join); None: a single process.
     """
     tc = cfg.train
-    device = resolve_device(tc.device)
+    world = world or World()
+    device = world.device(tc.device)
     with backend_settings(device, tc.deterministic, tc.num_threads):
         seed_everything(tc.seed)
-        return _fit(cfg, ds, run_dir, device, resume, console or Console(soft_wrap=True), callbacks or [])
+        return _fit(cfg, ds, run_dir, device, resume, console or Console(soft_wrap=True), callbacks or [], world)
 
 
 def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, resume: bool, console: Console,
-         callbacks: list) -> list[dict]:
+         callbacks: list, world: World) -> list[dict]:
     tc = cfg.train
     task = get_task(cfg.task, cfg)
     has_val = len(ds.val) > 0
@@ -86,20 +95,23 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
         raise ValueError(f"stop.early on checkpoint.monitor={cfg.checkpoint.monitor} needs a validation split, and "
                          f"{ds.name} has none with data.val_fraction=0; set data.val_fraction > 0")
 
-    train_x, train_y = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
+    source = _training_source(cfg, ds, device)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    model = build_model(cfg, ds, train_x).to(device, memory_format=memory_format)
+    model = build_model(cfg, ds, source.x if isinstance(source, DeviceArrays) else None)
+    model = model.to(device, memory_format=memory_format)
+    if tc.sync_bn:
+        model = world.sync_batchnorm(model)
     finetune = Finetune(model, cfg.finetune, tc.epochs)
-    book = EpochBook(cfg, task, run_dir, console, callbacks, has_val)
+    book = (EpochBook if world.is_main else FollowerBook)(cfg, task, run_dir, console, callbacks, has_val)
     if finetune.feature_cache:  # a linear probe on features computed once: no per-step backbone at all
         from cvrecipe.train.probe import fit_probe
 
-        del train_x, train_y
+        del source
         try:
             return fit_probe(cfg, ds, model, book, device, resume)
         finally:
             book.close()
-    step = _build_step(cfg, task, model, finetune, train_x, train_y, device, memory_format)
+    step = _build_step(cfg, task, model, finetune, source, ds.hflip_ok, device, memory_format, world)
     book.start(model, _restore(run_dir / "last.ckpt", step) if resume else None)
     try:
         return _epochs(cfg, ds, model, finetune, step, book, has_val, console)
@@ -109,31 +121,46 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
 
 def _epochs(cfg: Config, ds: ImageDataset, model: ImageModel, finetune: Finetune, step: Step, book: EpochBook,
             has_val: bool, console: Console) -> list[dict]:
-    task = step.task
+    tc, task, world = cfg.train, step.task, step.world
     for epoch in book.epochs():
         finetune.on_epoch_start(epoch)  # freezes/unfreezes the backbone (a no-op without a strategy)
         if hasattr(model.net, "on_epoch_start"):  # e.g. the speedrun net freezing its whitening bias
             model.net.on_epoch_start(epoch)
+        step.train_model = world.replicate(model, tc.compile)  # after the freezing: DDP follows what trains
         t0 = time.perf_counter()
-        train = _train_epoch(cfg, ds, step, epoch, console)
-        due = book.due(epoch)
+        train = _train_epoch(cfg, step, epoch, console, len(ds.classes))
+        due = world.from_main(book.due(epoch))
         # the weights that are validated and saved: the average, when weights are averaged
         scored = _averaged(step) if has_val or due else None
         val = _validate(task, scored, ds, step) if has_val else None
-        row = book.row(epoch, step.steps_per_epoch, step.optimizer.param_groups[0]["lr"], train, val,
-                       time.perf_counter() - t0, step.steps_per_epoch * step.batch_size)
+        row = world.from_main(book.row(epoch, step.steps_per_epoch, step.optimizer.param_groups[0]["lr"], train, val,
+                                       time.perf_counter() - t0, step.steps_per_epoch * step.batch_size))
         if book.end_epoch(row, model, scored, due, lambda: _snapshot(step), finetune.deployable):
             break
     return book.finish()
 
 
-def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, train_x: torch.Tensor,
-                train_y: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> Step:
+def _training_source(cfg: Config, ds: ImageDataset, device: torch.device) -> DeviceArrays | ShardStream:
+    """The training split on the device, or, when the dataset is larger than the memory budget
+    (load_dataset left its images on disk), a stream from its shards."""
+    if streamed(ds):
+        batch = max(1, cfg.train.batch_size // cfg.train.grad_accum)
+        return ShardStream(ds.train, device, batch, cfg.data.prefetch, cfg.data.read_threads)
+    return DeviceArrays(torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device))
+
+
+def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, source: DeviceArrays | ShardStream,
+                hflip_ok: bool, device: torch.device, memory_format: torch.memory_format, world: World) -> Step:
     tc = cfg.train
     dtype = autocast_dtype(device, tc.precision)
-    batch_size = min(tc.batch_size, len(train_y) * tc.repeat)
+    batch_size = min(tc.batch_size, len(source) * tc.repeat)
     # the ragged last batch is dropped; order changes every epoch
-    steps_per_epoch = len(train_y) * tc.repeat // batch_size
+    steps_per_epoch = len(source) * tc.repeat // batch_size
+    micro, rest = divmod(batch_size, world.size * tc.grad_accum)
+    if rest or not micro:
+        raise ValueError(f"a global batch of {batch_size} does not split into {world.size} process(es) x "
+                         f"train.grad_accum={tc.grad_accum} equal micro-batches; make train.batch_size a multiple "
+                         f"of {world.size * tc.grad_accum}")
     groups, master = finetune.param_groups() or param_groups(model, cfg), None
     if tc.half_weights:  # weights in `dtype` instead of autocast; the optimizer may update fp32 copies
         to_half_weights(model, dtype)
@@ -141,40 +168,48 @@ def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, 
         groups = master.param_groups(groups) if master else groups
     optimizer = build_optimizer(model, cfg, groups)
     fp16_grads = dtype == torch.float16 and (not tc.half_weights or master is not None)
-    return Step(task=task, model=model, train_model=torch.compile(model) if tc.compile else model,
-                optimizer=optimizer, scheduler=finetune.scheduler(optimizer, cfg, steps_per_epoch),
+    base_flip = torch.rand(len(source), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5
+    feed = Feed(source, task, cfg.augment, hflip_ok, base_flip, micro, steps_per_epoch, tc.grad_accum, world.rank,
+                world.size, memory_format)
+    return Step(task=task, model=model, optimizer=optimizer, scheduler=finetune.scheduler(optimizer, cfg, steps_per_epoch),
                 scaler=torch.amp.GradScaler(device.type, enabled=fp16_grads),
-                ema=WeightEMA(model) if cfg.average.name != "none" else None, train_x=train_x, train_y=train_y,
-                base_flip=torch.rand(len(train_y), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5,
+                ema=WeightEMA(model) if cfg.average.name != "none" else None, feed=feed, world=world,
                 steps_per_epoch=steps_per_epoch, batch_size=batch_size, device=device,
                 dtype=None if tc.half_weights else dtype, memory_format=memory_format, master=master)
 
 
-def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console: Console) -> dict[str, float]:
-    tc, avg = cfg.train, cfg.average
-    steps, batch_size, device = step.steps_per_epoch, step.batch_size, step.device
+def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_classes: int) -> dict[str, float]:
+    tc, avg, world = cfg.train, cfg.average, step.world
+    steps, accum, device = step.steps_per_epoch, step.feed.accum, step.device
     total_steps = tc.epochs * steps
     step.model.train()
     gen = epoch_generator(tc.seed, epoch, device)
-    n = len(step.train_y)
+    n = len(step.feed.source)
     # train.repeat passes over the images per epoch, in one shuffled order (an image may recur in a batch)
     order = torch.randperm(n * tc.repeat, generator=gen, device=device) % n if tc.repeat > 1 else \
         torch.randperm(n, generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)  # summed on device: one sync per log interval, not per step
-    meter = step.task.meter(len(ds.classes), device)
+    items = steps * accum * world.size  # micro-batch losses summed over the ranks by the end of the epoch
+    meter = step.task.meter(num_classes, device)
     columns = [TextColumn(f"epoch {epoch + 1}/{tc.epochs}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
     t0 = time.perf_counter()
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True) as progress, \
+            contextlib.closing(step.feed.epoch(order, world.augment_generator(gen, tc.seed, epoch), epoch)) as batches:
         bar = progress.add_task("train", total=steps, info="")
-        for i, (x, y) in enumerate(epoch_batches(step, cfg.augment, ds.hflip_ok, order, gen, epoch)):
-            with autocast(device, step.dtype):
-                logits = step.train_model(x)
-            loss = step.task.loss(logits, y, tc.label_smoothing)
+        for i in range(steps):
             step.optimizer.zero_grad(set_to_none=True)
             if step.master is not None:  # the optimizer holds the fp32 copies; the model's half grads are apart
                 step.model.zero_grad(set_to_none=True)
-            step.scaler.scale(loss).backward()
+            for j in range(accum):  # gradient accumulation: the step's micro-batches on this rank
+                x, y = next(batches)
+                with world.accumulating(last=j == accum - 1):
+                    with autocast(device, step.dtype):
+                        logits = step.train_model(x)
+                    loss = step.task.loss(logits, y, tc.label_smoothing)
+                    step.scaler.scale(loss / accum if accum > 1 else loss).backward()
+                loss_sum += loss.detach()
+                meter.update(logits.detach(), y)
             if step.master is not None:
                 step.master.to_master()
             if tc.grad_clip:
@@ -190,14 +225,12 @@ def _train_epoch(cfg: Config, ds: ImageDataset, step: Step, epoch: int, console:
             if step.ema is not None and done % avg.every == 0:
                 # the average's decay ramps up as (progress)³: early weights are forgotten, late ones kept
                 step.ema.update(step.model, avg.decay * (done / total_steps) ** 3, lookahead=avg.name == "lookahead")
-            loss_sum += loss.detach()
-            meter.update(logits.detach(), y)
             if (i + 1) % tc.log_every == 0 or i + 1 == steps:
-                mean_loss = loss_sum.item() / (i + 1)
+                mean_loss = world.sum(loss_sum).item() / ((i + 1) * accum * world.size)  # the same on every rank
                 _check_finite(mean_loss, cfg, epoch, i, steps)
-                rate = (i + 1) * batch_size / (time.perf_counter() - t0)
+                rate = (i + 1) * step.batch_size / (time.perf_counter() - t0)
                 progress.update(bar, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
-    return {"loss": loss_sum.item() / steps, **meter.compute()}
+    return {"loss": world.sum(loss_sum).item() / items, **world.mean(meter.compute())}
 
 
 def _check_finite(mean_loss: float, cfg: Config, epoch: int, i: int, steps: int) -> None:
@@ -210,34 +243,6 @@ def _check_finite(mean_loss: float, cfg: Config, epoch: int, i: int, steps: int)
                            f"stopping: {kept}. Try a lower optim.lr, train.grad_clip, or train.precision=fp32")
 
 
-AUGMENT_CHUNK_BYTES = 256 * 2**20  # uint8 images augmented in one go on a GPU (reflect padding: 4x in float)
-
-
-def epoch_batches(step: Step, augment: AugmentConfig, hflip_ok: bool, order: torch.Tensor, gen: torch.Generator,
-                  epoch: int, chunk: int | None = None):
-    """The epoch's (x, y) training batches in `order`: gathered from the on-device dataset and
-    augmented by the task (images and targets together).
-
-    On a GPU, several batches (the whole epoch for CIFAR-10) are augmented with one set of kernel
-    launches: per batch that costs a dozen launches, a few % of a 5 ms step. On a CPU each batch is
-    augmented as it is needed, so no second copy of the data is held in host memory. `chunk`
-    (batches augmented together) overrides that choice.
-    """
-    batch_size, steps = step.batch_size, step.steps_per_epoch
-    if chunk is None:
-        chunk = 1
-        if step.device.type == "cuda":
-            chunk = max(1, min(steps, AUGMENT_CHUNK_BYTES // (batch_size * step.train_x[0].numel())))
-    for first in range(0, steps, chunk):
-        n = min(chunk, steps - first)
-        idx = order[first * batch_size:(first + n) * batch_size]
-        x, y = step.task.augment(step.train_x[idx], step.train_y[idx], augment, hflip_ok, gen, step.base_flip[idx],
-                                 epoch)
-        x = x.contiguous(memory_format=step.memory_format)  # batch slices of it stay contiguous
-        for j in range(n):
-            yield x[j * batch_size:(j + 1) * batch_size], y[j * batch_size:(j + 1) * batch_size]
-
-
 def _averaged(step: Step) -> ImageModel:
     """The model with the weight average installed (a copy), or the model itself without one."""
     if step.ema is None:
@@ -247,17 +252,17 @@ def _averaged(step: Step) -> ImageModel:
     return scored
 
 
-def _validate(task: Task, model: ImageModel, ds: ImageDataset, step: Step) -> dict[str, float]:
-    size = max(step.batch_size, 256)
-    batches = iter_logits(model, ds.val.x, size, step.device, step.dtype, step.memory_format == torch.channels_last)
-
-    def with_targets():  # iter_logits may take fewer images per batch (tiled models): follow its batches
-        start = 0
-        for outputs in batches:
-            yield outputs, torch.from_numpy(ds.val.y[start:start + len(outputs)])
-            start += len(outputs)
-
-    return split_metrics(task, with_targets(), len(ds.classes))
+def _validate(task: Task, model: ImageModel, ds: ImageDataset, step: Step) -> dict[str, float] | None:
+    """Metrics over the val split on rank 0 (None on the others): each rank scores its own
+    contiguous part, and rank 0 gathers the outputs, so every image counts exactly once."""
+    world = step.world
+    size = inference_batch_size(model, max(step.batch_size, 256))  # fewer per batch for a tiled model
+    start, stop = world.part(len(ds.val))
+    x, y = slice_rows(ds.val.x, start, stop), slice_rows(ds.val.y, start, stop)
+    batches = iter_logits(model, x, size, step.device, step.dtype, step.memory_format == torch.channels_last)
+    targets = (torch.from_numpy(np.asarray(y[first:first + size])) for first in range(0, len(y), size))
+    pairs = world.gather_to_main(zip(batches, targets), world.rounds(len(ds.val), size))
+    return split_metrics(task, pairs, len(ds.classes)) if world.is_main else None
 
 
 def _snapshot(step: Step) -> dict:

@@ -31,8 +31,7 @@ def backbone_features(model: ImageModel, x, device: torch.device, batch_size: in
     (channels-last: the backbone's depthwise convs run ~1.6x faster so on CPU)."""
     was_training = model.training
     model.eval().to(memory_format=torch.channels_last)
-    x = torch.as_tensor(x)
-    out = [model.net.features(model.normalize(x[i:i + batch_size].to(device))
+    out = [model.net.features(model.normalize(torch.as_tensor(x[i:i + batch_size]).to(device))
                               .contiguous(memory_format=torch.channels_last)).float()
            for i in range(0, len(x), batch_size)]
     model.train(was_training)

@@ -18,7 +18,8 @@ from cvrecipe.data.augment import crop_at
 from cvrecipe.models.registry import register
 from cvrecipe.tasks import get_task
 from cvrecipe.train.job import train
-from cvrecipe.train.loop import Step, TrainingDiverged, epoch_batches
+from cvrecipe.train.feed import DeviceArrays, Feed
+from cvrecipe.train.loop import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,12 +130,15 @@ def test_epoch_batches_in_chunks_follow_the_order_and_augment_each_image_from_it
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8, generator=gen)
     y = torch.arange(100)
-    step = Step(task=get_task("classification"), model=None, train_model=None, optimizer=None, scheduler=None, scaler=None, ema=None,
-                train_x=x, train_y=y, base_flip=torch.rand(100, generator=gen) < 0.5, steps_per_epoch=6,
-                batch_size=16, device=torch.device("cpu"), dtype=None, memory_format=torch.channels_last)
+    base_flip = torch.rand(100, generator=gen) < 0.5
+
+    def feed(augment, chunk):
+        return Feed(DeviceArrays(x, y), get_task("classification"), augment, True, base_flip, batch=16, steps=6,
+                    memory_format=torch.channels_last, chunk=chunk)
+
     order = torch.randperm(100, generator=gen)
     for chunk in (1, 4, 6):
-        batches = list(epoch_batches(step, AugmentConfig(), True, order, gen, 0, chunk))
+        batches = list(feed(AugmentConfig(), chunk).epoch(order, gen, 0))
         assert len(batches) == 6  # the ragged last 4 images are dropped
         for i, (bx, by) in enumerate(batches):
             idx = order[i * 16:(i + 1) * 16]
@@ -142,12 +146,12 @@ def test_epoch_batches_in_chunks_follow_the_order_and_augment_each_image_from_it
             assert bx.is_contiguous(memory_format=torch.channels_last)
 
     augment = AugmentConfig(hflip=True, flip_mode="alternate", crop_padding=2)
-    for bx, by in epoch_batches(step, augment, True, order, gen, 1, chunk=6):
+    for bx, by in feed(augment, 6).epoch(order, gen, 1):
         for image, label in zip(bx, by):
             src = x[label][None]
             views = [crop_at(src, 2, torch.tensor([dy]), torch.tensor([dx]), "reflect")[0]
                      for dy in range(5) for dx in range(5)]
-            flipped = bool(step.base_flip[label]) ^ True  # odd epoch: the opposite of the run's coin
+            flipped = bool(base_flip[label]) ^ True  # odd epoch: the opposite of the run's coin
             views = [v.flip(-1) if flipped else v for v in views]
             assert any(torch.equal(image, v) for v in views)
 
