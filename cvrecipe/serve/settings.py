@@ -1,8 +1,10 @@
 """Server settings: one dataclass, filled from the `cvrecipe serve` command line."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from cvrecipe.monitor.settings import MonitorSettings
 
 
 @dataclass
@@ -21,6 +23,7 @@ class ServeSettings:
     token: str | None = None  # bearer token required by predict and admin routes; None = open
     cors_origin: str | None = None  # one origin allowed to call from a browser; None = CORS off
     warmup_batches: int = 2  # forward passes at each warm-up batch size before /readyz says ready
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)  # drift, feedback, prediction log
 
     def __post_init__(self):
         self.source = Path(self.source)

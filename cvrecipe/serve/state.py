@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from cvrecipe.monitor.live import Monitor
 from cvrecipe.serve.backends import Backend, load_backend, resolve_source, warm_up
 from cvrecipe.serve.batching import Batcher, QueueFull, ShuttingDown
 from cvrecipe.serve.inputs import ServeError, decode_batch
@@ -21,6 +22,7 @@ class ServerState:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.metrics = Metrics()
+        self.monitor = Monitor(settings.monitor, self.metrics.registry) if settings.monitor.enabled else None
         self.backend: Backend | None = None  # swapped as a whole on reload; read once per batch
         self.batcher: Batcher | None = None
         self.status = "loading"  # loading | ready | failed | draining
@@ -36,6 +38,8 @@ class ServerState:
         self.batcher = Batcher(self._infer, s.max_batch_size, s.max_wait_ms / 1000, s.queue_size, self.metrics,
                                arriving=lambda: self.arriving)
         self.batcher.start()
+        if self.monitor is not None:
+            await self.monitor.start()
         # load in the background: /healthz answers at once, /readyz says 503 until this finishes
         self._load_task = asyncio.get_running_loop().create_task(self._load_initial())
 
@@ -46,6 +50,8 @@ class ServerState:
             self._load_task.cancel()
         if self.batcher is not None:
             await self.batcher.close()
+        if self.monitor is not None:
+            await self.monitor.stop()  # after the batcher: the last answered requests' rows are committed
 
     async def _load_initial(self) -> None:
         try:
@@ -71,16 +77,24 @@ class ServerState:
     def _install(self, backend: Backend) -> None:
         self.backend = backend
         self.metrics.set_model(backend.info["name"], backend.version, backend.source.backend)
+        if self.monitor is not None:
+            self.monitor.set_model(backend.info["name"], backend.version, backend.info["class_names"],
+                                   backend.source.path)
 
     # -- inference ---------------------------------------------------------------------------------
     def _infer(self, blobs: list[bytes]) -> tuple[list, Backend]:
         """On the inference thread: decode a batch of image files, run the model on those that
         decoded. One output per blob: logits (K,) float32, or the ServeError that refused it."""
         backend = self.backend  # one model per batch, even if a reload swaps it meanwhile
+        start = time.perf_counter()
         outputs = decode_batch(blobs, backend.input_shape, self.settings.max_pixels)
         good = [i for i, out in enumerate(outputs) if isinstance(out, np.ndarray)]
         if good:
-            logits = backend.predict(np.stack([outputs[i] for i in good]))  # (n, C, H, W) uint8 → (n, K)
+            images = np.stack([outputs[i] for i in good])
+            decoded = time.perf_counter()
+            logits = backend.predict(images)  # (n, C, H, W) uint8 → (n, K)
+            if self.monitor is not None:
+                self.monitor.inspect([blobs[i] for i in good], images, decoded - start, time.perf_counter() - decoded)
             for row, i in enumerate(good):
                 outputs[i] = logits[row]
         return outputs, backend
