@@ -18,6 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from cvrecipe.monitor import commands as monitor_commands
+
 RECIPE_HELP = "recipe name in recipes/ (e.g. fashion-mnist) or path to a YAML file"
 OVERRIDE_HELP = "dotted config overrides, e.g. train.lr=0.01 train.epochs=5 data.subset=2000"
 
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 40,000,000, as data.max_pixels)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on predict and admin routes")
     p.add_argument("--cors-origin", help="allow browser calls from this origin (default: CORS off)")
+    monitor_commands.add_serve_options(p)
+    monitor_commands.add_parser(verbs)
 
     p = verbs.add_parser("tune", help="hyperparameter search with Optuna: pruned, resumable, shared by workers",
                          description="Search the space in SPACE over RECIPE's keys: each trial is a run folder "
@@ -167,7 +171,7 @@ BAD_INPUT = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, IsA
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CVRECIPE_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    argv = monitor_commands.expand([a for a in argv if a != "--debug"])
     parser = build_parser()
     # overrides may come after options (`train --deterministic train.lr=0.1`): argparse leaves them over
     args, extra = parser.parse_known_args(argv)
@@ -259,7 +263,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         serve(ServeSettings(args.source, args.backend, args.host, args.port, args.max_batch_size, args.max_wait_ms,
                             args.queue_size, args.timeout_s, args.max_body_mb, max_pixels=args.max_pixels,
-                            token=args.token, cors_origin=args.cors_origin))
+                            token=args.token, cors_origin=args.cors_origin,
+                            monitor=monitor_commands.settings_from_args(args)))
+    elif args.verb == "monitor":
+        return monitor_commands.run(args, console)
     elif args.verb == "tune":
         return _tune(args, console)
     elif args.verb == "models":
@@ -329,8 +336,12 @@ def _data(args: argparse.Namespace, console: Console) -> None:
 
 def _export(args: argparse.Namespace, console: Console) -> None:
     from cvrecipe.export import export_run
+    from cvrecipe.monitor.profile import profile_run
 
     result = export_run(args.run, args.format, args.dynamic_batch, args.half, max_images=args.max_images)
+    if result.manifest.get("task", "classification") == "classification":
+        console.print(f"reference profile for monitoring: {profile_run(args.run, result.path.parent)}",
+                      highlight=False)
     entry = result.manifest["files"][result.path.name]
     console.print(f"exported {result.path} ({entry['precision']}, {entry['bytes'] / 1e6:.2f} MB, "
                   f"sha256 {entry['sha256'][:12]})", highlight=False)
