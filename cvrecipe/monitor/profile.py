@@ -148,7 +148,7 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     images = split.x[:max_images]
     logits = predict_logits(model, images, batch_size=256, device=torch.device("cpu")).numpy()
     source = {"run": str(run_dir), "checkpoint_sha256": mf.sha256_file(checkpoint),
-              "images": f"{ds.name} {split_name}, first {len(images)}"}
+              "images": f"{ds.name} {split_name}, first {len(images)}", "held_out_used": len(images)}
     out_dir = Path(out_dir or run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_profile(build_profile(np.asarray(images), logits, list(model.meta["class_names"]), source), out_dir)
