@@ -84,3 +84,18 @@ def test_profile_command_writes_a_profile(served, tmp_path):
     profile = read_profile(tmp_path / "profile.json")
     assert profile["images"] == 60 and profile["source"]["run"] == str(run_dir)
     assert main(["monitor", "profile", str(tmp_path)]) == 2  # not a run folder: a bad-input error
+
+
+def test_grafana_dashboard_queries_metrics_the_server_exposes(served):
+    import json
+    import re
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-cvrecipe.json").read_text())
+    queried = {re.sub(r"_(bucket|sum|count)$", "", name) for panel in dashboard["panels"]
+               for target in panel["targets"] for name in re.findall(r"cvrecipe_\w+", target["expr"])}
+    export_dir, files = served
+    with running_server(export_dir, monitor=MonitorSettings(interval_s=0.2)) as (url, _), httpx.Client() as client:
+        predict(client, url, files[0][1])
+        text = client.get(url + "/metrics").text
+    exposed = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in re.findall(r"cvrecipe_\w+", text)}
+    assert len(queried) >= 15 and queried <= exposed, sorted(queried - exposed)
