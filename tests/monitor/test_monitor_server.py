@@ -126,3 +126,19 @@ def test_dashboard_and_resource_gauges(served):
         assert "src=" not in page.text and "<link" not in page.text  # self-contained: no external script or style
         wait_until(lambda: metric_samples(url, "cvrecipe_process_resident_bytes")[0].value > 10e6, 10, "RSS gauge")
         assert metric_samples(url, "cvrecipe_process_threads")[0].value >= 2
+
+
+def test_monitoring_off_and_bad_settings(served, capsys):
+    from cvrecipe.cli import main
+
+    export_dir, files = served
+    with running_server(export_dir, monitor=MonitorSettings(enabled=False)) as (url, _), httpx.Client() as client:
+        assert predict(client, url, files[0][1])["top"]
+        for method, route in (("GET", "/v1/monitor"), ("POST", "/v1/feedback")):
+            r = client.request(method, url + route, json={"request_id": "x", "label": "cat"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "monitoring_off"
+        assert "cvrecipe_drift_state" not in client.get(url + "/metrics").text
+    assert main(["serve", str(export_dir), "--capture", "10"]) == 2
+    assert "--capture needs --log-db" in capsys.readouterr().out
+    assert main(["serve", str(export_dir), "--alert-webhook", "ftp://x"]) == 2
+    assert "--alert-webhook must be an http" in capsys.readouterr().out
