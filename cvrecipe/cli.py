@@ -339,14 +339,14 @@ def _export(args: argparse.Namespace, console: Console) -> None:
     from cvrecipe.monitor.profile import profile_run
 
     result = export_run(args.run, args.format, args.dynamic_batch, args.half, max_images=args.max_images)
-    if result.manifest.get("task", "classification") == "classification":
-        console.print(f"reference profile for monitoring: {profile_run(args.run, result.path.parent)}",
-                      highlight=False)
     entry = result.manifest["files"][result.path.name]
     console.print(f"exported {result.path} ({entry['precision']}, {entry['bytes'] / 1e6:.2f} MB, "
                   f"sha256 {entry['sha256'][:12]})", highlight=False)
     console.print(f"parity vs eager model: {result.parity.summary()}", highlight=False)
     console.print(f"metadata: {result.path.parent / 'model.json'}", highlight=False)
+    if result.manifest.get("task", "classification") == "classification":
+        console.print(f"reference profile for monitoring: {profile_run(args.run, result.path.parent)}",
+                      highlight=False)
 
 
 if __name__ == "__main__":

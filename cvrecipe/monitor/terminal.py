@@ -13,7 +13,7 @@ STYLE = {"ok": "green", "warn": "yellow", "alert": "bold red", "waiting": "dim"}
 
 
 def fetch(url: str, timeout_s: float = 10) -> dict:
-    with urllib.request.urlopen(url.rstrip("/") + "/v1/monitor", timeout=timeout_s) as response:
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/monitor?fresh=1", timeout=timeout_s) as response:
         return json.loads(response.read())
 
 
