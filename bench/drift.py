@@ -173,7 +173,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput measurement")
     parser.add_argument("--profile-images", type=int, default=3000,
                         help="held-out images the profile is written from when missing (the rest are replayed)")
-    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="detection only (counts requests, times nothing: needs no machine lock)")
+    parser.add_argument("--skip-detection", action="store_true", help="throughput only")
     args = parser.parse_args()
 
     export_dir = args.run / "export"
@@ -190,13 +192,15 @@ def main() -> None:
     kinds = ("darkened", "inverted", "noise", "blurred", "rot90", "digits")
     shifted = {k: encode(shift(held_out[-args.window:], k, rng)) for k in kinds}
 
-    port = free_port()
-    proc = start_server(export_dir, port, "--window", str(args.window), "--window-s", "1e9")
-    try:
-        clean_states, delays = asyncio.run(replay(f"http://127.0.0.1:{port}", clean, shifted, args.window,
-                                                  args.clean_windows, args.step))
-    finally:
-        stop_server(proc)
+    clean_states, delays = None, None
+    if not args.skip_detection:
+        port = free_port()
+        proc = start_server(export_dir, port, "--window", str(args.window), "--window-s", "1e9")
+        try:
+            clean_states, delays = asyncio.run(replay(f"http://127.0.0.1:{port}", clean, shifted, args.window,
+                                                      args.clean_windows, args.step))
+        finally:
+            stop_server(proc)
     rates = None
     if not args.skip_throughput:
         with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +218,19 @@ def encode(x: np.ndarray) -> list[bytes]:
     return out
 
 
-def report(clean_states: list[dict], delays: dict, rates: dict | None, args) -> None:
+def report(clean_states: list[dict] | None, delays: dict | None, rates: dict | None, args) -> None:
+    if clean_states:
+        detection_report(clean_states, delays, args)
+    if rates:
+        off = statistics.median(rates["off"])
+        print(f"\nthroughput at concurrency 32 (median of {args.rounds} alternated rounds):")
+        for name, values in rates.items():
+            med = statistics.median(values)
+            print(f"  {name:<9} {med:7.0f} req/s  ({med / off - 1:+.1%} vs off)  rounds: "
+                  f"{', '.join(f'{v:.0f}' for v in values)}")
+
+
+def detection_report(clean_states: list[dict], delays: dict, args) -> None:
     detectors = list(clean_states[0])
     print(f"\nfalse alarms (state alert) in {len(clean_states)} clean windows of {args.window} requests:")
     for q in detectors:
@@ -228,13 +244,6 @@ def report(clean_states: list[dict], delays: dict, rates: dict | None, args) -> 
     for name, first in delays.items():
         cells = "".join(f"{first.get(q, '-'):>12}" for q in detectors)
         print(f"  {name:<10}{cells}{min(first.values()) if first else '-':>8}")
-    if rates:
-        off = statistics.median(rates["off"])
-        print(f"\nthroughput at concurrency 32 (median of {args.rounds} alternated rounds):")
-        for name, values in rates.items():
-            med = statistics.median(values)
-            print(f"  {name:<9} {med:7.0f} req/s  ({med / off - 1:+.1%} vs off)  rounds: "
-                  f"{', '.join(f'{v:.0f}' for v in values)}")
 
 
 if __name__ == "__main__":
