@@ -72,6 +72,10 @@ def detect(ref: Reference, predicted: np.ndarray, confidence: np.ndarray, inputs
     samples = {"confidence": (ref.confidence, confidence),
                **{name: (ref.inputs[name], inputs[name]) for name in ref.inputs if name in inputs}}
     for name, (reference, live) in samples.items():
+        live = live[~np.isnan(live)]  # an image whose statistics were not kept (its request timed out)
+        if len(live) < min_samples:
+            out.append({"quantity": name, "statistic": "ks", "score": None, "state": "waiting"})
+            continue
         d, p = stats.ks(reference, live)
         state = "alert" if p < KS_ALERT_P else "warn" if p < KS_WARN_P else "ok"
         out.append({"quantity": name, "statistic": "ks", "score": d, "p_value": p, "warn": KS_WARN_P,

@@ -88,3 +88,21 @@ def test_input_statistics_against_scipy_and_torch():
     assert out["channel1_mean"] == pytest.approx(torch.from_numpy(f[:, 1]).mean((1, 2)).numpy(), abs=1e-6)
     gray = stats.input_stats(x[:, :1])
     assert gray["brightness"] == pytest.approx(f[:, 0].mean((1, 2)), abs=1e-6) and "channel0_mean" not in gray  # = brightness
+
+
+def test_detectors_wait_for_enough_samples_and_skip_missing_statistics():
+    from cvrecipe.monitor import drift
+    from cvrecipe.monitor.profile import build_profile
+
+    x = RNG.integers(0, 256, size=(400, 1, 8, 8), dtype=np.uint8)
+    logits = RNG.normal(size=(400, 3))
+    ref = drift.Reference(build_profile(x, logits, ["a", "b", "c"]))
+    live = stats.input_stats(x[:60])
+    live["size"] = np.full(60, 8.0)
+    live["brightness"][:20] = np.nan  # statistics lost for 20 images: 40 left, below min_samples
+    out = {d["quantity"]: d for d in drift.detect(ref, logits[:60].argmax(1), stats.softmax(logits[:60]).max(1),
+                                                  live, logits[:60], min_samples=50)}
+    assert out["brightness"]["state"] == "waiting" and out["contrast"]["state"] in ("ok", "warn", "alert")
+    assert out["embedding"]["state"] == "ok"  # same draws as the reference: calibrated at n=50
+    few = drift.detect(ref, logits[:10].argmax(1), stats.softmax(logits[:10]).max(1), live, logits[:10], 50)
+    assert {d["state"] for d in few} == {"waiting"}
