@@ -13,7 +13,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=500, help="predictions in the monitoring window (default 500)")
     g.add_argument("--window-s", type=float, default=3600, help="... none older than this (default 3600 s)")
     g.add_argument("--alert-webhook", metavar="URL", help="POST a JSON alert here when the drift state changes")
-    g.add_argument("--log-db", type=Path, metavar="FILE", help="prediction log: an SQLite file (WAL mode)")
+    g.add_argument("--log-db", metavar="FILE_OR_URL",
+                   help="prediction log: an SQLite file (WAL mode), or postgresql://USER@HOST:PORT/DB shared by "
+                        "several servers")
     g.add_argument("--capture", type=float, default=0.0, metavar="PERCENT",
                    help="save this share of input images beside the log, for `monitor export` (default 0)")
     g.add_argument("--log-max-rows", type=int, help="retention: keep at most this many log rows")

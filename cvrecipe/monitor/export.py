@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cvrecipe.monitor.log import connect
+from cvrecipe.monitor.log import connect, is_url
 
 NUMBERS = {"confidence", "latency_ms", "time", "width", "height"}
 FIELDS = NUMBERS | {"predicted", "label", "state", "model_version", "file", "request_id"}
@@ -99,8 +99,9 @@ def export_captures(db_path: Path, out_dir: Path, where: str | None = None, sinc
     by="predicted") and list them in out_dir/predictions.csv. Returns counts."""
     if by not in ("label", "predicted"):
         raise ValueError(f"by must be label or predicted, got '{by}'")
-    if str(db_path).startswith(("http://", "https://")):
-        raise ValueError("monitor export reads the prediction log file: pass the path given to `serve --log-db`")
+    if str(db_path).startswith(("http://", "https://")) or is_url(db_path):
+        raise ValueError("monitor export reads captured inputs, which are kept beside an SQLite prediction log: "
+                         "pass the file given to `serve --log-db`")
     db_path = Path(db_path)
     capture_dir = db_path.with_name(db_path.name + ".captures")
     conditions, params = ["capture IS NOT NULL"], []
@@ -111,7 +112,7 @@ def export_captures(db_path: Path, out_dir: Path, where: str | None = None, sinc
     if since:
         conditions.append("time >= ?")
         params.append(parse_since(since))
-    con = connect(db_path, readonly=True)
+    con, _ = connect(db_path, readonly=True)
     try:
         rows = con.execute("SELECT request_id, item, time, predicted, confidence, label, state, capture FROM "
                            f"predictions WHERE {' AND '.join(conditions)} ORDER BY id", params).fetchall()

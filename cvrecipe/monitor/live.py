@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import threading
 import time
 import urllib.request
@@ -207,7 +208,7 @@ class Monitor:
         report["accuracy"] = accuracy_figures(labelled, self.class_names)
         report["latency_ms"] = _percentiles([s.latency_ms for s in seen])
         report["resources"] = self.resources.sample()
-        report["log"] = ({"path": str(self.log.path), "rows_written": self.log.rows_written, "pending": self.log.pending,
+        report["log"] = ({"path": redact(str(self.log.path)), "rows_written": self.log.rows_written, "pending": self.log.pending,
                           "commits": self.log.commits} if self.log else None)
         return report
 
@@ -297,6 +298,11 @@ def accuracy_figures(labelled: list[tuple], class_names: list[str]) -> dict:
     recall = {class_names[c]: float(correct[label == c].mean()) for c in np.unique(label)}
     return {"labelled": len(labelled), "accuracy": float(correct.mean()), "per_class_recall": recall,
             "ece": stats.ece(confidence, correct.astype(np.float64))}
+
+
+def redact(target: str) -> str:
+    """A database URL without its password."""
+    return re.sub(r"//([^:@/]+):[^@]*@", r"//\1:***@", target)
 
 
 def _percentiles(values: list[float]) -> dict:

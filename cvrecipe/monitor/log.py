@@ -7,6 +7,9 @@ sent only once its rows are committed, so a server killed with SIGKILL loses no 
 it sent (WAL mode with synchronous=NORMAL: a commit survives the process dying; only a power cut
 may lose the last transactions). Feedback labels go through the same thread and are acknowledged
 after their commit too. Retention (max rows, max age) runs on the writer thread between commits.
+
+The log is an SQLite file, or a PostgreSQL database (`postgresql://USER@HOST:PORT/DB`, through
+psycopg) that several servers, on one machine or several, write to together.
 """
 from __future__ import annotations
 
@@ -50,27 +53,52 @@ RETENTION_EVERY_S = 2.0
 MAX_ROWS_PER_COMMIT = 2000
 
 
-def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+PG_SCHEMA = SCHEMA.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY").replace(" REAL", " DOUBLE PRECISION")
+
+
+def is_url(target) -> bool:
+    return str(target).startswith(("postgresql://", "postgres://", "postgresql+psycopg://"))
+
+
+def connect(target, readonly: bool = False):
+    """(connection, parameter placeholder) for an SQLite file or a PostgreSQL URL; in autocommit
+    mode (transactions are explicit BEGIN / COMMIT), the table created when writing."""
+    if is_url(target):
+        try:
+            import psycopg
+        except ImportError as err:
+            raise RuntimeError("a PostgreSQL prediction log needs psycopg: pip install 'cvrecipe[postgres]'") from err
+        db = psycopg.connect(str(target).replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+        if not readonly:
+            for statement in PG_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        return db, "%s"
     if readonly:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no prediction log at {path}")
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if not Path(target).is_file():
+            raise FileNotFoundError(f"no prediction log at {target}")
+        return sqlite3.connect(f"file:{target}?mode=ro", uri=True), "?"
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
-    return db
+    return db, "?"
 
 
 class PredictionLog:
-    def __init__(self, path: Path, capture_dir: Path | None = None, max_rows: int | None = None,
+    def __init__(self, target, capture_dir: Path | None = None, max_rows: int | None = None,
                  max_age_s: float | None = None):
-        self.path, self.capture_dir = Path(path), capture_dir
+        self.path = target if is_url(target) else Path(target)
+        self.capture_dir = capture_dir
         self.max_rows, self.max_age_s = max_rows, max_age_s
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not is_url(target):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if capture_dir is not None:
             capture_dir.mkdir(parents=True, exist_ok=True)
-        self._db = connect(self.path)  # opened here so a bad path fails at start, with its name
+        self._db, p = connect(self.path)  # opened here so a bad path or URL fails at start, with its name
+        self._insert = (f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({', '.join([p] * len(COLUMNS))})")
+        self._label = f"UPDATE predictions SET label={p}, label_time={p} WHERE request_id={p} AND item={p}"
+        self._param = p
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="cvrecipe-log", daemon=True)
         self.rows_written = 0
@@ -98,9 +126,9 @@ class PredictionLog:
 
     def lookup(self, request_id: str, item: int) -> tuple[str, float] | None:
         """(predicted, confidence) of a logged prediction, from a short-lived read connection."""
-        db = connect(self.path, readonly=True)
+        db, p = connect(self.path, readonly=True)
         try:
-            row = db.execute("SELECT predicted, confidence FROM predictions WHERE request_id=? AND item=? "
+            row = db.execute(f"SELECT predicted, confidence FROM predictions WHERE request_id={p} AND item={p} "
                              "ORDER BY id DESC LIMIT 1", (request_id, item)).fetchone()
         finally:
             db.close()
@@ -140,13 +168,10 @@ class PredictionLog:
             self._db.execute("BEGIN")
             for (kind, payload, _), _, _ in batch:
                 if kind == "rows":
-                    self._db.executemany(f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES "
-                                         f"({', '.join('?' * len(COLUMNS))})",
-                                         [tuple(row.get(c) for c in COLUMNS) for row in payload])
+                    self._db.cursor().executemany(self._insert, [tuple(row.get(c) for c in COLUMNS) for row in payload])
                     results.append(len(payload))
                 else:
-                    cur = self._db.execute("UPDATE predictions SET label=?, label_time=? WHERE request_id=? AND item=?",
-                                           payload)
+                    cur = self._db.execute(self._label, payload)
                     results.append(cur.rowcount)
             self._db.execute("COMMIT")
             self.rows_written += sum(len(p) for (k, p, _), _, _ in batch if k == "rows")
@@ -154,8 +179,10 @@ class PredictionLog:
         except Exception as err:  # noqa: BLE001 - every waiting request gets the error
             log.exception("prediction log write failed")
             error = err
-            if self._db.in_transaction:
+            try:
                 self._db.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - no transaction was open
+                pass
         for i, (_, loop, future) in enumerate(batch):
             outcome = error or results[i]
             loop.call_soon_threadsafe(_resolve, future, outcome)
@@ -164,19 +191,19 @@ class PredictionLog:
         self._last_retention = time.monotonic()
         if self.max_rows is None and self.max_age_s is None:
             return
-        conditions, args = [], []
+        conditions, args, p = [], [], self._param
         if self.max_age_s is not None:
-            conditions.append("time < ?")
+            conditions.append(f"time < {p}")
             args.append(time.time() - self.max_age_s)
         if self.max_rows is not None:
-            conditions.append("id <= (SELECT MAX(id) FROM predictions) - ?")
+            conditions.append(f"id <= (SELECT MAX(id) FROM predictions) - {p}")
             args.append(self.max_rows)
         where = " OR ".join(conditions)
         try:
             captured = [r[0] for r in self._db.execute(f"SELECT capture FROM predictions WHERE ({where}) "
                                                         f"AND capture IS NOT NULL", args)]
             self._db.execute(f"DELETE FROM predictions WHERE {where}", args)
-        except sqlite3.Error:
+        except Exception:  # noqa: BLE001 - sqlite3 or psycopg errors; retried next time
             log.exception("prediction log retention failed")
             return
         for name in captured:
