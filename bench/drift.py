@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true",
                         help="detection only (counts requests, times nothing: needs no machine lock)")
     parser.add_argument("--skip-detection", action="store_true", help="throughput only")
+    parser.add_argument("--shuffle-seed", type=int, help="replay the held-out images in an order drawn with this seed "
+                                                          "(default: their order in the split)")
     args = parser.parse_args()
 
     export_dir = args.run / "export"
@@ -186,6 +188,8 @@ def main() -> None:
     profiled = json.loads((export_dir / PROFILE).read_text())["source"]["held_out_used"]
     x = test_images(args.run)
     held_out = x[profiled:]  # the profile was written from the first `profiled` held-out images
+    if args.shuffle_seed is not None:
+        held_out = held_out[np.random.default_rng(args.shuffle_seed).permutation(len(held_out))]
     print(f"{len(held_out)} held-out images not in the profile; window {args.window}, step {args.step}", flush=True)
     rng = np.random.default_rng(0)
     clean = encode(held_out)
