@@ -18,6 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from cvrecipe.monitor import commands as monitor_commands
+
 RECIPE_HELP = "recipe name in recipes/ (e.g. fashion-mnist) or path to a YAML file"
 OVERRIDE_HELP = "dotted config overrides, e.g. train.lr=0.01 train.epochs=5 data.subset=2000"
 
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--ort-optimization", choices=["disable", "basic", "extended", "all"], default="all",
                    help="ONNX Runtime graph optimisation level (default all)")
+    monitor_commands.add_serve_options(p)
+    monitor_commands.add_parser(verbs)
 
     p = verbs.add_parser("tune", help="hyperparameter search with Optuna: pruned, resumable, shared by workers",
                          description="Search the space in SPACE over RECIPE's keys: each trial is a run folder "
@@ -181,7 +185,7 @@ BAD_INPUT = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, IsA
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CVRECIPE_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    argv = monitor_commands.expand([a for a in argv if a != "--debug"])
     parser = build_parser()
     # overrides may come after options (`train --deterministic train.lr=0.1`): argparse leaves them over
     args, extra = parser.parse_known_args(argv)
@@ -277,7 +281,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         serve(ServeSettings(args.source, args.backend, args.host, args.port, args.max_batch_size, args.max_wait_ms,
                             args.queue_size, args.timeout_s, args.max_body_mb, max_pixels=args.max_pixels,
                             token=args.token, cors_origin=args.cors_origin, ort_threads=args.ort_threads,
-                            ort_optimization=args.ort_optimization))
+                            ort_optimization=args.ort_optimization,
+                            monitor=monitor_commands.settings_from_args(args)))
+    elif args.verb == "monitor":
+        return monitor_commands.run(args, console)
     elif args.verb == "tune":
         return _tune(args, console)
     elif args.verb == "models":
@@ -350,6 +357,7 @@ def _data(args: argparse.Namespace, console: Console) -> None:
 
 def _export(args: argparse.Namespace, console: Console) -> None:
     from cvrecipe.export import export_run
+    from cvrecipe.monitor.profile import profile_run
 
     result = export_run(args.run, args.format, args.dynamic_batch, args.half, max_images=args.max_images)
     entry = result.manifest["files"][result.path.name]
@@ -357,6 +365,9 @@ def _export(args: argparse.Namespace, console: Console) -> None:
                   f"sha256 {entry['sha256'][:12]})", highlight=False)
     console.print(f"parity vs eager model: {result.parity.summary()}", highlight=False)
     console.print(f"metadata: {result.path.parent / 'model.json'}", highlight=False)
+    if result.manifest.get("task", "classification") == "classification":
+        console.print(f"reference profile for monitoring: {profile_run(args.run, result.path.parent)}",
+                      highlight=False)
 
 
 if __name__ == "__main__":

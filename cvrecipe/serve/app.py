@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvrecipe import __version__
+from cvrecipe.monitor import routes as monitor_routes
 from cvrecipe.serve import classification, schema, segmentation
 from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response
@@ -168,6 +169,7 @@ def _add_routes(app: FastAPI) -> None:
 
     for add_task_routes in TASK_ROUTES.values():
         add_task_routes(app, require_token)
+    monitor_routes.add_routes(app, require_token)
 
     @app.post("/admin/reload", dependencies=[Depends(require_token)], summary="load the model file again and swap it in",
               responses={200: {"model": schema.Reloaded}, **schema.errors(401, 409, 500, 503)})

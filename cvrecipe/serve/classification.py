@@ -103,6 +103,9 @@ async def _classify(request: Request, max_files: int, k: int) -> dict:
         answers.update(zip(to_run, outputs))  # logits (K,) or the ServeError of a file that did not decode
     good = [i for i, answer in answers.items() if isinstance(answer, np.ndarray)]
     ranked = dict(zip(good, top_k(np.stack([answers[i] for i in good]), used.info["class_names"], k))) if good else {}
+    latency_ms = round((time.perf_counter() - start) * 1000, 3)
+    if state.monitor is not None and good:  # the window, and the log row committed before the answer goes out
+        await state.monitor.record(request.state.request_id, items, {i: answers[i] for i in good}, ranked, latency_ms)
     return {"request_id": request.state.request_id, "model": {"name": used.info["name"], "version": used.version},
             "entries": [(name, ranked.get(i, answers[i])) for i, (name, _) in enumerate(items)],
-            "latency_ms": round((time.perf_counter() - start) * 1000, 3)}
+            "latency_ms": latency_ms}

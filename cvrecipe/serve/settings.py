@@ -1,8 +1,10 @@
 """Server settings: one dataclass, filled from the `cvrecipe serve` command line."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from cvrecipe.monitor.settings import MonitorSettings
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ServeSettings:
     ort_optimization: str = "all"  # ONNX Runtime graph optimisation: disable | basic | extended | all
     ort_io_binding: bool = False  # run ONNX Runtime through an IO binding
     own_process: bool = False  # the server owns its process (`cvrecipe serve`): process-wide tuning such as gc.freeze
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)  # drift, feedback, prediction log
 
     def __post_init__(self):
         self.source = Path(self.source)

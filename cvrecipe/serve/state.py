@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from cvrecipe.monitor.live import Monitor
 from cvrecipe.serve.backends import Backend, load_backend, resolve_source, warm_up
 from cvrecipe.serve.batching import Batcher, QueueFull, ShuttingDown
 from cvrecipe.serve.inputs import ServeError
@@ -23,6 +24,7 @@ class ServerState:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.metrics = Metrics()
+        self.monitor = Monitor(settings.monitor, self.metrics.registry) if settings.monitor.enabled else None
         self.backend: Backend | None = None  # swapped as a whole on reload; read once per batch
         self.batcher: Batcher | None = None
         self.status = "loading"  # loading | ready | failed | draining
@@ -39,6 +41,8 @@ class ServerState:
         self.batcher = Batcher(self._infer, s.max_batch_size, s.max_wait_ms / 1000, s.queue_size, self.metrics,
                                arriving=lambda: self.arriving)
         self.batcher.start()
+        if self.monitor is not None:
+            await self.monitor.start()
         # load in the background: /healthz answers at once, /readyz says 503 until this finishes
         self._load_task = asyncio.get_running_loop().create_task(self._load_initial())
 
@@ -49,6 +53,8 @@ class ServerState:
             self._load_task.cancel()
         if self.batcher is not None:
             await self.batcher.close()
+        if self.monitor is not None:
+            await self.monitor.stop()  # after the batcher: the last answered requests' rows are committed
 
     async def _load_initial(self) -> None:
         try:
@@ -103,16 +109,26 @@ class ServerState:
             # 70-490 ms each (docs/serving.md#tail-latency), paid by the requests they interrupted.
             gc.freeze()
         self.metrics.set_model(backend.info["name"], backend.version, backend.source.backend)
+        if self.monitor is not None:
+            self.monitor.set_model(backend.info["name"], backend.version, backend.info["class_names"],
+                                   backend.source.path)
 
     # -- inference ---------------------------------------------------------------------------------
     def _infer(self, blobs: list[bytes]) -> tuple[list, Backend]:
         """On the inference thread: decode a batch of image files, run the model on those that
         decoded. One output per blob: logits (K,) float32, or the ServeError that refused it."""
         backend = self.backend  # one model per batch, even if a reload swaps it meanwhile
+        start = time.perf_counter()
         outputs = backend.decode(blobs, self.settings.max_pixels)
         good = [i for i, out in enumerate(outputs) if isinstance(out, np.ndarray)]
-        if good:  # (C, H, W) uint8 images → logits (K,) each, or (K, H, W) for a tiled segmentation model
-            for i, logits in zip(good, backend.outputs([outputs[i] for i in good])):
+        if good:
+            images = [outputs[i] for i in good]  # (C, H, W) uint8 each
+            decoded = time.perf_counter()
+            results = backend.outputs(images)  # logits (K,) each, or (K, H, W) for a tiled segmentation model
+            if self.monitor is not None and not backend.info.get("tile"):
+                self.monitor.inspect([blobs[i] for i in good], np.stack(images), decoded - start,
+                                     time.perf_counter() - decoded)
+            for i, logits in zip(good, results):
                 outputs[i] = logits
         return outputs, backend
 

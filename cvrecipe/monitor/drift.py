@@ -1,0 +1,94 @@
+"""Drift of a window of served predictions against the reference profile, one detector per quantity.
+
+Each detector gives a score, the thresholds it is compared with, and a state ok / warn / alert:
+
+- class mix (predicted classes): population stability index; warn above 0.1, alert above 0.25 (the usual
+  rule of thumb); the Jensen–Shannon distance is reported beside it;
+- confidence and every input statistic: two-sample Kolmogorov–Smirnov; warn at p < 0.01, alert at
+  p < 0.001; the Wasserstein distance (in reference standard deviations) is reported beside it;
+- embedding (PCA of the logits): MMD² with an RBF kernel; warn above the 99th percentile and alert
+  above the largest of the 200 MMD² values that windows of clean held-out images reached (profile),
+  taken at the largest calibrated window size not above the live one (smaller windows vary more,
+  so that threshold is the conservative one).
+
+With fewer than `min_samples` predictions in the window every state is "waiting".
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cvrecipe.monitor import stats
+
+STATES = ("waiting", "ok", "warn", "alert")  # worst last; the gauge value is the index - 1 (waiting = -1)
+PSI_WARN, PSI_ALERT = 0.1, 0.25
+KS_WARN_P, KS_ALERT_P = 0.01, 0.001
+
+
+def worst(states) -> str:
+    states = list(states)
+    return max(states, key=STATES.index) if states else "waiting"
+
+
+class Reference:
+    """The profile's samples as arrays, ready for the detectors."""
+
+    def __init__(self, profile: dict):
+        self.profile = profile
+        self.class_names = profile["class_names"]
+        self.class_counts = np.asarray(profile["class_counts"], np.float64)
+        self.confidence = np.asarray(profile["confidence"])
+        self.inputs = {name: np.asarray(v) for name, v in profile["inputs"].items()}
+        emb = profile["embedding"]
+        self.embed_mean = np.asarray(emb["mean"])
+        self.embed_components = np.asarray(emb["components"])  # (d, K)
+        self.embed_reference = np.asarray(emb["reference"]).reshape(-1, len(self.embed_components))
+        self.bandwidth = float(emb["bandwidth"])
+        self.kxx = stats.mean_rbf(self.embed_reference, self.embed_reference, self.bandwidth)
+        self.null = {int(n): np.asarray(v) for n, v in emb["null_mmd2"].items()}
+
+    def embed(self, logits: np.ndarray) -> np.ndarray:
+        return (logits - self.embed_mean) @ self.embed_components.T
+
+    def mmd_thresholds(self, n: int) -> tuple[float, float] | None:
+        sizes = [size for size in self.null if size <= n]
+        if not sizes:
+            return None
+        null = self.null[max(sizes)]
+        return float(np.quantile(null, 0.99)), float(null.max())
+
+
+def detect(ref: Reference, predicted: np.ndarray, confidence: np.ndarray, inputs: dict[str, np.ndarray],
+           logits: np.ndarray, min_samples: int) -> list[dict]:
+    """One entry per quantity: {quantity, statistic, score, warn, alert, state, ...extra figures}."""
+    n = len(predicted)
+    if n < min_samples:
+        names = ["class_mix", "confidence", *ref.inputs, "embedding"]
+        return [{"quantity": q, "statistic": None, "score": None, "state": "waiting"} for q in names]
+    out = []
+    counts = np.bincount(predicted, minlength=len(ref.class_names))
+    score = stats.psi(ref.class_counts, counts)
+    out.append({"quantity": "class_mix", "statistic": "psi", "score": score, "warn": PSI_WARN, "alert": PSI_ALERT,
+                "state": _above(score, PSI_WARN, PSI_ALERT), "js_distance": stats.js_distance(ref.class_counts, counts)})
+    samples = {"confidence": (ref.confidence, confidence),
+               **{name: (ref.inputs[name], inputs[name]) for name in ref.inputs if name in inputs}}
+    for name, (reference, live) in samples.items():
+        live = live[~np.isnan(live)]  # an image whose statistics were not kept (its request timed out)
+        if len(live) < min_samples:
+            out.append({"quantity": name, "statistic": "ks", "score": None, "state": "waiting"})
+            continue
+        d, p = stats.ks(reference, live)
+        state = "alert" if p < KS_ALERT_P else "warn" if p < KS_WARN_P else "ok"
+        out.append({"quantity": name, "statistic": "ks", "score": d, "p_value": p, "warn": KS_WARN_P,
+                    "alert": KS_ALERT_P, "state": state, "wasserstein_sd": stats.wasserstein(reference, live)})
+    thresholds = ref.mmd_thresholds(n)
+    if thresholds is None:
+        out.append({"quantity": "embedding", "statistic": "mmd2", "score": None, "state": "waiting"})
+    else:
+        score = stats.rbf_mmd2(ref.embed_reference, ref.embed(logits), ref.bandwidth, ref.kxx)
+        out.append({"quantity": "embedding", "statistic": "mmd2", "score": score, "warn": thresholds[0],
+                    "alert": thresholds[1], "state": _above(score, *thresholds)})
+    return out
+
+
+def _above(score: float, warn: float, alert: float) -> str:
+    return "alert" if score > alert else "warn" if score > warn else "ok"
