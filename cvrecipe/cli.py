@@ -250,14 +250,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         evaluate(args.run, args.data, args.split, console)
     elif args.verb == "predict":
+        refused = _refused_by_headers(args.run, args.images)
+        if refused is not None:  # nothing to run a model on: answered without loading torch or the model
+            _print_predictions([{"file": name, "error": reason} for name, reason in refused], args, console)
+            return 0
         from cvrecipe.evaluate.job import predict, prediction_lines
 
         results = predict(args.run, args.images, args.top_k, args.out, args.overlay)
-        if args.json:
-            print(json.dumps(results, indent=1))
-        else:
-            for line in prediction_lines(args.run, results):
-                console.print(line, highlight=False)
+        _print_predictions(results, args, console, prediction_lines)
     elif args.verb == "data" and args.data_verb == "inspect":
         from cvrecipe.data.report import inspect_data
 
@@ -296,6 +296,27 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
     return 0
+
+
+def _refused_by_headers(run: Path, images: list[str]) -> list[tuple[str, str]] | None:
+    """When every file given to `predict` is refused by its header alone (a decompression bomb, not an
+    image), those refusals; else None and the model runs. Reads no pixels and imports no torch."""
+    from cvrecipe.config import load_run_config
+    from cvrecipe.imagefile import MAX_PIXELS, expand_image_paths, refusals
+
+    files = expand_image_paths(images)
+    max_pixels = load_run_config(run).data.max_pixels if (run / "config.yaml").is_file() else MAX_PIXELS
+    refused = refusals(files, max_pixels)
+    return refused if files and len(refused) == len(files) else None
+
+
+def _print_predictions(results: list[dict], args: argparse.Namespace, console: Console, lines=None) -> None:
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for line in lines(args.run, results) if lines else [f"{escape(r['file'])}: [red]unreadable[/] "
+                                                        f"({escape(r['error'])})" for r in results]:
+        console.print(line, highlight=False)
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:

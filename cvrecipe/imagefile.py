@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -183,3 +184,31 @@ def decode_array(data: bytes, channels: int, target: tuple[int, int], max_pixels
         raise ImageRefused("corrupt_image", f"decoded {width}x{height} pixels, the header declared "
                                             f"{header.width}x{header.height}")
     return fit(img, channels, target)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def expand_image_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (recursively, sorted) to the image files inside them."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return out
+
+
+def refusals(paths: list[Path], max_pixels: int = MAX_PIXELS) -> list[tuple[str, str]]:
+    """(file, reason) for each file its header alone refuses (not an image, or more pixels than
+    `max_pixels`): what can be said about files before any model or decoder is loaded."""
+    out = []
+    for path in paths:
+        try:
+            check_pixels(read_header(path.read_bytes()), max_pixels)
+        except ImageRefused as err:
+            out.append((str(path), str(err) or err.code))
+    return out

@@ -7,6 +7,7 @@ import os
 import pickle
 import resource
 import shutil
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(run_dir, t
 def test_garbage_weights_are_one_line_naming_the_file(run_dir, tmp_path, verb):
     bad = tampered(run_dir, tmp_path, "best.safetensors", b"\xff" * 64)
     image = tmp_path / "x.png"
-    image.write_bytes(b"")
+    image.write_bytes(encode(np.zeros((8, 8), np.uint8), "PNG"))  # a good image: the model must be loaded
     out = cvrecipe(verb, bad, *([image] if verb == "predict" else []), cwd=tmp_path)
     assert out.returncode == 2
     line = one_error_line(out)
@@ -146,3 +147,27 @@ def test_a_command_warns_about_skipped_files_once(tmp_path, recwarn):
                  "train.epochs=1", "data.val_fraction=0.2"]) == 0
     skipped = [w for w in recwarn if "skipped 1 unreadable file(s): train/cat/broken.jpg" in str(w.message)]
     assert len(skipped) == 1, [str(w.message) for w in recwarn]
+
+
+def test_predict_answers_files_refused_by_their_headers_without_loading_torch(run_dir, tmp_path):
+    """Every file refused from its header alone: the answer needs no model, so torch is never imported
+    (the command ends in about the interpreter's start-up time). With one good file, the model runs."""
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(jpeg_declaring(30_000, 30_000))
+    text = tmp_path / "notes.png"
+    text.write_bytes(b"not an image at all")
+    probe = ("import sys; from cvrecipe.cli import main; code = main(sys.argv[1:]); "
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", probe, "predict", str(run_dir), str(bomb), str(text)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "bomb.jpg: unreadable (declares 30000x30000 = 900,000,000 pixels, above the limit of 40,000,000" in out.stdout
+    assert "notes.png: unreadable (not a recognised image format" in out.stdout
+    assert out.stdout.rstrip().endswith("torch not imported")
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(np.zeros((8, 8), np.uint8), "PNG"))
+    out = subprocess.run([sys.executable, "-c", probe, "predict", str(run_dir), str(bomb), str(good), "--json"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    answers = {Path(r["file"]).name: r for r in json.loads(out.stdout[:out.stdout.rindex("]") + 1])}
+    assert "error" in answers["bomb.jpg"] and "error" not in answers["good.png"]
+    assert out.stdout.rstrip().endswith("torch imported")

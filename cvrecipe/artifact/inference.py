@@ -10,6 +10,7 @@ import torch
 from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
+from cvrecipe.imagefile import IMAGE_SUFFIXES, expand_image_paths  # noqa: F401 - re-exported for callers
 
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 
@@ -60,22 +61,6 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_s
     (N, K, H, W) for a segmentation model."""
     out = list(iter_logits(model, x, batch_size, device, dtype, channels_last, tta, tta_mirror))
     return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-def expand_image_paths(paths: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (recursively, sorted) to the image files inside them."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {p}")
-    return out
 
 
 def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None = None
