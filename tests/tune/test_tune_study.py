@@ -134,14 +134,18 @@ def test_sigkill_mid_study_then_resume_keeps_every_trial_once(tmp_path):
     args = ["--trials", "4", "--pruner", "none", "--heartbeat", "1", "--study", "killed", "train.epochs=3"]
     proc = subprocess.Popen(tune_command(space, *args), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    worker_file = tmp_path / "runs/killed/workers/worker-0.json"
     try:
         running = _wait_for_a_running_trial(sqlite_url(tmp_path, "killed"), ended=1)
+        # SIGKILL the worker and the tune command together, as a machine going down would: a worker left
+        # to notice its parent's death alone could still finish the running trial (a 3-epoch trial is short)
+        os.kill(json.loads(worker_file.read_text())["pid"], signal.SIGKILL)
     finally:
         proc.kill()  # SIGKILL: no chance to clean up
     proc.wait()
     url = sqlite_url(tmp_path, "killed")
-    worker_pid = json.loads((tmp_path / "runs/killed/workers/worker-0.json").read_text())["pid"]
-    _wait_gone(worker_pid)  # the worker dies with the tune process
+    worker_pid = json.loads(worker_file.read_text())["pid"]
+    _wait_gone(worker_pid)
     before = {t.number: t.value for t in load(url, "killed").get_trials() if t.state == TrialState.COMPLETE}
     assert [t.state for t in load(url, "killed").get_trials()].count(TrialState.RUNNING) == 1
 
