@@ -131,14 +131,15 @@ def test_sigkill_mid_study_then_resume_keeps_every_trial_once(tmp_path):
     worker's trial by its stale heartbeat, retries it with the same parameters, and stops at the budget."""
     space = write_space(tmp_path / "space.yaml", "optim.lr: {float: [0.05, 0.3], log: true}\n"
                                                  "model.dropout: {float: [0.0, 0.3]}\n")
-    args = ["--trials", "4", "--pruner", "none", "--heartbeat", "1", "--study", "killed", "train.epochs=3"]
+    # 8 epochs: a trial runs for a few seconds, so the watcher below sees one between its epochs
+    args = ["--trials", "4", "--pruner", "none", "--heartbeat", "1", "--study", "killed", "train.epochs=8"]
     proc = subprocess.Popen(tune_command(space, *args), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     worker_file = tmp_path / "runs/killed/workers/worker-0.json"
     try:
         running = _wait_for_a_running_trial(sqlite_url(tmp_path, "killed"), ended=1)
         # SIGKILL the worker and the tune command together, as a machine going down would: a worker left
-        # to notice its parent's death alone could still finish the running trial (a 3-epoch trial is short)
+        # to notice its parent's death alone could still finish the running trial
         os.kill(json.loads(worker_file.read_text())["pid"], signal.SIGKILL)
     finally:
         proc.kill()  # SIGKILL: no chance to clean up
@@ -161,7 +162,7 @@ def test_sigkill_mid_study_then_resume_keeps_every_trial_once(tmp_path):
     assert retry.state == TrialState.COMPLETE and retry.params == running.params
     assert len(trials) == 5  # nothing else was run twice
     run_dirs = [t.user_attrs["run_dir"] for t in complete]
-    assert len(set(run_dirs)) == 4 and all(len(list(csv.DictReader(open(Path(d) / "metrics.csv")))) == 3
+    assert len(set(run_dirs)) == 4 and all(len(list(csv.DictReader(open(Path(d) / "metrics.csv")))) == 8
                                            for d in run_dirs)
     dead_info = json.loads((Path(dead.user_attrs["run_dir"]) / "trial.json").read_text())
     assert dead_info["state"] == "failed" and "no heartbeat" in dead_info["note"]
