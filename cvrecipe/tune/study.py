@@ -71,24 +71,36 @@ def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     kwargs: dict = {}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"connect_args": {"timeout": 120}}  # several workers write to one file: wait for the lock
+        # several workers write to one file: wait for the lock; transactions are begun by _begin_immediate
+        kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
     else:
         kwargs = {"pool_pre_ping": True}
+    import sqlalchemy.event
     import sqlalchemy.exc
 
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
                     heartbeat_stale_trial_callback=StaleTrialRetry())
+            if url.startswith("sqlite:///"):
+                sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # two processes creating Optuna's tables in a new database at once: one loses the race
             # (PostgreSQL: "duplicate key ... pg_type"); the tables are there when it tries again
             if attempt == 4:
                 raise
             time.sleep(1.0 + attempt)
+
+
+def _begin_immediate(connection) -> None:
+    """SQLite: take the write lock when a transaction begins. Optuna claims a queued trial by reading
+    that it is WAITING, then setting it RUNNING; in SQLite's default deferred transactions two workers
+    could both read WAITING and both run the same trial (seen with grid points queued for 2 workers)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class StaleTrialRetry:

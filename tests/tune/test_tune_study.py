@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 from rich.console import Console
@@ -177,7 +178,7 @@ def _wait_for_a_running_trial(url: str, ended: int, timeout_s: float = 900):
             continue
         try:
             trials = load(url, "killed").get_trials()
-        except KeyError:  # the study is not created yet
+        except (KeyError, sqlalchemy.exc.IntegrityError):  # the study, or Optuna's tables, being created
             continue
         if sum(t.state == TrialState.COMPLETE for t in trials) >= ended:
             running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("epochs", 0) >= 1]
