@@ -10,7 +10,7 @@ import torch
 from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
-from cvrecipe.imagefile import IMAGE_SUFFIXES, expand_image_paths  # noqa: F401 - re-exported for callers
+
 
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 

@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from cvrecipe.artifact.checkpoint import load_model, read_metadata
-from cvrecipe.artifact.inference import expand_image_paths, load_image_batches, predict_logits
+from cvrecipe.artifact.inference import load_image_batches, predict_logits
 from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
+from cvrecipe.imagefile import expand_image_paths
 from cvrecipe.tasks import get_task
 from cvrecipe.train.job import train
 
