@@ -88,10 +88,12 @@ def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
             if url.startswith("sqlite:///"):
                 sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
             return storage
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as err:
             # two processes creating Optuna's tables in a new database at once: one loses the race
-            # (PostgreSQL: "duplicate key ... pg_type"); the tables are there when it tries again
-            if attempt == 4:
+            # (PostgreSQL: "duplicate key ... pg_type"; SQLite: "table ... already exists"); the tables
+            # are there when it tries again
+            lost_race = not isinstance(err, sqlalchemy.exc.OperationalError) or "already exists" in str(err)
+            if attempt == 4 or not lost_race:
                 raise
             time.sleep(1.0 + attempt)
 

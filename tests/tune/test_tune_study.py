@@ -178,7 +178,8 @@ def _wait_for_a_running_trial(url: str, ended: int, timeout_s: float = 900):
             continue
         try:
             trials = load(url, "killed").get_trials()
-        except (KeyError, sqlalchemy.exc.IntegrityError):  # the study, or Optuna's tables, being created
+        except (KeyError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            # the study, or Optuna's tables, still being created by the tune command
             continue
         if sum(t.state == TrialState.COMPLETE for t in trials) >= ended:
             running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("epochs", 0) >= 1]
