@@ -108,7 +108,8 @@ def _check_devices(cfg: Config, nproc: int) -> None:
 
 
 def _failure_line(err, nproc: int, run_dir: Path | None) -> str:
-    rank, failure = err.get_first_failure()
+    # the cause first: a rank killed by a signal, not the ranks that then exited on losing it
+    rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
     how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     resume = (f"; resume with: cvrecipe train --resume {run_dir} --nproc {nproc}"
               if run_dir is not None and (Path(run_dir) / "last.ckpt").is_file() else "")
