@@ -108,8 +108,13 @@ def _check_devices(cfg: Config, nproc: int) -> None:
 
 
 def _failure_line(err, nproc: int, run_dir: Path | None) -> str:
-    # the cause first: a rank killed by a signal, not the ranks that then exited on losing it
-    rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
+    # the cause first: a rank killed by a signal (SIGKILL from the OOM killer, SIGSEGV), then one that
+    # exited with an error; SIGTERM last, since that is how the agent stops the ranks left after a failure
+    def cause_order(item):
+        code = item[1].exitcode
+        return (0 if code < 0 and code != -signal.SIGTERM else 1 if code > 0 else 2, item[1].timestamp)
+
+    rank, failure = min(err.failures.items(), key=cause_order)
     how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     resume = (f"; resume with: cvrecipe train --resume {run_dir} --nproc {nproc}"
               if run_dir is not None and (Path(run_dir) / "last.ckpt").is_file() else "")

@@ -26,7 +26,7 @@ from cvrecipe.config import ConfigError, load_config, load_run_config
 from cvrecipe.models.registry import register
 from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
-from cvrecipe.train.launch import RanksFailed
+from cvrecipe.train.launch import RanksFailed, _failure_line
 
 ROOT = Path(__file__).resolve().parents[2]
 # digits, no augmentation, a constant lr (so 2 epochs then 1 more are 3 epochs), BatchNorm over the global batch
@@ -251,6 +251,22 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder_unless_kept(tm
     kept = sorted(p.name for p in (tmp_path / "r").iterdir()) if (tmp_path / "r").exists() else []
     assert kept == (["config.yaml", "run.json"] if keep_failed else [])
     assert not _children(os.getpid())
+
+
+def test_the_failure_line_names_the_cause_not_the_ranks_stopped_after_it(tmp_path):
+    """The agent stops the ranks left after a failure with SIGTERM, and ranks that lose a peer exit with
+    an error: the line names a rank killed by another signal first, then one that exited with an error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def line(*exitcodes):
+        failures = {rank: ProcessFailure(rank, 100 + rank, code, str(tmp_path / "none.json"))
+                    for rank, code in enumerate(exitcodes)}
+        return _failure_line(ChildFailedError("python", failures), len(exitcodes), None)
+
+    assert line(-signal.SIGTERM, 1).startswith("rank 1 of 2 (pid 101) failed (exit code 1)")
+    assert line(1, -signal.SIGKILL).startswith("rank 1 of 2 (pid 101) failed (killed by SIGKILL)")
+    assert line(-signal.SIGTERM, -signal.SIGSEGV).startswith("rank 1 of 2 (pid 101) failed (killed by SIGSEGV)")
+    assert line(-signal.SIGTERM).startswith("rank 0 of 1 (pid 100) failed (killed by SIGTERM)")
 
 
 def _launch(tmp_path, extra):
