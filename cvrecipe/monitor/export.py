@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cvrecipe.monitor.log import connect, is_url
+from cvrecipe.monitor.log import connect, is_url, recover
 
 NUMBERS = {"confidence", "latency_ms", "time", "width", "height"}
 FIELDS = NUMBERS | {"predicted", "label", "state", "model_version", "file", "request_id"}
@@ -112,6 +112,7 @@ def export_captures(db_path: Path, out_dir: Path, where: str | None = None, sinc
     if since:
         conditions.append("time >= ?")
         params.append(parse_since(since))
+    recover(db_path)  # rows a killed server left in the journal
     con, _ = connect(db_path, readonly=True)
     try:
         rows = con.execute("SELECT request_id, item, time, predicted, confidence, label, state, capture FROM "

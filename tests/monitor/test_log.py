@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from cvrecipe.monitor.export import export_captures, parse_where
-from cvrecipe.monitor.log import PredictionLog
+from cvrecipe.monitor.log import PredictionLog, journal_path, recover
 
 from serve_helpers import loopback_socket, wait_until
 from monitor_helpers import served  # noqa: F401 (session fixture: an exported model with its profile)
@@ -50,6 +50,69 @@ def test_retention_by_rows_and_by_age(tmp_path):
     with sqlite3.connect(tmp_path / "age.sqlite") as con:
         kept = {r[0][:3] for r in con.execute("SELECT request_id FROM predictions")}
     assert kept == {"new", "las"}
+
+
+def test_journalled_rows_of_a_killed_writer_are_committed_when_the_log_opens_again(tmp_path):
+    """A response's rows are in the journal when write() returns; a process killed before its
+    writer committed them leaves them there, and the next opening commits them, once."""
+    script = f"""
+import asyncio, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from cvrecipe.monitor.log import PredictionLog
+async def main():
+    log = PredictionLog({str(tmp_path / 'log.sqlite')!r})  # writer thread never started: nothing committed
+    for k in range(5):
+        await log.write([{{"request_id": f"r{{k}}-{{i}}", "item": 0, "time": 1.0 + i}} for i in range(3)])
+    os.kill(os.getpid(), 9)
+asyncio.run(main())
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    db = tmp_path / "log.sqlite"
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 0
+    assert len(journal_path(db).read_text().splitlines()) == 15
+    with open(journal_path(db), "a") as f:
+        f.write('[16,"torn')  # a write() cut short: no answered request owns it
+    log = PredictionLog(db)
+    log.start()
+    asyncio.run(log.close())
+    recover(db)  # nothing left: a second opening adds no duplicate
+    with sqlite3.connect(db) as con:
+        ids = [r[0] for r in con.execute("SELECT request_id FROM predictions ORDER BY id")]
+    assert ids == [f"r{k}-{i}" for k in range(5) for i in range(3)]
+    assert not journal_path(db).exists()
+
+
+def test_the_journal_is_emptied_once_committed_past_its_limit(tmp_path, monkeypatch):
+    import cvrecipe.monitor.log as log_module
+
+    monkeypatch.setattr(log_module, "JOURNAL_MAX_BYTES", 4000)
+    sizes = []
+
+    async def scenario(log):
+        log.start()
+        for k in range(200):
+            await log.write(rows(3, time.time(), f"b{k}-"))
+            sizes.append(journal_path(log.path).stat().st_size)
+            await asyncio.sleep(0.001 if k % 10 else 0.02)
+        await log.close()
+
+    asyncio.run(scenario(PredictionLog(tmp_path / "log.sqlite")))
+    with sqlite3.connect(tmp_path / "log.sqlite") as con:
+        assert con.execute("SELECT COUNT(DISTINCT request_id) FROM predictions").fetchone()[0] == 600
+    assert sum(a > b for a, b in zip(sizes, sizes[1:])) >= 3  # emptied again and again
+    assert max(sizes) < 4000 * 4
+
+
+def test_a_second_server_on_one_sqlite_log_is_refused_with_the_way_to_share(tmp_path):
+    first = PredictionLog(tmp_path / "log.sqlite")
+    with pytest.raises(RuntimeError, match=r"in use by another server process.*postgresql://"):
+        PredictionLog(tmp_path / "log.sqlite")
+    first.start()
+    asyncio.run(first.close())
+    second = PredictionLog(tmp_path / "log.sqlite")  # free once the first closed
+    second.start()
+    asyncio.run(second.close())
 
 
 def test_where_filters_as_sqlite_evaluates_them(tmp_path):
@@ -115,6 +178,8 @@ def test_sigkill_under_load_loses_no_answered_row_or_acknowledged_feedback(serve
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+    recover(db)  # as the next start of the server, or `monitor export`, does
+    assert not journal_path(db).exists()
     with sqlite3.connect(db) as con:
         logged = {r[0]: r[1] for r in con.execute("SELECT request_id, label FROM predictions")}
     assert len(answered) >= 60
