@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import _client, free_port, load, stop_server, test_images  # noqa: E402
+from serve import free_port, load, stop_server, test_images  # noqa: E402
 
 from cvrecipe.export import export_run  # noqa: E402
 from cvrecipe.monitor.profile import PROFILE, profile_run  # noqa: E402
@@ -88,7 +88,8 @@ def start_server(export_dir: Path, port: int, *extra: str):
 
     cmd = [sys.executable, "-m", "cvrecipe", "serve", str(export_dir), "--port", str(port), "--queue-size", "4096",
            *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # stop_server signals its process group
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -99,6 +100,23 @@ def start_server(export_dir: Path, port: int, *extra: str):
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server on port {port} not ready after 120 s")
+
+
+async def _client(url: str, concurrency: int):
+    """(post(body) → ok?, close()) over `concurrency` keep-alive connections to /v1/predict."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=concurrency),
+                                    timeout=aiohttp.ClientTimeout(total=30))
+
+    async def post(body: bytes) -> bool:
+        try:
+            async with session.post("/v1/predict", data=body, headers={"content-type": "image/png"}) as r:
+                await r.read()
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+    return post, session.close
 
 
 async def send(post, bodies: list[bytes], concurrency: int = 8) -> None:
@@ -145,7 +163,11 @@ async def replay(url: str, clean: list[bytes], shifted: dict[str, list[bytes]], 
 
 
 def throughput(export_dir: Path, bodies: list[bytes], rounds: int, requests: int, seconds: float,
-               log_dir: Path) -> dict[str, list[float]]:
+               log_dir: Path) -> dict[str, list[dict]]:
+    """{variant: [{rps, cpu_ms}, ...] per round}. cpu_ms: the server process's CPU time (user + system,
+    all threads) per answered request over the measurement: steadier than req/s on shared cores."""
+    import psutil
+
     variants = {"off": ["--no-monitor"], "on": [], "on + log": ["--log-db", str(log_dir / "bench-log.sqlite")]}
     out = {name: [] for name in variants}
     for r in range(rounds):
@@ -153,12 +175,17 @@ def throughput(export_dir: Path, bodies: list[bytes], rounds: int, requests: int
             port = free_port()
             proc = start_server(export_dir, port, *extra)
             try:
-                result = asyncio.run(load(f"http://127.0.0.1:{port}", bodies, 32, requests, seconds))
+                server = psutil.Process(proc.pid)
+                before = server.cpu_times()
+                result = asyncio.run(load(f"http://127.0.0.1:{port}/v1/predict", bodies, 32, requests, seconds))
+                after = server.cpu_times()
             finally:
                 stop_server(proc)
-            out[name].append(result["rps"])
-            print(f"  round {r + 1} {name}: {result['rps']:.0f} req/s, p95 {result['p95']:.1f} ms, "
-                  f"{result['errors']} errors", flush=True)
+            cpu_s = (after.user + after.system) - (before.user + before.system)
+            cpu_ms = cpu_s * 1000 / (result["n"] + min(32, 16))  # the load's warm-up requests included
+            out[name].append({"rps": result["rps"], "cpu_ms": cpu_ms})
+            print(f"  round {r + 1} {name}: {result['rps']:.0f} req/s, p99 {result['p99']:.1f} ms, "
+                  f"server CPU {cpu_ms:.3f} ms/request, {result['errors']} errors", flush=True)
     return out
 
 
@@ -226,12 +253,15 @@ def report(clean_states: list[dict] | None, delays: dict | None, rates: dict | N
     if clean_states:
         detection_report(clean_states, delays, args)
     if rates:
-        off = statistics.median(rates["off"])
-        print(f"\nthroughput at concurrency 32 (median of {args.rounds} alternated rounds):")
-        for name, values in rates.items():
-            med = statistics.median(values)
-            print(f"  {name:<9} {med:7.0f} req/s  ({med / off - 1:+.1%} vs off)  rounds: "
-                  f"{', '.join(f'{v:.0f}' for v in values)}")
+        off = statistics.median(r["rps"] for r in rates["off"])
+        off_cpu = statistics.median(r["cpu_ms"] for r in rates["off"])
+        print(f"\nthroughput at concurrency 32 and server CPU per request (medians of {args.rounds} alternated rounds):")
+        for name, rounds in rates.items():
+            med = statistics.median(r["rps"] for r in rounds)
+            cpu = statistics.median(r["cpu_ms"] for r in rounds)
+            each = ", ".join(f"{r['rps']:.0f}" for r in rounds)
+            print(f"  {name:<9} {med:7.0f} req/s ({med / off - 1:+.1%} vs off)  {cpu:.3f} CPU-ms/request "
+                  f"({cpu / off_cpu - 1:+.1%})  rounds: {each}")
 
 
 def detection_report(clean_states: list[dict], delays: dict, args) -> None:

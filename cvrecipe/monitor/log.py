@@ -60,6 +60,7 @@ COLUMNS = ("request_id", "item", "time", "model_version", "file", "predicted", "
            "input_hash", "width", "height", "stats", "state", "capture")
 RETENTION_EVERY_S = 2.0
 MAX_ROWS_PER_COMMIT = 2000
+COMMIT_EVERY_S = 0.05  # SQLite with its journal: at most one commit per interval
 JOURNAL_MAX_BYTES = 8 << 20  # the journal is emptied, once committed, past this size
 
 
@@ -160,9 +161,15 @@ class PredictionLog:
 
     # -- the writer thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        stop = False
+        stop, last_commit = False, 0.0
         while not stop:
             batch = self._take()
+            if self._journal is not None and None not in batch:
+                # nobody waits for a journalled row's commit: gather COMMIT_EVERY_S of rows per
+                # transaction, since a commit's fixed cost (~0.1 ms) dwarfs a row's (~5 µs)
+                time.sleep(max(0.0, last_commit + COMMIT_EVERY_S - time.monotonic()))
+                batch += self._take(block=False)
+            last_commit = time.monotonic()
             stop = None in batch
             batch = [b for b in batch if b is not None]
             if batch:
