@@ -12,7 +12,8 @@ class MonitorMetrics:
     def __init__(self, registry):
         r = registry
         self.stage = Histogram("cvrecipe_stage_seconds", "time per stage: decode (decode + resize, per batch), infer "
-                               "(forward pass, per batch), log (window + prediction log commit, per request)",
+                               "(forward pass, per batch), log (window + prediction log write, per request), respond (the answer "
+                               "serialised and handed to the server, per request)",
                                ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.drift_score = Gauge("cvrecipe_drift_score", "drift statistic of the window against the reference "
                                  "(psi, ks statistic or mmd2)", ["quantity", "statistic"], registry=r)

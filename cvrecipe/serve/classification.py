@@ -106,6 +106,7 @@ async def _classify(request: Request, max_files: int, k: int) -> dict:
     latency_ms = round((time.perf_counter() - start) * 1000, 3)
     if state.monitor is not None and good:  # the window, and the log row committed before the answer goes out
         await state.monitor.record(request.state.request_id, items, {i: answers[i] for i in good}, ranked, latency_ms)
+        request.state.answered_at = time.perf_counter()  # the respond stage runs from here to the last byte
     return {"request_id": request.state.request_id, "model": {"name": used.info["name"], "version": used.version},
             "entries": [(name, ranked.get(i, answers[i])) for i, (name, _) in enumerate(items)],
             "latency_ms": latency_ms}

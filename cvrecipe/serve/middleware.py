@@ -26,10 +26,12 @@ def error_response(status: int, code: str, message: str, request_id: str | None,
 
 class Observe:
     """ASGI middleware: a request id per request (X-Request-ID), in-flight gauge, and latency and
-    count by route template and status code."""
+    count by route template and status code. `respond(seconds)`, when given, is called with the time
+    from a route's answer (the time it put in request.state.answered_at) to the response's last byte
+    handed to the server: serialisation and sending."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, respond=None):
+        self.app, self.metrics, self.respond = app, metrics, respond
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -45,6 +47,9 @@ class Observe:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
+            answered = scope["state"].get("answered_at")
+            if answered is not None and message["type"] == "http.response.body" and not message.get("more_body"):
+                self.respond(time.perf_counter() - answered)
 
         self.metrics.in_flight.inc()
         try:

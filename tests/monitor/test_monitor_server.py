@@ -122,7 +122,7 @@ def test_feedback_updates_live_accuracy_and_the_log(served, tmp_path):
     assert all((db.with_name(db.name + ".captures") / r[3]).is_file() for r in rows)
 
 
-def test_dashboard_and_resource_gauges(served):
+def test_dashboard_resource_gauges_and_stages(served):
     export_dir, files = served
     with running_server(export_dir, monitor=MonitorSettings(interval_s=0.2)) as (url, _):
         page = httpx.get(url + "/dashboard")
@@ -130,6 +130,10 @@ def test_dashboard_and_resource_gauges(served):
         assert "src=" not in page.text and "<link" not in page.text  # self-contained: no external script or style
         wait_until(lambda: metric_samples(url, "cvrecipe_process_resident_bytes")[0].value > 10e6, 10, "RSS gauge")
         assert metric_samples(url, "cvrecipe_process_threads")[0].value >= 2
+        for _, data in files[:3]:
+            assert httpx.post(url + "/v1/predict", content=data, headers={"content-type": "image/jpeg"}).is_success
+        counts = {s.labels["stage"]: s.value for s in metric_samples(url, "cvrecipe_stage_seconds_count")}
+        assert counts["respond"] == counts["log"] == 3 and counts["decode"] >= 1 and counts["infer"] >= 1
 
 
 def test_monitoring_off_and_bad_settings(served, capsys):
