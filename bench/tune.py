@@ -1,11 +1,11 @@
 """Benchmark `cvrecipe tune` on Fashion-MNIST: pruned TPE against random search, the tuned recipe
 retrained on the full training set against the shipped one, and 2 workers against 1.
 
-    flock /tmp/cvrecipe-bench.lock python bench/tune.py [--subset 1000 --epochs 3 --trials 24 --seeds 0 1 2]
+    flock /tmp/cvrecipe-bench.lock python bench/tune.py [--subset 6000 --epochs 4 --trials 24 --seeds 0 1 2]
 
-Sized to finish in about an hour on 2 shared CPU cores: trials see a 1,000-image stratified subset
-(600 validation images) for 3 epochs, so the shipped space's batch sizes (128-512) are replaced by
-32/64/128 (bench space written next to the results); everything else is recipes/spaces/fashion-mnist-cnn.yaml.
+About 70 minutes on 2 idle CPU cores: trials see a 6,000-image stratified subset (3,000 validation
+images) for 4 epochs, so the shipped space's batch sizes (128-512) are replaced by 32/64/128 (bench
+space written next to the results); everything else is recipes/spaces/fashion-mnist-cnn.yaml.
 
 1. Search: for each study seed, `cvrecipe tune fashion-mnist-cnn --space SPACE`
    with TPE + median pruning and with random sampling without pruning (alternating which goes
@@ -159,12 +159,12 @@ def workers(args, runs: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subset", type=int, default=1000, help="training images per trial (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="validation share of the 60,000 (default 0.01)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
+    p.add_argument("--subset", type=int, default=6000, help="training images per trial (default 6000)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="validation share of the 60,000 (default 0.05)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per trial (default 4)")
     p.add_argument("--trials", type=int, default=24, help="trials per study (default 24)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="study seeds (default 0 1 2)")
-    p.add_argument("--retrain-epochs", type=int, default=1, help="epochs of each full-set retraining (default 1)")
+    p.add_argument("--retrain-epochs", type=int, default=2, help="epochs of each full-set retraining (default 2)")
     p.add_argument("--worker-trials", type=int, default=4, help="trials of the workers comparison (default 4)")
     p.add_argument("--parts", nargs="+", default=["search", "workers", "retrain"])
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-tune"))

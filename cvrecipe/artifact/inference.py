@@ -63,6 +63,27 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_s
     return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
 
 
+def head_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The classifier's last linear layer (its head), whose input is the penultimate features."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def predict_features(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512,
+                     device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits (N, K), penultimate features (N, D) or None) of a classifier in float32, the features
+    being what its head layer receives (None for a model without a linear head)."""
+    head, captured = head_layer(model), []
+    hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0].flatten(1).float().cpu())) \
+        if head is not None else None
+    try:
+        logits = predict_logits(model, x, batch_size, device).numpy()
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits, (torch.cat(captured).numpy() if captured else None)
+
+
 def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None = None
                           ) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
     """Decode files to the model's input shape with the same guarded decoder as training data:

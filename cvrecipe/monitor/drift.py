@@ -6,7 +6,8 @@ Each detector gives a score, the thresholds it is compared with, and a state ok 
   rule of thumb); the Jensen–Shannon distance is reported beside it;
 - confidence and every input statistic: two-sample Kolmogorov–Smirnov; warn at p < 0.01, alert at
   p < 0.001; the Wasserstein distance (in reference standard deviations) is reported beside it;
-- embedding (PCA of the logits): MMD² with an RBF kernel; warn above the 99th percentile and alert
+- embedding (PCA of the penultimate features, or of the logits where the served model file does
+  not give the features): MMD² with an RBF kernel; warn above the 99th percentile and alert
   above the largest of the 200 MMD² values that windows of clean held-out images reached (profile),
   taken at the largest calibrated window size not above the live one (smaller windows vary more,
   so that threshold is the conservative one).
@@ -38,16 +39,27 @@ class Reference:
         self.class_counts = np.asarray(profile["class_counts"], np.float64)
         self.confidence = np.asarray(profile["confidence"])
         self.inputs = {name: np.asarray(v) for name, v in profile["inputs"].items()}
-        emb = profile["embedding"]
-        self.embed_mean = np.asarray(emb["mean"])
-        self.embed_components = np.asarray(emb["components"])  # (d, K)
-        self.embed_reference = np.asarray(emb["reference"]).reshape(-1, len(self.embed_components))
+        self.logits_embedding = Embedding(profile["embedding"])
+        self.features_embedding = Embedding(profile["embedding_features"]) if "embedding_features" in profile else None
+
+
+class Embedding:
+    """One embedding summary of the profile: PCA, reference sample, RBF bandwidth, MMD² null."""
+
+    def __init__(self, emb: dict):
+        self.kind = emb["kind"]
+        self.mean = np.asarray(emb["mean"])
+        self.components = np.asarray(emb["components"])  # (d, D)
+        self.reference = np.asarray(emb["reference"]).reshape(-1, len(self.components))
         self.bandwidth = float(emb["bandwidth"])
-        self.kxx = stats.mean_rbf(self.embed_reference, self.embed_reference, self.bandwidth)
+        self.kxx = stats.mean_rbf(self.reference, self.reference, self.bandwidth)
         self.null = {int(n): np.asarray(v) for n, v in emb["null_mmd2"].items()}
 
-    def embed(self, logits: np.ndarray) -> np.ndarray:
-        return (logits - self.embed_mean) @ self.embed_components.T
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) @ self.components.T
+
+    def mmd2(self, x: np.ndarray) -> float:
+        return stats.rbf_mmd2(self.reference, self.embed(x), self.bandwidth, self.kxx)
 
     def mmd_thresholds(self, n: int) -> tuple[float, float] | None:
         sizes = [size for size in self.null if size <= n]
@@ -58,8 +70,9 @@ class Reference:
 
 
 def detect(ref: Reference, predicted: np.ndarray, confidence: np.ndarray, inputs: dict[str, np.ndarray],
-           logits: np.ndarray, min_samples: int) -> list[dict]:
-    """One entry per quantity: {quantity, statistic, score, warn, alert, state, ...extra figures}."""
+           logits: np.ndarray, min_samples: int, features: np.ndarray | None = None) -> list[dict]:
+    """One entry per quantity: {quantity, statistic, score, warn, alert, state, ...extra figures}.
+    The embedding is that of `features` (N, D) when given and the profile has them, else of `logits`."""
     n = len(predicted)
     if n < min_samples:
         names = ["class_mix", "confidence", *ref.inputs, "embedding"]
@@ -80,13 +93,17 @@ def detect(ref: Reference, predicted: np.ndarray, confidence: np.ndarray, inputs
         state = "alert" if p < KS_ALERT_P else "warn" if p < KS_WARN_P else "ok"
         out.append({"quantity": name, "statistic": "ks", "score": d, "p_value": p, "warn": KS_WARN_P,
                     "alert": KS_ALERT_P, "state": state, "wasserstein_sd": stats.wasserstein(reference, live)})
-    thresholds = ref.mmd_thresholds(n)
+    use_features = features is not None and ref.features_embedding is not None \
+        and features.shape[1] == ref.features_embedding.mean.shape[0]
+    embedding, x = (ref.features_embedding, features) if use_features else (ref.logits_embedding, logits)
+    thresholds = embedding.mmd_thresholds(n)
     if thresholds is None:
-        out.append({"quantity": "embedding", "statistic": "mmd2", "score": None, "state": "waiting"})
+        out.append({"quantity": "embedding", "statistic": "mmd2", "score": None, "state": "waiting",
+                    "space": embedding.kind})
     else:
-        score = stats.rbf_mmd2(ref.embed_reference, ref.embed(logits), ref.bandwidth, ref.kxx)
+        score = embedding.mmd2(x)
         out.append({"quantity": "embedding", "statistic": "mmd2", "score": score, "warn": thresholds[0],
-                    "alert": thresholds[1], "state": _above(score, *thresholds)})
+                    "alert": thresholds[1], "state": _above(score, *thresholds), "space": embedding.kind})
     return out
 
 

@@ -51,6 +51,7 @@ class Seen:
     inputs: dict  # input statistic → value
     logits: np.ndarray  # (K,)
     latency_ms: float
+    features: np.ndarray | None = None  # (D,) penultimate features, when the served model gives them
 
 
 class Monitor:
@@ -108,17 +109,19 @@ class Monitor:
         self.reference, self.profile_path = reference, path if reference is not None else None
 
     # -- the request path ----------------------------------------------------------------------------
-    def inspect(self, blobs: list[bytes], images: np.ndarray, decode_s: float, infer_s: float) -> None:
-        """On the inference thread: input statistics of decoded images (N, C, H, W) uint8 and the
-        files they came from, kept until their request records them."""
+    def inspect(self, blobs: list[bytes], images: np.ndarray, decode_s: float, infer_s: float,
+                features: np.ndarray | None = None) -> None:
+        """On the inference thread: input statistics of decoded images (N, C, H, W) uint8, the files
+        they came from and their penultimate features (N, D) if any, kept until their request records them."""
         values = stats.input_stats(images)
         names = list(values)
         columns = np.stack([values[n] for n in names], 1)  # (N, S)
         with self._lock:
-            for blob, row in zip(blobs, columns):
+            for k, (blob, row) in enumerate(zip(blobs, columns)):
                 header = read_header(blob)  # ~µs; the file already passed this check
                 self._inspected[id(blob)] = ({**dict(zip(names, row.tolist())),
-                                              "size": float(np.sqrt(header.width * header.height))}, header)
+                                              "size": float(np.sqrt(header.width * header.height))}, header,
+                                             None if features is None else features[k])
             while len(self._inspected) > 8192:  # entries of requests that timed out
                 self._inspected.popitem(last=False)
         self.metrics.stage.labels("decode").observe(decode_s)
@@ -132,10 +135,10 @@ class Monitor:
         rows, captures = [], {}
         with self._lock:
             for i, z in logits.items():
-                inputs, header = self._inspected.pop(id(files[i][1]), ({}, None))
+                inputs, header, features = self._inspected.pop(id(files[i][1]), ({}, None, None))
                 predicted = int(np.argmax(z))
                 confidence = float(tops[i][0]["probability"])
-                self._window.append(Seen(now, predicted, confidence, inputs, z, latency_ms))
+                self._window.append(Seen(now, predicted, confidence, inputs, z, latency_ms, features))
                 self._recent[(request_id, i)] = (predicted, confidence)
                 if self.log is not None:
                     rows.append(self._row(request_id, i, now, files[i], predicted, tops[i], latency_ms, inputs,
@@ -199,7 +202,11 @@ class Monitor:
             names = self.reference.inputs
             inputs = {n: np.array([s.inputs.get(n, np.nan) for s in seen]) for n in names}
             logits = np.stack([s.logits for s in seen]) if seen else np.zeros((0, len(self.class_names)))
-            drifts = drift.detect(self.reference, predicted, confidence, inputs, logits, self.settings.min_samples)
+            # the penultimate features when every image in the window has them, else the logits
+            features = np.stack([s.features for s in seen]) if seen and all(
+                s.features is not None for s in seen) else None
+            drifts = drift.detect(self.reference, predicted, confidence, inputs, logits, self.settings.min_samples,
+                                  features)
         report["drift"] = drifts
         report["state"] = drift.worst(d["state"] for d in drifts)
         report["class_mix"] = self._class_mix(predicted)

@@ -6,11 +6,12 @@ not histograms, so the server can run exact two-sample tests:
 
 - the predicted-class counts and the confidence (max softmax probability) of each image;
 - input statistics per image (stats.input_stats, plus the stored image size √(H·W));
-- an embedding summary: the logits projected by PCA (fitted here) to at most EMBED_DIMS
-  dimensions, a reference sample of them, the RBF bandwidth (median heuristic) and the MMD² that
-  windows of clean held-out images reach (the null distribution, per window size), from which the
-  server's thresholds come. The logits are the model's last layer, which every export format
-  outputs; the penultimate features are not exported, so they are not used.
+- an embedding summary: the penultimate features (the input of the classifier's head) projected
+  by PCA (fitted here) to at most EMBED_DIMS dimensions, a reference sample of them, the RBF
+  bandwidth (median heuristic) and the MMD² that windows of clean held-out images reach (the null
+  distribution, per window size), from which the server's thresholds come; and the same summary of
+  the logits, which every served format outputs, for a server whose model file does not give the
+  features (TorchScript).
 
 The held-out images are split in two: the first part is the reference the server compares with,
 the rest calibrates the MMD thresholds (windows drawn from images the reference does not hold).
@@ -36,23 +37,21 @@ MAX_IMAGES = 3000  # held-out images used by default
 
 
 def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str], source: dict | None = None,
-                  seed: int = 0) -> dict:
-    """The profile of uint8 images (N, C, H, W) and the model's logits on them (N, K)."""
+                  seed: int = 0, features: np.ndarray | None = None) -> dict:
+    """The profile of uint8 images (N, C, H, W), the model's logits on them (N, K) and its penultimate
+    features (N, D), if it has them."""
     if len(images) != len(logits) or len(images) < 20:
         raise ValueError(f"a profile needs at least 20 images with one logit row each; got {len(images)} images "
                          f"and {len(logits)} logit rows")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     images, logits = images[order], logits[order].astype(np.float64)
+    features = None if features is None else features[order].astype(np.float64)
     n_ref = min(MAX_REFERENCE, len(images) // 2)
     probs = stats.softmax(logits)
     inputs = stats.input_stats(images)
     inputs["size"] = np.full(len(images), float(np.sqrt(images.shape[2] * images.shape[3])))
-    mean, components = _pca(logits[:n_ref], min(EMBED_DIMS, logits.shape[1]))
-    embedded = (logits - mean) @ components.T  # (N, d)
-    reference, pool = embedded[:n_ref], embedded[n_ref:]
-    bandwidth = stats.median_bandwidth(reference)
-    return {
+    profile = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": source or {},
@@ -61,10 +60,22 @@ def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str]
         "class_counts": np.bincount(probs[:n_ref].argmax(1), minlength=len(class_names)).tolist(),
         "confidence": _rounded(probs[:n_ref].max(1)),
         "inputs": {name: _rounded(values[:n_ref]) for name, values in inputs.items()},
-        "embedding": {"kind": "logits-pca", "mean": _rounded(mean), "components": [_rounded(c) for c in components],
-                      "bandwidth": bandwidth, "reference": [_rounded(r) for r in reference],
-                      "null_mmd2": _null_mmd2(reference, pool, bandwidth, rng)},
+        "embedding": _embedding("logits-pca", logits, n_ref, rng),
     }
+    if features is not None:
+        profile["embedding_features"] = _embedding("features-pca", features, n_ref, rng)
+    return profile
+
+
+def _embedding(kind: str, x: np.ndarray, n_ref: int, rng) -> dict:
+    """PCA of x's first n_ref rows, that reference in PCA space, and the MMD² null of the other rows."""
+    mean, components = _pca(x[:n_ref], min(EMBED_DIMS, x.shape[1]))
+    embedded = (x - mean) @ components.T  # (N, d)
+    reference, pool = embedded[:n_ref], embedded[n_ref:]
+    bandwidth = stats.median_bandwidth(reference)
+    return {"kind": kind, "mean": _rounded(mean), "components": [_rounded(c) for c in components],
+            "bandwidth": bandwidth, "reference": [_rounded(r) for r in reference],
+            "null_mmd2": _null_mmd2(reference, pool, bandwidth, rng)}
 
 
 def _pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +140,7 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     import torch
 
     from cvrecipe.artifact.checkpoint import load_model
-    from cvrecipe.artifact.inference import predict_logits
+    from cvrecipe.artifact.inference import predict_features
     from cvrecipe.config import load_run_config
     from cvrecipe.data import load_dataset
     from cvrecipe.export import manifest as mf
@@ -146,9 +157,10 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     split_name, split = ds.eval_split
     images = split.x[:max_images]
-    logits = predict_logits(model, images, batch_size=256, device=torch.device("cpu")).numpy()
+    logits, features = predict_features(model, images, batch_size=256, device=torch.device("cpu"))
     source = {"run": str(run_dir), "checkpoint_sha256": mf.sha256_file(checkpoint),
               "images": f"{ds.name} {split_name}, first {len(images)}", "held_out_used": len(images)}
     out_dir = Path(out_dir or run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return write_profile(build_profile(np.asarray(images), logits, list(model.meta["class_names"]), source), out_dir)
+    profile = build_profile(np.asarray(images), logits, list(model.meta["class_names"]), source, features=features)
+    return write_profile(profile, out_dir)

@@ -87,6 +87,11 @@ class EagerRunner:
             batch = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).to(self.device)
             return self.model(batch).float().cpu().numpy()
 
+    def predict_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        from cvrecipe.artifact.inference import predict_features
+
+        return predict_features(self.model, x, batch_size=len(x), device=self.device)
+
 
 @dataclass
 class Backend:
@@ -126,6 +131,14 @@ class Backend:
             return torch.from_numpy(np.asarray(self.predict(x.numpy()), np.float32))
 
         return [run_outputs(tiles, torch.from_numpy(image[None]), self.info)[0].numpy() for image in images]
+
+    def outputs_and_features(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """outputs(images), and for a classifier whose runner gives them, the penultimate features
+        (N, D) from the same forward pass (else None: a TorchScript file, a tiled model)."""
+        if self.info.get("tile") or not hasattr(self.runner, "predict_features"):
+            return self.outputs(images), None
+        logits, features = self.runner.predict_features(np.stack(images))
+        return list(logits), features
 
     def describe(self) -> dict:
         return {**self.info, "version": self.version, "backend": self.source.backend, "format": self.source.kind,

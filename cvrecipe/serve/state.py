@@ -124,10 +124,12 @@ class ServerState:
         if good:
             images = [outputs[i] for i in good]  # (C, H, W) uint8 each
             decoded = time.perf_counter()
-            results = backend.outputs(images)  # logits (K,) each, or (K, H, W) for a tiled segmentation model
             if self.monitor is not None and not backend.info.get("tile"):
+                results, features = backend.outputs_and_features(images)  # + what drift embeds
                 self.monitor.inspect([blobs[i] for i in good], np.stack(images), decoded - start,
-                                     time.perf_counter() - decoded)
+                                     time.perf_counter() - decoded, features)
+            else:
+                results = backend.outputs(images)  # logits (K,) each, or (K, H, W) for a tiled segmentation model
             for i, logits in zip(good, results):
                 outputs[i] = logits
         return outputs, backend

@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
@@ -48,6 +49,28 @@ def test_profile_holds_the_reference(served):
     assert set(profile["inputs"]) == {"brightness", "contrast", "sharpness", "size", "channel0_mean",
                                       "channel1_mean", "channel2_mean"}
     assert profile["embedding"]["null_mmd2"]["50"] == sorted(profile["embedding"]["null_mmd2"]["50"])
+    assert profile["embedding_features"]["kind"] == "features-pca"
+
+
+def test_the_onnx_export_gives_the_features_the_eager_head_receives(served):
+    """The export's second output is the input of the model's head: compared with a forward hook
+    on the eager model's last linear layer, the trusted reference."""
+    from cvrecipe.artifact.checkpoint import load_model
+    from cvrecipe.artifact.inference import predict_features
+    from cvrecipe.export.onnx import OnnxRunner
+    from cvrecipe.serve.inputs import decode_batch
+
+    export_dir, files = served
+    runner = OnnxRunner(export_dir / "model.onnx")
+    model = load_model(export_dir.parent / "best.safetensors", "cpu")
+    shape = (model.meta["in_channels"], *model.meta["input_size"])
+    x = np.stack(decode_batch([data for _, data in files[:16]], shape, 10**8))
+    logits, features = runner.predict_features(x)
+    eager_logits, eager_features = predict_features(model, x)
+    assert features.shape == eager_features.shape and features.shape[1] > len(CLASSES)
+    np.testing.assert_allclose(features, eager_features, atol=1e-4)
+    np.testing.assert_allclose(logits, eager_logits, atol=1e-4)
+    np.testing.assert_array_equal(runner.predict(x), logits)  # the first output alone, as before
 
 
 def test_clean_traffic_stays_ok_and_shifted_traffic_alerts(served, tmp_path):
@@ -76,6 +99,7 @@ def test_clean_traffic_stays_ok_and_shifted_traffic_alerts(served, tmp_path):
             assert clean["window"]["predictions"] == 100
             assert clean["state"] == "ok", [(d["quantity"], d["state"], d.get("p_value")) for d in clean["drift"]]
             assert {d["quantity"] for d in clean["drift"]} >= {"class_mix", "confidence", "brightness", "embedding"}
+            assert next(d for d in clean["drift"] if d["quantity"] == "embedding")["space"] == "features-pca"
             for _, data in files[100:200]:
                 predict(client, url, shifted(data, "dark"))
             dark = monitor(url)

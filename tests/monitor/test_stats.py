@@ -106,3 +106,23 @@ def test_detectors_wait_for_enough_samples_and_skip_missing_statistics():
     assert out["embedding"]["state"] == "ok"  # same draws as the reference: calibrated at n=50
     few = drift.detect(ref, logits[:10].argmax(1), stats.softmax(logits[:10]).max(1), live, logits[:10], 50)
     assert {d["state"] for d in few} == {"waiting"}
+
+
+def test_the_embedding_detector_uses_features_when_the_profile_and_the_window_have_them():
+    from cvrecipe.monitor import drift
+    from cvrecipe.monitor.profile import build_profile
+
+    x = RNG.integers(0, 256, size=(400, 1, 8, 8), dtype=np.uint8)
+    logits, features = RNG.normal(size=(400, 3)), RNG.normal(size=(400, 24))
+    ref = drift.Reference(build_profile(x, logits, ["a", "b", "c"], features=features))
+    live = stats.input_stats(x[:100])
+
+    def embedding(**kw):
+        out = drift.detect(ref, logits[:100].argmax(1), stats.softmax(logits[:100]).max(1), live, logits[:100], 50, **kw)
+        return next(d for d in out if d["quantity"] == "embedding")
+
+    assert embedding(features=features[:100])["space"] == "features-pca"
+    assert embedding(features=features[:100])["state"] == "ok"
+    shifted = embedding(features=features[:100] + 3.0)
+    assert shifted["state"] == "alert" and shifted["score"] > shifted["alert"]
+    assert embedding()["space"] == "logits-pca"  # a served file without features (TorchScript)
