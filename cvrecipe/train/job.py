@@ -33,6 +33,7 @@ from cvrecipe.data import ImageDataset, load_dataset, streamed
 from cvrecipe.device import resolve_device
 from cvrecipe.train import distributed
 from cvrecipe.train.distributed import World
+from cvrecipe.train.launch import has_results, train_processes
 from cvrecipe.train.loop import fit
 from cvrecipe.train.sanity import check_before_training
 
@@ -75,8 +76,6 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
         cfg = load_run_config(resume_dir)
     nproc = nproc or cfg.train.nproc
     if nproc > 1 and not distributed.launched_by_torchrun():
-        from cvrecipe.train.launch import train_processes
-
         try:
             return train_processes(cfg, nproc, resume_dir, console, callbacks, max_restarts, keep_failed)
         except BaseException as err:
@@ -119,7 +118,7 @@ def _train_rank(cfg: Config, resume_dir: Path | None, console: Console, callback
         fit(cfg, ds, run_dir, resume=resume, console=console, callbacks=callbacks, world=world)
     except BaseException as err:
         _notify_failed(callbacks, err)  # e.g. the MLflow run is marked FAILED with the error
-        if new and world.is_main and not keep_failed and isinstance(err, Exception) and not _has_results(run_dir):
+        if new and world.is_main and not keep_failed and isinstance(err, Exception) and not has_results(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             console.print(f"removed {run_dir}: the run failed before its first epoch ended")
         raise
@@ -148,12 +147,6 @@ def _restarted_run(cfg: Config) -> str | None:
     a checkpoint to go on from (else None: the run starts again, in a new folder)."""
     found = distributed.find_elastic_run(cfg.runs_dir, distributed.elastic_run_id())
     return str(found) if found is not None and (found / "last.ckpt").is_file() else None
-def _has_results(run_dir: Path) -> bool:
-    """Did the run get as far as an epoch's metrics or a checkpoint? (Then its folder is kept, e.g.
-    for a run stopped after epoch 1, or a tuning trial pruned there.)"""
-    return any((run_dir / name).is_file() for name in ("last.ckpt", "best.safetensors", "metrics.csv"))
-
-
 def _resumable(run_dir: Path, console: Console) -> bool:
     """Whether `run_dir` continues from its last.ckpt (refused here, before any data is read, when
     the file is damaged or unsafe), or starts again: a run killed before its first checkpoint has

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -79,8 +80,13 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
                     relay.start()
                 elastic_launch(config, sys.executable)("-u", "-m", "cvrecipe", *args)
             except ChildFailedError as err:
-                raise RanksFailed(_failure_line(err, nproc, resume_dir or find_elastic_run(cfg.runs_dir, run_id))) \
-                    from None
+                run_dir = resume_dir or find_elastic_run(cfg.runs_dir, run_id)
+                line = _failure_line(err, nproc, run_dir)
+                if resume_dir is None and not keep_failed and run_dir is not None and not has_results(run_dir):
+                    # rank 0 removes it itself unless the agent stopped it first (another rank failed sooner)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    console.print(f"removed {run_dir}: the run failed before its first epoch ended")
+                raise RanksFailed(line) from None
             except SignalException as err:
                 if relay is not None and relay.error is not None:
                     raise relay.error from None  # a callback asked to stop (e.g. a pruned trial)
@@ -94,6 +100,12 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
     if relay is not None:
         relay.finish(run_dir)
     return run_dir
+
+
+def has_results(run_dir: Path) -> bool:
+    """Did the run get as far as an epoch's metrics or a checkpoint? (Then its folder is kept, e.g.
+    for a run stopped after epoch 1, or a tuning trial pruned there.)"""
+    return any((Path(run_dir) / name).is_file() for name in ("last.ckpt", "best.safetensors", "metrics.csv"))
 
 
 def _check_devices(cfg: Config, nproc: int) -> None:
