@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvrecipe.imagefile import read_header
+from cvrecipe.imagefile import Header
 from cvrecipe.monitor import drift, stats
 from cvrecipe.monitor.log import PredictionLog, row_json
 from cvrecipe.monitor.metrics import MonitorMetrics
@@ -115,27 +116,26 @@ class Monitor:
         they came from and their penultimate features (N, D) if any, kept until their request records them."""
         values = stats.input_stats(images)
         names = list(values)
-        columns = np.stack([values[n] for n in names], 1)  # (N, S)
+        columns = np.stack([values[n] for n in names], 1).tolist()  # (N, S)
         with self._lock:
             for k, (blob, row) in enumerate(zip(blobs, columns)):
-                header = read_header(blob)  # ~µs; the file already passed this check
-                self._inspected[id(blob)] = ({**dict(zip(names, row.tolist())),
-                                              "size": float(np.sqrt(header.width * header.height))}, header,
-                                             None if features is None else features[k])
+                self._inspected[id(blob)] = (dict(zip(names, row)), None if features is None else features[k])
             while len(self._inspected) > 8192:  # entries of requests that timed out
                 self._inspected.popitem(last=False)
         self.metrics.stage.labels("decode").observe(decode_s)
         self.metrics.stage.labels("infer").observe(infer_s)
 
     async def record(self, request_id: str, files: list[tuple[str, bytes]], logits: dict[int, np.ndarray],
-                     tops: dict[int, list], latency_ms: float) -> None:
+                     tops: dict[int, list], latency_ms: float, headers: dict[int, Header]) -> None:
         """After a request was answered (before the response is sent): its images join the window
-        and, with a log, their rows are committed."""
+        and, with a log, their rows are committed. `headers`: each file's, as the route read it."""
         start, now = time.perf_counter(), time.time()
         rows, captures = [], {}
         with self._lock:
             for i, z in logits.items():
-                inputs, header, features = self._inspected.pop(id(files[i][1]), ({}, None, None))
+                inputs, features = self._inspected.pop(id(files[i][1]), (None, None))
+                header = headers[i]
+                inputs = {**(inputs or {}), "size": math.sqrt(header.width * header.height)}
                 predicted = int(np.argmax(z))
                 confidence = float(tops[i][0]["probability"])
                 self._window.append(Seen(now, predicted, confidence, inputs, z, latency_ms, features))

@@ -57,8 +57,10 @@ def js_distance(reference: np.ndarray, live: np.ndarray) -> float:
 
 
 def ks(reference: np.ndarray, live: np.ndarray) -> tuple[float, float]:
-    """Two-sample Kolmogorov–Smirnov (statistic, p-value), by scipy."""
-    result = sps.ks_2samp(reference, live)
+    """Two-sample Kolmogorov–Smirnov (statistic, p-value), by scipy, with the asymptotic p-value:
+    scipy's exact one costs ~5 ms for 1,000 against 500 samples (once per statistic every
+    interval), and at these sizes the two agree to well within the warn and alert levels."""
+    result = sps.ks_2samp(reference, live, method="asymp")
     return float(result.statistic), float(result.pvalue)
 
 
@@ -78,8 +80,9 @@ def rbf_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float, kxx_mean: float | N
 
 def mean_rbf(a: np.ndarray, b: np.ndarray, bandwidth: float) -> float:
     """The mean of the Gaussian kernel over all pairs of rows of a (n, d) and b (m, d)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)  # half the time of float64; sums in float64
     d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return float(np.exp(-np.maximum(d2, 0.0) / (2.0 * bandwidth ** 2)).mean())
+    return float(np.exp(np.maximum(d2, 0.0) * np.float32(-0.5 / bandwidth ** 2)).mean(dtype=np.float64))
 
 
 def median_bandwidth(x: np.ndarray, max_points: int = 1000) -> float:

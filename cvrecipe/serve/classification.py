@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cvrecipe.serve import schema
-from cvrecipe.serve.inputs import ServeError, read_images, refusal
+from cvrecipe.serve.inputs import ServeError, read_images, screen
 from cvrecipe.serve.state import ServerState
 
 TASK = "classification"
@@ -96,7 +96,8 @@ async def _classify(request: Request, max_files: int, k: int) -> dict:
         items = await read_images(request, max_files)
         if len(items) > max_files:
             raise ServeError(400, "too_many_files", f"{len(items)} files sent; this route takes at most {max_files}")
-        answers = {i: refusal(data, state.settings.max_pixels) for i, (_, data) in enumerate(items)}
+        headers = {i: screen(data, state.settings.max_pixels) for i, (_, data) in enumerate(items)}
+    answers = {i: found if isinstance(found, ServeError) else None for i, found in headers.items()}
     to_run = [i for i, answer in answers.items() if answer is None]
     if to_run:
         outputs, used = await state.infer([items[i][1] for i in to_run], deadline=start + state.settings.timeout_s)
@@ -105,7 +106,8 @@ async def _classify(request: Request, max_files: int, k: int) -> dict:
     ranked = dict(zip(good, top_k(np.stack([answers[i] for i in good]), used.info["class_names"], k))) if good else {}
     latency_ms = round((time.perf_counter() - start) * 1000, 3)
     if state.monitor is not None and good:  # the window, and the log row committed before the answer goes out
-        await state.monitor.record(request.state.request_id, items, {i: answers[i] for i in good}, ranked, latency_ms)
+        await state.monitor.record(request.state.request_id, items, {i: answers[i] for i in good}, ranked, latency_ms,
+                                   headers)
         request.state.answered_at = time.perf_counter()  # the respond stage runs from here to the last byte
     return {"request_id": request.state.request_id, "model": {"name": used.info["name"], "version": used.version},
             "entries": [(name, ranked.get(i, answers[i])) for i, (name, _) in enumerate(items)],
