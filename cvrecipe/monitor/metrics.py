@@ -15,6 +15,8 @@ class MonitorMetrics:
                                "(forward pass, per batch), log (window + prediction log write, per request), respond (the answer "
                                "serialised and handed to the server, per request)",
                                ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        # each stage's child, looked up once: labels() takes a lock and a dict lookup per call
+        self.stages = {name: self.stage.labels(name) for name in ("decode", "infer", "log", "respond")}
         self.drift_score = Gauge("cvrecipe_drift_score", "drift statistic of the window against the reference "
                                  "(psi, ks statistic or mmd2)", ["quantity", "statistic"], registry=r)
         self.drift_p = Gauge("cvrecipe_drift_p_value", "p-value of the KS tests", ["quantity"], registry=r)

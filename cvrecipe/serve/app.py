@@ -62,7 +62,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await state.stop()
 
-    respond = state.monitor.metrics.stage.labels("respond").observe if state.monitor is not None else None
+    respond = state.monitor.metrics.stages["respond"].observe if state.monitor is not None else None
     middleware = [Middleware(Observe, metrics=state.metrics, respond=respond)]
     if settings.cors_origin:
         middleware.append(Middleware(CORSMiddleware, allow_origins=[settings.cors_origin],
