@@ -44,7 +44,7 @@ def add_parser(verbs) -> None:
     q.add_argument("--max-images", type=int, default=3000, help="held-out images used (default 3000)")
     q.add_argument("--out", type=Path, help="folder to write profile.json in (default RUN/export)")
     q = sub.add_parser("export", help="captured inputs of selected predictions → DIR/train/<class>/ (+ predictions.csv)")
-    q.add_argument("log", help="the prediction log file given to `serve --log-db`")
+    q.add_argument("log", help="the prediction log given to `serve --log-db`: the SQLite file or the postgresql:// URL")
     q.add_argument("out", type=Path, help="output folder (a folder: dataset)")
     q.add_argument("--where", help="filter, e.g. \"state=alert or confidence<0.5\"")
     q.add_argument("--since", help="only predictions since: 30m, 2h, 1d or 2026-12-01T05:00")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -20,10 +19,12 @@ FIELDS = NUMBERS | {"predicted", "label", "state", "model_version", "file", "req
 TOKEN = re.compile(r"\s*(?:(?P<op><=|>=|!=|=|<|>)|(?P<paren>[()])|'(?P<quoted>[^']*)'|\"(?P<dquoted>[^\"]*)\""
                    r"|(?P<word>[^\s()<>=!'\"]+))")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+PLACEHOLDER = "\x00"  # where a bound parameter goes; no token can contain it
 
 
-def parse_where(text: str) -> tuple[str, list]:
-    """(SQL condition, parameters) of a --where expression; ValueError naming what is wrong."""
+def parse_where(text: str, param: str = "?") -> tuple[str, list]:
+    """(SQL condition, parameters) of a --where expression, with `param` as the placeholder
+    (SQLite's ?, psycopg's %s); ValueError naming what is wrong."""
     tokens, pos = [], 0
     text = text.strip()
     while pos < len(text):
@@ -38,7 +39,7 @@ def parse_where(text: str) -> tuple[str, list]:
     sql, rest = _expr(tokens, params)
     if rest:
         raise ValueError(f"--where: unexpected '{rest[0][1]}'")
-    return sql, params
+    return sql.replace(PLACEHOLDER, param), params
 
 
 def _expr(tokens, params, joiner="or"):
@@ -69,7 +70,7 @@ def _term(tokens, params):
     if field not in FIELDS:
         raise ValueError(f"--where: unknown field '{value}'; one of {', '.join(sorted(FIELDS))}")
     params.append(_number(raw, value) if field in NUMBERS else raw)
-    return f"{field} {'!=' if op == '!=' else op} ?", tokens[3:]
+    return f"{field} {'!=' if op == '!=' else op} {PLACEHOLDER}", tokens[3:]
 
 
 def _number(raw: str, field: str) -> float:
@@ -92,44 +93,28 @@ def parse_since(text: str) -> float:
     raise ValueError(f"--since: '{text}' is neither a duration (30m, 2h, 1d) nor a date-time (2026-12-01T05:00)")
 
 
-def export_captures(db_path: Path, out_dir: Path, where: str | None = None, since: str | None = None,
+def export_captures(log_target, out_dir: Path, where: str | None = None, since: str | None = None,
                     by: str = "label") -> dict:
     """Copy the captured inputs of matching predictions to out_dir/train/<class>/ (class: the
     fed-back label, or the predicted class when none was given, or always the predicted one with
-    by="predicted") and list them in out_dir/predictions.csv. Returns counts."""
+    by="predicted") and list them in out_dir/predictions.csv. `log_target`: the SQLite file or the
+    PostgreSQL URL given to `serve --log-db`. Returns counts."""
     if by not in ("label", "predicted"):
         raise ValueError(f"by must be label or predicted, got '{by}'")
-    if str(db_path).startswith(("http://", "https://")) or is_url(db_path):
-        raise ValueError("monitor export reads captured inputs, which are kept beside an SQLite prediction log: "
-                         "pass the file given to `serve --log-db`")
-    db_path = Path(db_path)
-    capture_dir = db_path.with_name(db_path.name + ".captures")
-    conditions, params = ["capture IS NOT NULL"], []
-    if where:
-        sql, more = parse_where(where)
-        conditions.append(sql)
-        params += more
-    if since:
-        conditions.append("time >= ?")
-        params.append(parse_since(since))
-    recover(db_path)  # rows a killed server left in the journal
-    con, _ = connect(db_path, readonly=True)
-    try:
-        rows = con.execute("SELECT request_id, item, time, predicted, confidence, label, state, capture FROM "
-                           f"predictions WHERE {' AND '.join(conditions)} ORDER BY id", params).fetchall()
-    finally:
-        con.close()
+    if str(log_target).startswith(("http://", "https://")):
+        raise ValueError("monitor export reads the prediction log itself: pass the SQLite file or the "
+                         "postgresql:// URL given to `serve --log-db`, not the server's address")
+    rows = _matching(log_target, where, since)
     out_dir = Path(out_dir)
     written, missing = [], 0
-    for request_id, item, when, predicted, confidence, label, state, capture in rows:
-        source = capture_dir / capture
-        if not source.is_file():
+    for request_id, item, when, predicted, confidence, label, state, capture, data in rows:
+        if data is None:
             missing += 1  # removed by retention meanwhile
             continue
         cls = label if (by == "label" and label) else predicted
         target = out_dir / "train" / _safe(cls) / capture
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        target.write_bytes(data)
         written.append([target.relative_to(out_dir).as_posix(), predicted, label or "", confidence, state,
                         time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when))])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +124,45 @@ def export_captures(db_path: Path, out_dir: Path, where: str | None = None, sinc
         writer.writerows(written)
     return {"matched": len(rows), "written": len(written), "missing": missing,
             "classes": len({w[0].split("/")[1] for w in written})}
+
+
+def _matching(log_target, where: str | None, since: str | None) -> list[tuple]:
+    """The captured predictions matching the filters, oldest first, each with its file's bytes
+    (None when retention removed the file): from the folder beside an SQLite log, or from
+    PostgreSQL's captures table."""
+    postgres = is_url(log_target)
+    p = "%s" if postgres else "?"
+    conditions, params = ["capture IS NOT NULL"], []
+    if where:
+        sql, more = parse_where(where, p)
+        conditions.append(sql)
+        params += more
+    if since:
+        conditions.append(f"time >= {p}")
+        params.append(parse_since(since))
+    columns = "request_id, item, time, predicted, confidence, label, state, capture"
+    if postgres:
+        query = (f"SELECT {columns}, captures.data FROM predictions LEFT JOIN captures ON captures.name = capture "
+                 f"WHERE {' AND '.join(conditions)} ORDER BY id")
+    else:
+        recover(Path(log_target))  # rows a killed server left in the journal
+        query = f"SELECT {columns} FROM predictions WHERE {' AND '.join(conditions)} ORDER BY id"
+    con, _ = connect(log_target, readonly=True)
+    try:
+        rows = con.execute(query, params).fetchall()
+    finally:
+        con.close()
+    if postgres:
+        return [(*row[:-1], None if row[-1] is None else bytes(row[-1])) for row in rows]
+    folder = Path(log_target).with_name(Path(log_target).name + ".captures")
+    return [(*row, _read(folder / row[-1])) for row in rows]
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _safe(name: str) -> str:

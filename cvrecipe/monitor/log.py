@@ -64,7 +64,9 @@ COMMIT_EVERY_S = 0.05  # SQLite with its journal: at most one commit per interva
 JOURNAL_MAX_BYTES = 8 << 20  # the journal is emptied, once committed, past this size
 
 
-PG_SCHEMA = SCHEMA[:SCHEMA.index("CREATE TABLE IF NOT EXISTS journal")].replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY").replace(" REAL", " DOUBLE PRECISION")
+# PostgreSQL keeps captured files in the database: the servers sharing it may run on other machines
+PG_SCHEMA = SCHEMA[:SCHEMA.index("CREATE TABLE IF NOT EXISTS journal")].replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY").replace(" REAL", " DOUBLE PRECISION") \
+    + "CREATE TABLE IF NOT EXISTS captures (name TEXT PRIMARY KEY, data BYTEA NOT NULL);\n"
 
 
 def is_url(target) -> bool:
@@ -131,13 +133,13 @@ class PredictionLog:
     async def write(self, rows: list[dict], captures: dict[str, bytes] | None = None) -> None:
         """Log rows (dicts with COLUMNS) and the capture files {name: bytes}; returns once they would
         survive the process being killed: journalled (SQLite) or committed (PostgreSQL)."""
-        for name, data in (captures or {}).items():  # before the row that names it
-            (self.capture_dir / name).write_bytes(data)
         values = [tuple(row.get(c) for c in COLUMNS) for row in rows]
         if self._journal is not None:
+            for name, data in (captures or {}).items():  # before the row that names it
+                (self.capture_dir / name).write_bytes(data)
             self._queue.put((("rows", values, self._journal.append(values)), None, None))
-        else:
-            await self._submit(("rows", values, None))
+        else:  # PostgreSQL: the files in the rows' transaction
+            await self._submit(("rows", values, list((captures or {}).items())))
 
     async def feedback(self, request_id: str, item: int, label: str) -> int:
         """Set the label of a logged prediction; returns the rows updated (0: no such prediction)."""
@@ -201,11 +203,14 @@ class PredictionLog:
         results, error, seq = [], None, None
         try:
             self._db.execute("BEGIN")
-            for (kind, payload, last_seq), _, _ in batch:
+            for (kind, payload, extra), _, _ in batch:  # extra: the journal's last seq, or PostgreSQL's captures
                 if kind == "rows":
                     self._db.cursor().executemany(self._insert, payload)
                     results.append(len(payload))
-                    seq = last_seq if last_seq is not None else seq
+                    if self._journal is not None:
+                        seq = extra
+                    elif extra:
+                        self._db.cursor().executemany("INSERT INTO captures (name, data) VALUES (%s, %s)", extra)
                 else:
                     cur = self._db.execute(self._label, payload)
                     results.append(cur.rowcount)
@@ -242,12 +247,22 @@ class PredictionLog:
         try:
             captured = [r[0] for r in self._db.execute(f"SELECT capture FROM predictions WHERE ({where}) "
                                                         f"AND capture IS NOT NULL", args)]
+            self._db.execute("BEGIN")
+            if self._journal is None:  # PostgreSQL: the captured files are rows too
+                self._db.execute(f"DELETE FROM captures WHERE name IN (SELECT capture FROM predictions "
+                                 f"WHERE ({where}) AND capture IS NOT NULL)", args)
             self._db.execute(f"DELETE FROM predictions WHERE {where}", args)
+            self._db.execute("COMMIT")
         except Exception:  # noqa: BLE001 - sqlite3 or psycopg errors; retried next time
             log.exception("prediction log retention failed")
+            try:
+                self._db.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - no transaction was open
+                pass
             return
-        for name in captured:
-            (self.capture_dir / name).unlink(missing_ok=True)
+        if self._journal is not None:
+            for name in captured:
+                (self.capture_dir / name).unlink(missing_ok=True)
 
 
 def insert_sql(param: str) -> str:

@@ -29,9 +29,9 @@ class MonitorSettings:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid monitoring setting(s): {', '.join(f'{n}={getattr(self, n)}' for n in bad)}")
-        if self.capture_percent > 0 and (self.log_db is None or postgres):
-            raise ValueError("--capture needs an SQLite --log-db: captured images are listed in the prediction log "
-                             "and kept in a folder beside it")
+        if self.capture_percent > 0 and self.log_db is None:
+            raise ValueError("--capture needs a --log-db: captured images are listed in the prediction log (and kept "
+                             "in a folder beside an SQLite file, or in the PostgreSQL database)")
         if self.alert_webhook is not None and not self.alert_webhook.startswith(("http://", "https://")):
             raise ValueError(f"--alert-webhook must be an http:// or https:// URL, got '{self.alert_webhook}'")
 
