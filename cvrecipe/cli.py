@@ -386,9 +386,7 @@ def _export(args: argparse.Namespace, console: Console) -> None:
                   f"sha256 {entry['sha256'][:12]})", highlight=False)
     console.print(f"parity vs eager model: {result.parity.summary()}", highlight=False)
     console.print(f"metadata: {result.path.parent / 'model.json'}", highlight=False)
-    if result.manifest.get("task", "classification") == "classification":
-        console.print(f"reference profile for monitoring: {profile_run(args.run, result.path.parent)}",
-                      highlight=False)
+    console.print(f"reference profile for monitoring: {profile_run(args.run, result.path.parent)}", highlight=False)
 
 
 if __name__ == "__main__":

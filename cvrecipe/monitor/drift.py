@@ -13,6 +13,10 @@ Each detector gives a score, the thresholds it is compared with, and a state ok 
   so that threshold is the conservative one).
 
 With fewer than `min_samples` predictions in the window every state is "waiting".
+
+A segmentation model (PixelReference) is followed by what is cheap per served image: the class mix
+of its predicted pixels, pooled over the window (PSI, as above), and each image's mean per-pixel
+confidence (KS, as above).
 """
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ def worst(states) -> str:
     return max(states, key=STATES.index) if states else "waiting"
 
 
+def reference_for(profile: dict):
+    """The detectors' reference of a profile: a segmentation model's pixels, or a classifier's images."""
+    return PixelReference(profile) if profile.get("task") == "segmentation" else Reference(profile)
+
+
 class Reference:
     """The profile's samples as arrays, ready for the detectors."""
 
@@ -41,6 +50,44 @@ class Reference:
         self.inputs = {name: np.asarray(v) for name, v in profile["inputs"].items()}
         self.logits_embedding = Embedding(profile["embedding"])
         self.features_embedding = Embedding(profile["embedding_features"]) if "embedding_features" in profile else None
+
+    def detect(self, seen: list, min_samples: int) -> list[dict]:
+        """detect() over a window of served images (each with .predicted, .confidence, .inputs, .logits
+        and .features)."""
+        predicted = np.array([s.predicted for s in seen], np.int64)
+        confidence = np.array([s.confidence for s in seen])
+        inputs = {n: np.array([s.inputs.get(n, np.nan) for s in seen]) for n in self.inputs}
+        logits = np.stack([s.logits for s in seen]) if seen else np.zeros((0, len(self.class_names)))
+        # the penultimate features when every image in the window has them, else the logits
+        features = np.stack([s.features for s in seen]) if seen and all(s.features is not None for s in seen) \
+            else None
+        return detect(self, predicted, confidence, inputs, logits, min_samples, features)
+
+
+class PixelReference:
+    """A segmentation model's profile: predicted pixels per class (pooled) and per-image mean confidence."""
+
+    def __init__(self, profile: dict):
+        self.profile = profile
+        self.class_names = profile["class_names"]
+        self.class_counts = np.asarray(profile["pixel_counts"], np.float64)
+        self.confidence = np.asarray(profile["confidence"])
+        self.inputs: dict = {}
+
+    def detect(self, seen: list, min_samples: int) -> list[dict]:
+        """Class mix of the window's pixels (each served image's .pixels, pooled) and the KS test of
+        its images' mean confidence."""
+        if len(seen) < min_samples:
+            return [{"quantity": q, "statistic": None, "score": None, "state": "waiting"}
+                    for q in ("class_mix", "confidence")]
+        counts = np.sum([s.pixels for s in seen], 0)
+        score = stats.psi(self.class_counts, counts)
+        d, p = stats.ks(self.confidence, np.array([s.confidence for s in seen]))
+        return [{"quantity": "class_mix", "statistic": "psi", "score": score, "warn": PSI_WARN, "alert": PSI_ALERT,
+                 "state": _above(score, PSI_WARN, PSI_ALERT), "unit": "pixels",
+                 "js_distance": stats.js_distance(self.class_counts, counts)},
+                {"quantity": "confidence", "statistic": "ks", "score": d, "p_value": p, "warn": KS_WARN_P,
+                 "alert": KS_ALERT_P, "state": "alert" if p < KS_ALERT_P else "warn" if p < KS_WARN_P else "ok"}]
 
 
 class Embedding:

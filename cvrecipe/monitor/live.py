@@ -53,6 +53,7 @@ class Seen:
     logits: np.ndarray  # (K,)
     latency_ms: float
     features: np.ndarray | None = None  # (D,) penultimate features, when the served model gives them
+    pixels: np.ndarray | None = None  # (K,) predicted pixels per class, for a segmentation model
 
 
 class Monitor:
@@ -91,13 +92,16 @@ class Monitor:
 
     def set_model(self, name: str, version: str, class_names: list[str], model_file: Path) -> None:
         """The served model changed (start or reload): its reference profile, if it has one."""
+        if list(class_names) != self.class_names:
+            with self._lock:  # another model's answers say nothing about this one
+                self._window.clear()
         self.class_names = list(class_names)
         self.model = {"name": name, "version": version}
         path = find_profile(model_file)
         reference = None
         if path is not None:
             try:
-                reference = drift.Reference(read_profile(path))
+                reference = drift.reference_for(read_profile(path))
             except (ValueError, KeyError) as err:
                 log.error("reference profile %s not used: %s", path, err)
         if reference is not None and reference.class_names != self.class_names:
@@ -162,6 +166,14 @@ class Monitor:
                 "width": header.width if header else None, "height": header.height if header else None,
                 "stats": row_json(inputs), "state": self.state, "capture": capture}
 
+    def record_pixels(self, request_id: str, pixels: np.ndarray, confidence: float, latency_ms: float) -> None:
+        """A segmented image joins the window: its predicted pixels per class (K,) and its mean per-pixel
+        confidence (no log row, no feedback: those are per image class)."""
+        seen = Seen(time.time(), int(np.argmax(pixels)), confidence, {}, np.zeros(0), latency_ms, pixels=pixels)
+        with self._lock:
+            self._window.append(seen)
+            self.served += 1
+
     async def feedback(self, request_id: str, item: int, label: str) -> dict:
         """Record the true label of a served image. ValueError: unknown class; KeyError: unknown request."""
         if label not in self.class_names:
@@ -193,24 +205,16 @@ class Monitor:
         with self._lock:
             seen = [s for s in self._window if s.time >= cutoff]
             labelled = [v for v in self._labelled.values() if v[0] >= cutoff]
-        predicted = np.array([s.predicted for s in seen], np.int64)
         confidence = np.array([s.confidence for s in seen])
         report = {"time": time.time(), "model": self.model, "window": self._window_info(seen),
                   "reference": self._reference_info(), "classes": self.class_names}
         drifts = []
         if self.reference is not None:
-            names = self.reference.inputs
-            inputs = {n: np.array([s.inputs.get(n, np.nan) for s in seen]) for n in names}
-            logits = np.stack([s.logits for s in seen]) if seen else np.zeros((0, len(self.class_names)))
-            # the penultimate features when every image in the window has them, else the logits
-            features = np.stack([s.features for s in seen]) if seen and all(
-                s.features is not None for s in seen) else None
             with _one_blas_thread():
-                drifts = drift.detect(self.reference, predicted, confidence, inputs, logits,
-                                      self.settings.min_samples, features)
+                drifts = self.reference.detect(seen, self.settings.min_samples)
         report["drift"] = drifts
         report["state"] = drift.worst(d["state"] for d in drifts)
-        report["class_mix"] = self._class_mix(predicted)
+        report["class_mix"] = self._class_mix(seen)
         report["confidence"] = self._confidence_hist(confidence)
         report["accuracy"] = accuracy_figures(labelled, self.class_names)
         report["latency_ms"] = _percentiles([s.latency_ms for s in seen])
@@ -230,8 +234,13 @@ class Monitor:
         return {"path": str(self.profile_path), "images": self.reference.profile["images"],
                 "source": self.reference.profile.get("source", {})}
 
-    def _class_mix(self, predicted: np.ndarray) -> dict:
-        live = stats.shares(np.bincount(predicted, minlength=len(self.class_names))).tolist()
+    def _class_mix(self, seen: list[Seen]) -> dict:
+        """Shares of the window's predicted classes (of its pixels, for a segmentation model) and the reference's."""
+        if seen and seen[-1].pixels is not None:
+            counts = np.sum([s.pixels for s in seen if s.pixels is not None], 0)
+        else:
+            counts = np.bincount(np.array([s.predicted for s in seen], np.int64), minlength=len(self.class_names))
+        live = stats.shares(counts).tolist()
         reference = stats.shares(self.reference.class_counts).tolist() if self.reference else None
         return {"live": live, "reference": reference}
 

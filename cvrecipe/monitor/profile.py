@@ -15,6 +15,10 @@ not histograms, so the server can run exact two-sample tests:
 
 The held-out images are split in two: the first part is the reference the server compares with,
 the rest calibrates the MMD thresholds (windows drawn from images the reference does not hold).
+
+A segmentation model's profile ("task": "segmentation") holds what is cheap to follow per served
+image: its predicted pixels per class (pooled, the class mix is compared with) and its mean
+per-pixel confidence (the mean over pixels of the largest class probability).
 """
 from __future__ import annotations
 
@@ -65,6 +69,19 @@ def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str]
     if features is not None:
         profile["embedding_features"] = _embedding("features-pca", features, n_ref, rng)
     return profile
+
+
+def build_pixel_profile(pixel_counts: np.ndarray, confidence: np.ndarray, class_names: list[str],
+                        source: dict | None = None) -> dict:
+    """The profile of a segmentation model from its answers on held-out images: predicted pixels per
+    class (N, K) and mean per-pixel confidence (N,) of each image."""
+    pixel_counts = np.asarray(pixel_counts, np.int64)
+    if pixel_counts.ndim != 2 or len(pixel_counts) != len(confidence) or len(pixel_counts) < 1:
+        raise ValueError(f"a segmentation profile needs one row of pixel counts and one confidence per image; got "
+                         f"{pixel_counts.shape} counts and {len(confidence)} confidences")
+    return {"format_version": FORMAT_VERSION, "task": "segmentation", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": source or {}, "images": len(pixel_counts), "class_names": list(class_names),
+            "pixel_counts": pixel_counts.sum(0).tolist(), "confidence": _rounded(confidence)}
 
 
 def _embedding(kind: str, x: np.ndarray, n_ref: int, rng) -> dict:
@@ -140,7 +157,7 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     import torch
 
     from cvrecipe.artifact.checkpoint import load_model
-    from cvrecipe.artifact.inference import predict_features
+    from cvrecipe.artifact.inference import iter_logits, predict_features
     from cvrecipe.config import load_run_config
     from cvrecipe.data import load_dataset
     from cvrecipe.export import manifest as mf
@@ -150,17 +167,22 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no best.safetensors)")
     model = load_model(checkpoint, "cpu")
-    if model.meta.get("task", "classification") != "classification":
-        raise ValueError(f"{run_dir}: profiles are written for classification models only "
-                         f"(this one is {model.meta['task']})")
     cfg = load_run_config(run_dir)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     split_name, split = ds.eval_split
     images = split.x[:max_images]
-    logits, features = predict_features(model, images, batch_size=256, device=torch.device("cpu"))
     source = {"run": str(run_dir), "checkpoint_sha256": mf.sha256_file(checkpoint),
               "images": f"{ds.name} {split_name}, first {len(images)}", "held_out_used": len(images)}
+    class_names = list(model.meta["class_names"])
+    if model.meta.get("task", "classification") == "segmentation":
+        counts, confidence = [], []
+        for outputs in iter_logits(model, images, batch_size=8, device=torch.device("cpu")):  # (B, K, H, W)
+            counts += [torch.bincount(o.argmax(0).flatten(), minlength=len(class_names)).numpy() for o in outputs]
+            confidence += outputs.softmax(1).amax(1).mean((1, 2)).tolist()
+        profile = build_pixel_profile(np.stack(counts), np.asarray(confidence), class_names, source)
+    else:
+        logits, features = predict_features(model, images, batch_size=256, device=torch.device("cpu"))
+        profile = build_profile(np.asarray(images), logits, class_names, source, features=features)
     out_dir = Path(out_dir or run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile = build_profile(np.asarray(images), logits, list(model.meta["class_names"]), source, features=features)
     return write_profile(profile, out_dir)

@@ -130,3 +130,25 @@ def test_the_embedding_detector_uses_features_when_the_profile_and_the_window_ha
     shifted = embedding(features=features[:100] + 3.0)
     assert shifted["state"] == "alert" and shifted["score"] > shifted["alert"]
     assert embedding()["space"] == "logits-pca"  # a served file without features (TorchScript)
+
+
+def test_the_pixel_detectors_of_a_segmentation_profile():
+    """Class mix of pooled pixels (PSI) and the KS test of per-image mean confidence, against scipy."""
+    from types import SimpleNamespace
+
+    from cvrecipe.monitor import drift
+    from cvrecipe.monitor.profile import build_pixel_profile
+
+    counts, confidence = RNG.integers(100, 1000, (30, 3)), RNG.uniform(0.6, 1.0, 30)
+    ref = drift.reference_for(build_pixel_profile(counts, confidence, ["bg", "disc", "square"]))
+    assert isinstance(ref, drift.PixelReference)
+    live = [SimpleNamespace(pixels=c, confidence=p) for c, p in zip(RNG.integers(100, 1000, (40, 3)),
+                                                                     RNG.uniform(0.5, 0.9, 40))]
+    out = {d["quantity"]: d for d in ref.detect(live, min_samples=20)}
+    pooled = np.sum([s.pixels for s in live], 0)
+    p, q = counts.sum(0) / counts.sum(), pooled / pooled.sum()
+    assert out["class_mix"]["score"] == pytest.approx(sps.entropy(q, p) + sps.entropy(p, q), rel=1e-9)
+    expected = sps.ks_2samp(confidence, [s.confidence for s in live], method="asymp")
+    assert out["confidence"]["score"] == pytest.approx(expected.statistic)
+    assert out["confidence"]["p_value"] == pytest.approx(expected.pvalue)
+    assert {d["state"] for d in ref.detect(live[:5], min_samples=20)} == {"waiting"}

@@ -82,3 +82,39 @@ def test_a_classifier_server_refuses_segment(tmp_path):
     with running_server(run_dir, backend="torch") as (url, _):
         r = post(url, data, content_type="image/jpeg")
         assert r.status_code == 409 and "segmentation" in r.json()["error"]["message"]
+
+
+def test_the_monitor_follows_the_pixel_class_mix(seg):
+    """The profile of a segmentation run holds its held-out pixels per class; the server pools the
+    pixels of the masks it answers and compares: PSI equal to stats.psi of the answered areas, ok
+    for images like the training ones, alert for images with no shapes in them."""
+    from cvrecipe.monitor import MonitorSettings, stats
+    from cvrecipe.monitor.profile import profile_run, read_profile
+
+    from conftest import shapes_pair
+
+    profile = read_profile(profile_run(seg.run))  # RUN/export/profile.json, beside the ONNX export
+    assert profile["task"] == "segmentation" and len(profile["pixel_counts"]) == len(seg.classes)
+
+    def png(image: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(1)
+    clean = [png(shapes_pair(48, rng)[0]) for _ in range(10)]
+    blank = [png(np.clip(rng.normal(80, 15, (48, 48, 3)), 0, 255).astype(np.uint8)) for _ in range(10)]
+    settings = MonitorSettings(window=10, min_samples=10, interval_s=0.2)
+    with running_server(seg.run, backend="onnxruntime", monitor=settings) as (url, _):
+        states = {}
+        for name, images in (("clean", clean), ("blank", blank)):
+            areas = [post(url, data, route="/v1/segment?format=json").json()["areas"] for data in images]
+            pooled = np.sum([[a["pixels"] for a in answer] for answer in areas], 0)
+            report = httpx.get(url + "/v1/monitor", params={"fresh": True}, timeout=30).json()
+            mix = next(d for d in report["drift"] if d["quantity"] == "class_mix")
+            assert mix["statistic"] == "psi" and mix["unit"] == "pixels"
+            assert mix["score"] == pytest.approx(stats.psi(profile["pixel_counts"], pooled), rel=1e-9)
+            assert report["class_mix"]["live"] == pytest.approx(stats.shares(pooled).tolist())
+            assert {d["quantity"] for d in report["drift"]} == {"class_mix", "confidence"}
+            states[name] = mix["state"]
+    assert states == {"clean": "ok", "blank": "alert"}
