@@ -2,7 +2,7 @@
 
 Written beside model.json as profile.json by `cvrecipe export` (and `cvrecipe monitor profile RUN`
 for older exports) from the run's held-out split, run through the eager model. It holds samples,
-not histograms, so the server can run exact two-sample tests:
+not histograms, so the server can run two-sample tests:
 
 - the predicted-class counts and the confidence (max softmax probability) of each image;
 - input statistics per image (stats.input_stats, plus the stored image size √(H·W));
