@@ -308,8 +308,8 @@ _BLAS: list = []  # the ThreadpoolController, made on first use (it lists the lo
 
 def _one_blas_thread():
     """The detectors' matrix products are small (1,000 × 500 × 16): on one BLAS thread. A second
-    one gains nothing there and then busy-waits for the next product, taking a core from requests
-    (the server's CPU per request was 8 % higher with it)."""
+    one gains nothing there and busy-waits after each product, taking a core from requests: an
+    evaluation cost 19-23 ms of CPU with two threads, 8-12 ms with one (bench/monitor_cost.py)."""
     from threadpoolctl import ThreadpoolController
 
     if not _BLAS:
