@@ -166,7 +166,7 @@ class Monitor:
                 "width": header.width if header else None, "height": header.height if header else None,
                 "stats": row_json(inputs), "state": self.state, "capture": capture}
 
-    def record_pixels(self, request_id: str, pixels: np.ndarray, confidence: float, latency_ms: float) -> None:
+    def record_pixels(self, pixels: np.ndarray, confidence: float, latency_ms: float) -> None:
         """A segmented image joins the window: its predicted pixels per class (K,) and its mean per-pixel
         confidence (no log row, no feedback: those are per image class)."""
         seen = Seen(time.time(), int(np.argmax(pixels)), confidence, {}, np.zeros(0), latency_ms, pixels=pixels)

@@ -89,8 +89,7 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
         latency = round((time.perf_counter() - start) * 1000, 3)
         if state.monitor is not None:  # the window's pixel class mix and confidence
             k = len(used.info["class_names"])
-            state.monitor.record_pixels(request.state.request_id, np.bincount(classes.ravel(), minlength=k)[:k],
-                                        confidence, latency)
+            state.monitor.record_pixels(np.bincount(classes.ravel(), minlength=k)[:k], confidence, latency)
         model = {"name": used.info["name"], "version": used.version}
         if format == "png":
             return Response(png, media_type="image/png",
