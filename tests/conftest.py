@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +96,29 @@ def make_shapes_masks(root: Path, count: int = 24, size: int = 48, seed: int = 0
             Image.fromarray(image).save(root / split / "image" / f"{i}.png")
             Image.fromarray(mask).save(root / split / "label" / f"{i}.png")
     return root
+
+
+# -- leaving -------------------------------------------------------------------------------------------
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with the session's exit status once every report is written, without the interpreter's
+    teardown. The session hosts native thread pools (torch.distributed's launcher and stores, ONNX
+    Runtime sessions of in-process servers) whose static destructors can run while one of their
+    threads is still alive: once in a full run, after every test had passed, the process aborted in
+    that teardown ("terminate called without an active exception"), and make saw the abort instead
+    of the result. The threads still alive are named, for whoever looks into it."""
+    if not _EXIT_STATUS:
+        return
+    alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+    if alive:
+        print(f"\nthreads alive at exit ({len(alive)}): {', '.join(alive)}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[0])
