@@ -77,7 +77,7 @@ async def measure(export_dir: Path, batches: int, batch: int, log_db: Path | Non
     evaluate_ms = (time.process_time() - t0) / 20 * 1000
     n = batches * batch
     return {"inspect_us": inspect_s / n * 1e6, "record_us": record_s / n * 1e6, "evaluate_ms": evaluate_ms,
-            "window": len(monitor._window)}
+            "window": monitor.evaluate()["window"]["predictions"]}
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -107,14 +108,17 @@ def export_captures(log_target, out_dir: Path, where: str | None = None, since: 
     rows = _matching(log_target, where, since)
     out_dir = Path(out_dir)
     written, missing = [], 0
-    for request_id, item, when, predicted, confidence, label, state, capture, data in rows:
-        if data is None:
+    for request_id, item, when, predicted, confidence, label, state, capture, source in rows:
+        if source is None:
             missing += 1  # removed by retention meanwhile
             continue
         cls = label if (by == "label" and label) else predicted
         target = out_dir / "train" / _safe(cls) / capture
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        if isinstance(source, Path):
+            shutil.copyfile(source, target)
+        else:
+            target.write_bytes(source)
         written.append([target.relative_to(out_dir).as_posix(), predicted, label or "", confidence, state,
                         time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when))])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,9 +131,9 @@ def export_captures(log_target, out_dir: Path, where: str | None = None, since: 
 
 
 def _matching(log_target, where: str | None, since: str | None) -> list[tuple]:
-    """The captured predictions matching the filters, oldest first, each with its file's bytes
-    (None when retention removed the file): from the folder beside an SQLite log, or from
-    PostgreSQL's captures table."""
+    """The captured predictions matching the filters, oldest first, each with where its file is:
+    its path in the folder beside an SQLite log, or its bytes from PostgreSQL's captures table
+    (None when retention removed it)."""
     postgres = is_url(log_target)
     p = "%s" if postgres else "?"
     conditions, params = ["capture IS NOT NULL"], []
@@ -155,14 +159,7 @@ def _matching(log_target, where: str | None, since: str | None) -> list[tuple]:
     if postgres:
         return [(*row[:-1], None if row[-1] is None else bytes(row[-1])) for row in rows]
     folder = Path(log_target).with_name(Path(log_target).name + ".captures")
-    return [(*row, _read(folder / row[-1])) for row in rows]
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    return [(*row, folder / row[-1] if (folder / row[-1]).is_file() else None) for row in rows]
 
 
 def _safe(name: str) -> str:
