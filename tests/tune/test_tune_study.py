@@ -43,7 +43,11 @@ def grid_study(tmp_path_factory):
 
 def test_two_workers_share_the_study_and_a_failing_trial_does_not_stop_it(grid_study):
     work, out, study = grid_study
-    trials = study.get_trials()
+    # a worker that saw a queued point just as the other took it starts one trial more, which stops
+    # before training and is marked over budget (see study.over_budget): at most one per extra worker
+    extra = [t for t in study.get_trials() if t.user_attrs.get("over_budget")]
+    assert len(extra) <= 1 and all(t.state == TrialState.FAIL and "run_dir" not in t.user_attrs for t in extra)
+    trials = [t for t in study.get_trials() if not t.user_attrs.get("over_budget")]
     assert len(trials) == 6  # the budget of 10 is capped at the grid's 6 points
     assert sorted((t.params["optim.lr"], t.params["model.dropout"]) for t in trials) == \
         sorted((lr, d) for lr in (0.05, 0.2, 1e6) for d in (0.0, 0.3))  # each point exactly once
