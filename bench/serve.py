@@ -1,7 +1,7 @@
 """Serving throughput and latency: `cvrecipe serve` against a peer server and raw ONNX Runtime.
 
     python bench/serve.py [--run runs/NAME] [--second-run RUN] [--rounds 2] [--requests 3000] [--seconds 6]
-                          [--concurrency 1,8,32,64] [--naive]
+                          [--concurrency 1,8,32,64] [--naive] [--no-monitor]
 
 Without --run, trains small-cnn on a 5,000-image subset of Fashion-MNIST for one epoch (scikit-
 learn's digits when Fashion-MNIST is not available) in a temporary folder. --second-run adds a
@@ -17,6 +17,9 @@ each run is exported to ONNX if it has no export yet. Then, per model, all on 12
    shared machine falls on both alike; resident memory of each server after its run (LitServe:
    all its processes);
 3. with --naive, `cvrecipe serve --max-batch-size 1` (one forward pass per request).
+
+`cvrecipe serve` monitors its traffic by default (drift, live accuracy; LitServe has none);
+--no-monitor serves with monitoring off, to compare the two servers doing the same work.
 
 Prints per-round rows, then per server and concurrency the median over rounds, and the ratios the
 targets are stated in. Asserts nothing. The load generator shares the machine's cores with the
@@ -146,8 +149,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, export_dir: Path, port: int, max_batch_size: int, max_wait_ms: float
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(kind: str, export_dir: Path, port: int, max_batch_size: int, max_wait_ms: float,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """(process, predict URL) of a server started in a subprocess and ready to answer."""
     if kind == "litserve":
         cmd = [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), str(export_dir), "--port", str(port),
@@ -155,7 +158,7 @@ def start_server(kind: str, export_dir: Path, port: int, max_batch_size: int, ma
         ready, predict = "/health", "/predict"
     else:
         cmd = [sys.executable, "-m", "cvrecipe", "serve", str(export_dir), "--port", str(port), "--max-batch-size",
-               str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--queue-size", "4096"]
+               str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--queue-size", "4096", *extra]
         ready, predict = "/readyz", "/v1/predict"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -243,10 +246,10 @@ async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, s
 
 
 def measure(kind: str, export_dir: Path, bodies: list[bytes], levels: list[int], max_batch_size: int,
-            max_wait_ms: float, requests: int, seconds: float) -> dict:
+            max_wait_ms: float, requests: int, seconds: float, extra: tuple[str, ...] = ()) -> dict:
     """{concurrency: figures} for one server started for this round, plus its resident memory."""
     port = free_port()
-    proc, url = start_server(kind, export_dir, port, max_batch_size, max_wait_ms)
+    proc, url = start_server(kind, export_dir, port, max_batch_size, max_wait_ms, extra)
     try:
         rows = {c: asyncio.run(load(url, bodies, c, requests, seconds)) for c in levels}
         rows["rss_mb"] = resident_mb(proc)
@@ -262,7 +265,8 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
     x = test_images(run_dir)
     bodies = png_bodies(x)
     print(f"\n== {label}: {export_dir / 'model.onnx'}, images {x.shape[1:]} (C, H, W), {os.cpu_count()} CPU cores, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"load average {os.getloadavg()[0]:.1f}; cvrecipe's monitoring {'off' if args.no_monitor else 'on'}",
+          flush=True)
     raw = raw_throughput(export_dir / "model.onnx", x)
     print("raw ONNX Runtime images/s by batch size: " + ", ".join(f"{b}: {r:,.0f}" for b, r in raw.items()),
           flush=True)
@@ -273,14 +277,16 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
     rounds = {name: [] for name in servers}
     for r in range(args.rounds):
         for name in servers if r % 2 == 0 else servers[::-1]:  # A B, B A, ...: alternated
-            rows = measure(name, export_dir, bodies, levels, 32, 5.0, args.requests, args.seconds)
+            extra = ("--no-monitor",) if args.no_monitor and name == "cvrecipe" else ()
+            rows = measure(name, export_dir, bodies, levels, 32, 5.0, args.requests, args.seconds, extra)
             rounds[name].append(rows)
             for c in levels:
                 f = rows[c]
                 print(f"round {r + 1} {name:<9} c={c:<3} {f['rps']:>7,.0f} req/s  p50 {f['p50']:6.1f}  "
                       f"p99 {f['p99']:6.1f} ms  errors {f['errors']}  n {f['n']}", flush=True)
             print(f"round {r + 1} {name:<9} resident memory {rows['rss_mb']:.0f} MB", flush=True)
-    naive = measure("cvrecipe", export_dir, bodies, levels, 1, 0, args.requests, args.seconds) if args.naive else None
+    naive = measure("cvrecipe", export_dir, bodies, levels, 1, 0, args.requests, args.seconds,
+                    ("--no-monitor",) if args.no_monitor else ()) if args.naive else None
     return {"raw": raw, "variants": variants, "rounds": rounds, "naive": naive}
 
 
@@ -319,6 +325,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6, help="time limit per concurrency level (default 6)")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels (default 1,8,32,64)")
     parser.add_argument("--naive", action="store_true", help="also measure cvrecipe serve with batching off")
+    parser.add_argument("--no-monitor", action="store_true", help="cvrecipe serve with monitoring off (as LitServe)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     for name, (objects, full, frozen) in gc_pauses().items():
