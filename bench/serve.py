@@ -274,10 +274,11 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
     print("ONNX Runtime options at batch 32 (images/s, median of 3 interleaved): "
           + "; ".join(f"{name}: {r:,.0f}" for name, r in variants.items()), flush=True)
     servers = ["cvrecipe", "litserve"]
+    no_monitor = ("--no-monitor",) if args.no_monitor else ()  # cvrecipe's options; LitServe has no monitoring
     rounds = {name: [] for name in servers}
     for r in range(args.rounds):
         for name in servers if r % 2 == 0 else servers[::-1]:  # A B, B A, ...: alternated
-            extra = ("--no-monitor",) if args.no_monitor and name == "cvrecipe" else ()
+            extra = no_monitor if name == "cvrecipe" else ()
             rows = measure(name, export_dir, bodies, levels, 32, 5.0, args.requests, args.seconds, extra)
             rounds[name].append(rows)
             for c in levels:
@@ -286,7 +287,7 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
                       f"p99 {f['p99']:6.1f} ms  errors {f['errors']}  n {f['n']}", flush=True)
             print(f"round {r + 1} {name:<9} resident memory {rows['rss_mb']:.0f} MB", flush=True)
     naive = measure("cvrecipe", export_dir, bodies, levels, 1, 0, args.requests, args.seconds,
-                    ("--no-monitor",) if args.no_monitor else ()) if args.naive else None
+                    no_monitor) if args.naive else None
     return {"raw": raw, "variants": variants, "rounds": rounds, "naive": naive}
 
 
