@@ -10,10 +10,12 @@ before any work starts (a model loaded, a port bound, data read).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     try:
         _check_arguments(args)
-        return _dispatch(args, console)
+        with _plain_warnings():
+            return _dispatch(args, console)
     except KeyboardInterrupt:
         console.print("interrupted; the last completed epoch is saved in last.ckpt (resume with --resume RUN)")
         return 130
@@ -212,6 +215,24 @@ def main(argv: list[str] | None = None) -> int:
         Console(soft_wrap=True, stderr=True).print(f"[bold red]error:[/] {escape(error_line(err, debug))}",
                                                    highlight=False)
         return getattr(err, "exit_status", 2 if isinstance(err, BAD_INPUT) else 1)
+
+
+@contextlib.contextmanager
+def _plain_warnings():
+    """cvrecipe's own warnings (files a dataset skipped, ...) as one `warning: ...` line each on
+    stderr, without Python's file:line prefix and source line; other warnings as Python prints them."""
+    with warnings.catch_warnings():
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if category.__module__.startswith("cvrecipe"):
+                Console(soft_wrap=True, stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}",
+                                                           highlight=False)
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

@@ -138,15 +138,33 @@ def test_predict_refuses_a_jpeg_bomb_unread_with_the_memory_of_an_ordinary_image
     assert peaks["bomb.jpg"][0] - peaks["good.png"][0] < 100 * 1024, peaks
 
 
-def test_a_command_warns_about_skipped_files_once(tmp_path, recwarn):
-    """`run` loads its data three times (train, evaluate, report); the warning about a bad file is
-    given once (recwarn records every warning issued, repeats included)."""
+def test_a_command_warns_about_skipped_files_once_in_one_line_with_the_full_list_in_a_file(tmp_path, capsys):
+    """`run` loads its data three times (train, evaluate, report); the warning about the bad files is
+    one plain line on stderr, given once, naming the file that lists them all (no Python source line,
+    no list cut short)."""
     data = make_image_folder(tmp_path / "imgs", per_class={"train": 12, "test": 4}, size=8)
-    (data / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    broken = sorted(f"train/cat/broken{i}.jpg" for i in range(7))
+    for name in broken:
+        (data / name).write_bytes(b"\xff\xd8\xff not really")
     assert main(["run", "digits-quick", f"data.name=folder:{data}", f"runs_dir={tmp_path / 'runs'}", "--no-sanity",
                  "train.epochs=1", "data.val_fraction=0.2"]) == 0
-    skipped = [w for w in recwarn if "skipped 1 unreadable file(s): train/cat/broken.jpg" in str(w.message)]
-    assert len(skipped) == 1, [str(w.message) for w in recwarn]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "unreadable" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {data}: skipped 7 unreadable file(s) (e.g. "), err
+    assert "warnings.warn" not in err and "UserWarning" not in err and "more" not in lines[0]
+    listing = Path(lines[0].rsplit("all listed in ", 1)[1])
+    assert listing.name == "skipped_files.txt" and [row.split("\t")[0] for row in listing.read_text().splitlines()] == broken
+    in_run = (tmp_path / "runs" / "digits-quick" / "skipped_files.txt").read_text()
+    assert in_run == listing.read_text()  # the run keeps its own copy
+
+
+def test_a_last_ckpt_of_random_bytes_is_said_to_be_no_checkpoint(run_dir, tmp_path, capsys):
+    import random
+
+    bad = tampered(run_dir, tmp_path, "last.ckpt", random.Random(0).randbytes(4096))
+    assert main(["train", "--resume", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {bad / 'last.ckpt'}: not a cvrecipe checkpoint (unreadable: "
+                                               f"neither a file torch.save writes nor any pickle)")
 
 
 def test_predict_answers_files_refused_by_their_headers_without_loading_torch(run_dir, tmp_path):
