@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cvrecipe.train.runlock import LOCK_NAME, RunBusy, RunLock
+
 ROOT = Path(__file__).resolve().parents[2]
 # digits, a constant lr and many epochs: the job is still running whatever the machine's speed when killed
 SETTINGS = ["runs_dir={runs}", "data.cache_dir={runs}/cache", "name=r", "train.epochs=300", "train.sanity=false",
@@ -129,3 +131,26 @@ def test_a_second_writer_is_refused_naming_the_holder_and_takes_over_once_it_die
     resumed = _cli("train", "--resume", run, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert _rows(run) == done + 1
+
+
+HOLD = "import sys, time; from cvrecipe.train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+
+
+def test_a_held_folder_is_refused_until_its_holder_is_killed_then_the_lock_file_goes_with_the_last_holder(tmp_path):
+    """Two writers on one folder through the lock alone (seconds, no training): the second is
+    refused naming the first, a holder killed by SIGKILL leaves no stale lock, and a holder that
+    ends removes the file."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (tmp_path / LOCK_NAME).read_bytes()
+        with pytest.raises(RunBusy, match=rf"in use by another job \(pid {holder.pid} on {os.uname().nodename}, "
+                                          rf"started \d{{4}}-\d\d-\d\dT"):
+            RunLock(tmp_path).acquire()
+        assert (tmp_path / LOCK_NAME).read_bytes() == before  # refused: nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path):  # the kernel dropped the killed holder's lock
+        assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
+    assert not (tmp_path / LOCK_NAME).exists()
