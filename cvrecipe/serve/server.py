@@ -6,8 +6,8 @@ and requests not yet read would otherwise be reset when the listening socket clo
 stops accepting and waits for in-flight requests to finish (up to the request timeout plus a
 margin), and the app drains its batcher. SIGHUP reloads the model.
 
-The listening socket is bound first, before the model loads: a port in use or not allowed is one
-line at once, and the server listens on the port it names (uvicorn gets the bound socket).
+The listening socket is bound before the model loads: a port in use or not allowed is one line at
+once, and the server listens on the port it names (uvicorn gets the bound socket).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def serve(settings: ServeSettings, log_level: str = "info") -> None:
     except ImportError as err:
         raise RuntimeError(f"serving needs the serve extra ({err}): pip install 'cvrecipe[serve]'") from err
 
-    listener = bind(settings.host, settings.port)
-    source = resolve_source(settings.source, settings.backend)  # fail before loading, with a clear message
+    source = resolve_source(settings.source, settings.backend)  # which file (nothing loaded yet), or one line
+    listener = bind(settings.host, settings.port)  # before the model loads: a busy port is said at once
     port = listener.getsockname()[1]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cvrecipe.serve").info("model file %s (%s backend); listening on http://%s:%d",
