@@ -38,7 +38,7 @@ from rich.console import Console
 from cvrecipe.config import Config, save_config
 from cvrecipe.train.distributed import find_elastic_run
 from cvrecipe.train.parent import die_with_parent
-from cvrecipe.train.runlock import HELD_ENV
+from cvrecipe.train.runlock import HELD_ENV, try_lock
 
 SHUTDOWN_S = 5  # seconds the agent gives the other ranks to stop after one failed, before SIGKILL
 HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the agent installs its own handlers for these
@@ -89,6 +89,8 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
             except ChildFailedError as err:
                 run_dir = resume_dir or find_elastic_run(cfg.runs_dir, run_id)
                 line = _failure_line(err, nproc, run_dir)
+                if resume_dir is None and run_dir is not None and (lock := try_lock(run_dir)) is not None:
+                    lock.release()  # the run.lock of a rank 0 the agent stopped before it could remove it
                 if resume_dir is None and not keep_failed and run_dir is not None and not has_results(run_dir):
                     # rank 0 removes it itself unless the agent stopped it first (another rank failed sooner)
                     shutil.rmtree(run_dir, ignore_errors=True)
