@@ -243,6 +243,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--port {args.port}: expected a TCP port from 0 to 65535 (0: any free port)")
     if args.verb == "train" and args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
+    if args.verb == "train" and args.max_restarts < 0:
+        raise ValueError(f"--max-restarts {args.max_restarts}: expected 0 or more")
+    if args.verb == "tune" and (args.workers < 1 or args.trials < 1):
+        raise ValueError(f"--workers {args.workers} --trials {args.trials}: expected at least 1 of each")
+    if args.verb == "export" and args.max_images < 1:
+        raise ValueError(f"--max-images {args.max_images}: expected 1 or more images for the parity check")
 
 
 def error_line(err: BaseException, debug: bool = False, limit: int = 600) -> str:
@@ -365,8 +371,6 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         return 0
     if not args.recipe or not args.space:
         raise ValueError("cvrecipe tune needs a RECIPE and --space SPACE.yaml (or --report STUDY)")
-    if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: expected at least 1")
     settings = prepare(args.recipe, args.overrides, args.space, args.trials, args.storage, args.study, args.sampler,
                        args.pruner, args.metric, args.direction, args.seed, args.heartbeat)
     try:
