@@ -176,6 +176,7 @@ def _restarted_run(cfg: Config, owned: contextlib.ExitStack) -> str | None:
     owned.enter_context(RunLock(found))
     return str(found)
 
+
 def _resumable(run_dir: Path, console: Console) -> bool:
     """Whether `run_dir` continues from its last.ckpt (refused here, before any data is read, when
     the file is damaged or unsafe), or starts again: a run killed before its first checkpoint has
