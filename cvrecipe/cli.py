@@ -2,17 +2,20 @@
 the data tools, export and serve. A recipe and its overrides are loaded and checked first, before
 anything heavy is imported or any data is read.
 
-Every failure ends here as one line naming the file, key or limit (`error: ...`), with exit status
-2 for bad input (a config, a data set, a file the user gave) and 1 for a run that failed; `--debug`
-or CVRECIPE_DEBUG=1 prints the traceback as well.
+Every failure ends here as one line on stderr naming the file, key or limit (`error: ...`), with
+exit status 2 for bad input (an argument, a config, a data set, a file the user gave) and 1 for a
+run that failed; `--debug` or CVRECIPE_DEBUG=1 prints the traceback as well. Arguments are checked
+before any work starts (a model loaded, a port bound, data read).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -199,15 +202,53 @@ def main(argv: list[str] | None = None) -> int:
         args.recipe = "fashion-mnist"
     console = Console(soft_wrap=True)
     try:
-        return _dispatch(args, console)
+        _check_arguments(args)
+        with _plain_warnings():
+            return _dispatch(args, console)
     except KeyboardInterrupt:
         console.print("interrupted; the last completed epoch is saved in last.ckpt (resume with --resume RUN)")
         return 130
     except Exception as err:  # noqa: BLE001 - the boundary: whatever failed, the user gets one line
         if debug:
             traceback.print_exc()
-        console.print(f"[bold red]error:[/] {escape(error_line(err, debug))}", highlight=False)
+        # stderr, where scripts look for it (stdout stays the command's answer, e.g. predict --json)
+        Console(soft_wrap=True, stderr=True).print(f"[bold red]error:[/] {escape(error_line(err, debug))}",
+                                                   highlight=False)
         return getattr(err, "exit_status", 2 if isinstance(err, BAD_INPUT) else 1)
+
+
+@contextlib.contextmanager
+def _plain_warnings():
+    """cvrecipe's own warnings (files a dataset skipped, ...) as one `warning: ...` line each on
+    stderr, without Python's file:line prefix and source line; other warnings as Python prints them."""
+    with warnings.catch_warnings():
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if category.__module__.startswith("cvrecipe"):
+                Console(soft_wrap=True, stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}",
+                                                           highlight=False)
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Numbers argparse takes as any int but that only make sense in a range: refused before any work."""
+    if args.verb == "predict" and args.top_k < 1:
+        raise ValueError(f"-k/--top-k {args.top_k}: expected 1 or more classes per image")
+    if args.verb == "serve" and not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected a TCP port from 0 to 65535 (0: any free port)")
+    if args.verb == "train" and args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
+    if args.verb == "train" and args.max_restarts < 0:
+        raise ValueError(f"--max-restarts {args.max_restarts}: expected 0 or more")
+    if args.verb == "tune" and (args.workers < 1 or args.trials < 1):
+        raise ValueError(f"--workers {args.workers} --trials {args.trials}: expected at least 1 of each")
+    if args.verb == "export" and args.max_images < 1:
+        raise ValueError(f"--max-images {args.max_images}: expected 1 or more images for the parity check")
 
 
 def error_line(err: BaseException, debug: bool = False, limit: int = 600) -> str:
@@ -241,8 +282,6 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "train":
         from cvrecipe.train.job import train
 
-        if args.nproc is not None and args.nproc < 1:
-            raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
         train(cfg, resume_dir=args.resume, console=console, keep_failed=args.keep_failed, nproc=args.nproc,
               max_restarts=args.max_restarts)
     elif args.verb == "eval":
@@ -253,11 +292,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         refused = _refused_by_headers(args.run, args.images)
         if refused is not None:  # nothing to run a model on: answered without loading torch or the model
             _print_predictions([{"file": name, "error": reason} for name, reason in refused], args, console)
-            return 0
+            return 2  # every file given was refused: the command did nothing it was asked
         from cvrecipe.evaluate.job import predict, prediction_lines
 
         results = predict(args.run, args.images, args.top_k, args.out, args.overlay)
         _print_predictions(results, args, console, prediction_lines)
+        return 2 if results and all("error" in r for r in results) else 0
     elif args.verb == "data" and args.data_verb == "inspect":
         from cvrecipe.data.report import inspect_data
 
@@ -331,8 +371,6 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         return 0
     if not args.recipe or not args.space:
         raise ValueError("cvrecipe tune needs a RECIPE and --space SPACE.yaml (or --report STUDY)")
-    if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: expected at least 1")
     settings = prepare(args.recipe, args.overrides, args.space, args.trials, args.storage, args.study, args.sampler,
                        args.pruner, args.metric, args.direction, args.seed, args.heartbeat)
     try:

@@ -35,9 +35,9 @@ def test_bad_values_stop_before_any_data_with_one_line(tmp_path, overrides, expe
     out = subprocess.run([sys.executable, "-c", PROBE, "train", "fashion-mnist", *overrides, f"runs_dir={tmp_path}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=60,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    lines = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+    lines = out.stderr.splitlines()  # the error line goes to stderr, alone
     assert out.returncode == 2, out.stdout + out.stderr
-    assert len(lines) == 1 and all(word in lines[0] for word in expected), out.stdout
+    assert len(lines) == 1 and lines[0].startswith("error:") and all(word in lines[0] for word in expected), out.stderr
     assert "Traceback" not in out.stderr
     assert out.stdout.rstrip().endswith("torch not imported")
     assert not (tmp_path / "fashion-mnist").exists()
@@ -65,16 +65,16 @@ def test_explain_gives_type_default_and_doc_and_follows_moved_keys(capsys):
     assert main(["config", "--explain", "train.ema"]) == 0
     assert capsys.readouterr().out.startswith("train.ema is now average.name")
     assert main(["config", "--explain", "train.nope"]) == 2
-    assert "unknown config key 'train.nope'" in capsys.readouterr().out
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     assert main(["train", "digits-quick", "train.lrr=1"]) == 2
-    assert "unknown config key 'train.lrr'" in capsys.readouterr().out
+    assert "unknown config key 'train.lrr'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nope")]) == 2
-    assert "not a run folder" in capsys.readouterr().out
+    assert "not a run folder" in capsys.readouterr().err
     assert main(["config", "schedule.ends=[0.2]"]) == 2  # brackets in a message are printed, not parsed
-    assert "schedule.ends=[0.2]: expected a list of 2 numbers" in capsys.readouterr().out
+    assert "schedule.ends=[0.2]: expected a list of 2 numbers" in capsys.readouterr().err
 
 
 def test_every_config_field_has_a_doc():

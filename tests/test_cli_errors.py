@@ -32,11 +32,11 @@ def cvrecipe(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 
 
 def one_error_line(out: subprocess.CompletedProcess) -> str:
-    """The run's only `error:` line, after checking that nothing printed a traceback."""
+    """The run's only `error:` line, on stderr, after checking that nothing printed a traceback."""
     text = out.stdout + out.stderr
     assert "Traceback" not in text and "weights_only" not in text, text
-    lines = [line for line in out.stdout.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, text
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "error:" not in out.stdout, text
     return lines[0]
 
 
@@ -75,7 +75,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(run_dir, t
     (evil / "last.ckpt").write_bytes(pickle.dumps({"model": RunsCode(marker)}, protocol=pickle.HIGHEST_PROTOCOL))
     assert main(["train", "--resume", str(evil)]) == 2
     printed = capsys.readouterr()
-    assert printed.out.strip() == refusal and "weights_only" not in printed.out + printed.err
+    assert printed.err.strip() == refusal and "weights_only" not in printed.out + printed.err
     assert not marker.exists()
 
 
@@ -97,7 +97,7 @@ def test_a_yaml_tag_in_a_run_config_is_refused_not_constructed(run_dir, tmp_path
                f"the tag 'tag:yaml.org,2002:python/object/apply:os.system', line 1; configs are plain YAML with no tags)")
     out = cvrecipe("eval", bad, cwd=tmp_path)
     assert out.returncode == 2 and one_error_line(out) == refusal
-    assert main(["train", "--resume", str(bad)]) == 2 and capsys.readouterr().out.strip() == refusal
+    assert main(["train", "--resume", str(bad)]) == 2 and capsys.readouterr().err.strip() == refusal
     assert not marker.exists()
 
 
@@ -132,21 +132,39 @@ def test_predict_refuses_a_jpeg_bomb_unread_with_the_memory_of_an_ordinary_image
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         out = cvrecipe("predict", run_dir, image, cwd=tmp_path)
         peaks[image.name] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before
-        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode == (2 if image == bomb else 0), out.stdout + out.stderr  # 2: every file refused
     assert "bomb.jpg: unreadable (declares 30000x30000 = 900,000,000 pixels, above the limit of 40,000,000" in out.stdout
     # ru_maxrss of children is the largest child so far: the bomb's run must not raise it much
     assert peaks["bomb.jpg"][0] - peaks["good.png"][0] < 100 * 1024, peaks
 
 
-def test_a_command_warns_about_skipped_files_once(tmp_path, recwarn):
-    """`run` loads its data three times (train, evaluate, report); the warning about a bad file is
-    given once (recwarn records every warning issued, repeats included)."""
+def test_a_command_warns_about_skipped_files_once_in_one_line_with_the_full_list_in_a_file(tmp_path, capsys):
+    """`run` loads its data three times (train, evaluate, report); the warning about the bad files is
+    one plain line on stderr, given once, naming the file that lists them all (no Python source line,
+    no list cut short)."""
     data = make_image_folder(tmp_path / "imgs", per_class={"train": 12, "test": 4}, size=8)
-    (data / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    broken = sorted(f"train/cat/broken{i}.jpg" for i in range(7))
+    for name in broken:
+        (data / name).write_bytes(b"\xff\xd8\xff not really")
     assert main(["run", "digits-quick", f"data.name=folder:{data}", f"runs_dir={tmp_path / 'runs'}", "--no-sanity",
                  "train.epochs=1", "data.val_fraction=0.2"]) == 0
-    skipped = [w for w in recwarn if "skipped 1 unreadable file(s): train/cat/broken.jpg" in str(w.message)]
-    assert len(skipped) == 1, [str(w.message) for w in recwarn]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "unreadable" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {data}: skipped 7 unreadable file(s) (e.g. "), err
+    assert "warnings.warn" not in err and "UserWarning" not in err and "more" not in lines[0]
+    listing = Path(lines[0].rsplit("all listed in ", 1)[1])
+    assert listing.name == "skipped_files.txt" and [row.split("\t")[0] for row in listing.read_text().splitlines()] == broken
+    in_run = (tmp_path / "runs" / "digits-quick" / "skipped_files.txt").read_text()
+    assert in_run == listing.read_text()  # the run keeps its own copy
+
+
+def test_a_last_ckpt_of_random_bytes_is_said_to_be_no_checkpoint(run_dir, tmp_path, capsys):
+    import random
+
+    bad = tampered(run_dir, tmp_path, "last.ckpt", random.Random(0).randbytes(4096))
+    assert main(["train", "--resume", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {bad / 'last.ckpt'}: not a cvrecipe checkpoint (unreadable: "
+                                               f"neither a file torch.save writes nor any pickle)")
 
 
 def test_predict_answers_files_refused_by_their_headers_without_loading_torch(run_dir, tmp_path):
@@ -160,7 +178,7 @@ def test_predict_answers_files_refused_by_their_headers_without_loading_torch(ru
              "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
     out = subprocess.run([sys.executable, "-c", probe, "predict", str(run_dir), str(bomb), str(text)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == 2, out.stdout + out.stderr  # every file given was refused
     assert "bomb.jpg: unreadable (declares 30000x30000 = 900,000,000 pixels, above the limit of 40,000,000" in out.stdout
     assert "notes.png: unreadable (not a recognised image format" in out.stdout
     assert out.stdout.rstrip().endswith("torch not imported")
@@ -169,5 +187,33 @@ def test_predict_answers_files_refused_by_their_headers_without_loading_torch(ru
     out = subprocess.run([sys.executable, "-c", probe, "predict", str(run_dir), str(bomb), str(good), "--json"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     answers = {Path(r["file"]).name: r for r in json.loads(out.stdout[:out.stdout.rindex("]") + 1])}
-    assert "error" in answers["bomb.jpg"] and "error" not in answers["good.png"]
+    assert "error" in answers["bomb.jpg"] and "error" not in answers["good.png"] and out.returncode == 0
     assert out.stdout.rstrip().endswith("torch imported")
+
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_predict_refuses_a_top_k_below_1_before_loading_anything(run_dir, tmp_path, k):
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(np.zeros((8, 8), np.uint8), "PNG"))
+    out = cvrecipe("predict", run_dir, image, "-k", k, cwd=tmp_path)
+    assert out.returncode == 2 and one_error_line(out) == f"error: -k/--top-k {k}: expected 1 or more classes per image"
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_serve_refuses_a_port_out_of_range_before_loading_the_model(run_dir, tmp_path, port):
+    out = cvrecipe("serve", run_dir, "--port", port, cwd=tmp_path)
+    assert out.returncode == 2
+    assert one_error_line(out) == f"error: --port {port}: expected a TCP port from 0 to 65535 (0: any free port)"
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(run_dir, tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = cvrecipe("serve", run_dir, "--port", port, "--backend", "torch", cwd=tmp_path)
+    assert out.returncode == 2
+    # the only line: no log of a model loaded or of a server started
+    assert out.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: in use by another process "
+                                       f"(--host/--port)"], out.stderr

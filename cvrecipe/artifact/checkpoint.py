@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from safetensors.torch import save_file
 from cvrecipe.models import ImageModel, model_from_meta
 
 RESUME_KEYS = ("epoch", "step", "history", "model")  # what every last.ckpt cvrecipe writes holds
+# pickle opcodes that name a function or class to call: what unpickling would execute
+CALLING_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
 
 
 class NotACheckpoint(ValueError):
@@ -98,8 +102,12 @@ def load_resume(path: Path) -> dict:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():  # a pickle naming functions or classes: executing it runs code
+        # torch refuses garbage and a pickle that names functions alike ("weights only load failed")
+        if "weights only" in str(err).lower() and _calls_code(path):
             raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (refused: loading it would run code)") from None
+        if "weights only" in str(err).lower():
+            raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (unreadable: neither a file torch.save writes "
+                                 f"nor any pickle)") from None
         raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (unreadable: {_first_line(err)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         if isinstance(err, FileNotFoundError):
@@ -108,3 +116,19 @@ def load_resume(path: Path) -> dict:
     if not isinstance(state, dict) or any(key not in state for key in RESUME_KEYS):
         raise NotACheckpoint(f"{path}: not a cvrecipe checkpoint (no training state in it)")
     return state
+
+
+def _calls_code(path: Path) -> bool:
+    """Whether `path` is a whole pickle (plain, or the data.pkl of torch.save's zip) that names a
+    function or class, read opcode by opcode without executing any. Random bytes are no pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member is not None else b""
+        else:
+            data = Path(path).read_bytes()
+        opcodes = {opcode.name for opcode, _, _ in pickletools.genops(data)}
+    except Exception:  # noqa: BLE001 - whatever the parser trips on, the bytes are no pickle
+        return False
+    return bool(opcodes & CALLING_OPCODES)

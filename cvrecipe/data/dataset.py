@@ -19,6 +19,11 @@ class DataError(ValueError):
     """A dataset that cannot be used as asked; the message names the dataset, split or file."""
 
 
+class DataWarning(UserWarning):
+    """Files a dataset left out or took as they were (unreadable, stray, tiny): one line per kind,
+    naming the file that lists them all. The command line prints it as `warning: ...`."""
+
+
 @dataclass
 class Split:
     x: np.ndarray  # (N, C, H, W) uint8 (or a ShardedArray of them)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cvrecipe.data.cache import EntryWriter, load_arrays
-from cvrecipe.data.dataset import DataError, ImageDataset, Split
+from cvrecipe.data.dataset import DataError, DataWarning, ImageDataset, Split
 from cvrecipe.data.images import MAX_PIXELS, SMALL_FACTOR, decode_images, guess_channels
 
 SPLITS = ("train", "val", "test")
@@ -26,7 +26,8 @@ CACHE_VERSION = 3  # bump when decoding or the entry layout changes, so no versi
 #                   (2: one grayscale rule; 3: sharded)
 MAX_BAD_FRACTION = 0.5  # more unreadable files than this and the dataset is refused
 DECODE_CHUNK = 1024  # images decoded at a time: ~0.5 GB at ImageNet's native sizes, wherever the data ends
-NAMED_IN_WARNINGS = 5  # files named in a warning; the full list is in meta.json / RUN/skipped_files.txt
+SKIPPED_LIST = "skipped_files.txt"  # in the cache entry: every unreadable file and why (RUN/ has a copy)
+SMALL_LIST = "small_images.txt"  # in the cache entry: every image upscaled more than SMALL_FACTOR times
 
 # Warnings already given in this process: a command loads its dataset several times (train, then
 # evaluate, then the report), and Python's own once-per-location filter is reset by every
@@ -37,12 +38,15 @@ _warned: set[str] = set()
 def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, DataWarning, stacklevel=2)
 
 
-def _some(entries: list, show) -> str:
-    named = "; ".join(show(e) for e in entries[:NAMED_IN_WARNINGS])
-    return named + (f"; and {len(entries) - NAMED_IN_WARNINGS} more" if len(entries) > NAMED_IN_WARNINGS else "")
+def listed(entry: Path, name: str, rows: list[tuple[str, str]]) -> Path:
+    """entry/name with one `file<TAB>why` line per row (written once: the cache entry does not change)."""
+    path = Path(entry) / name
+    if not path.is_file():
+        path.write_text("".join(f"{file}\t{why}\n" for file, why in rows))
+    return path
 
 
 def _is_archive(path: Path) -> bool:
@@ -150,13 +154,14 @@ def load_folder(path: Path, image_size: int | None, channels: int | None, cache_
     splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS if f"{s}_x" in arrays}
     skipped = [tuple(s) for s in meta["skipped"]]
     if skipped:
-        warn_once(f"{path}: skipped {len(skipped)} unreadable file(s): "
-                  f"{_some(skipped, lambda s: f'{s[0]} ({s[1]})')}")
+        warn_once(f"{path}: skipped {len(skipped)} unreadable file(s) (e.g. {skipped[0][0]}: {skipped[0][1]}); "
+                  f"all listed in {listed(entry, SKIPPED_LIST, skipped)}")
     small = meta.get("small", [])
     if small:
         h, w = splits["train"].x.shape[-2:]
+        rows = [(name, f"{size[1]}x{size[0]}") for name, size in small]
         warn_once(f"{path}: {len(small)} image(s) far smaller than the {h}x{w} the images are resized to (upscaled "
-                  f"more than {SMALL_FACTOR}x): {_some(small, lambda s: f'{s[0]} ({s[1][1]}x{s[1][0]})')}")
+                  f"more than {SMALL_FACTOR}x); all listed in {listed(entry, SMALL_LIST, rows)}")
     return ImageDataset(name=f"folder:{path}", classes=meta["classes"], skipped=skipped, **splits)
 
 

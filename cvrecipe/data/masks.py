@@ -34,7 +34,8 @@ from PIL import Image
 
 from cvrecipe.data.cache import load_arrays, save_arrays
 from cvrecipe.data.dataset import IGNORE, DataError, ImageDataset, Split
-from cvrecipe.data.folder import MAX_BAD_FRACTION, _fingerprint, _is_archive, _iter_entries
+from cvrecipe.data.folder import (MAX_BAD_FRACTION, SKIPPED_LIST, _fingerprint, _is_archive, _iter_entries, listed,
+                                  warn_once)
 from cvrecipe.data.images import MAX_PIXELS, decode_images, guess_channels
 
 SPLITS = ("train", "val", "test")
@@ -71,8 +72,9 @@ def load_masks(path: str | Path, image_size: int | None, channels: int | None, c
         arrays, meta = cached
     splits = {s: Split(arrays[f"{s}_x"], arrays[f"{s}_y"], meta["files"][s]) for s in SPLITS if f"{s}_x" in arrays}
     skipped = [tuple(s) for s in meta["skipped"]]
-    for name, reason in skipped:
-        warnings.warn(f"{path}: skipped {name}: {reason}")
+    if skipped:
+        warn_once(f"{path}: skipped {len(skipped)} unusable file(s) (e.g. {skipped[0][0]}: {skipped[0][1]}); "
+                  f"all listed in {listed(entry, SKIPPED_LIST, skipped)}")
     return ImageDataset(name=f"masks:{path}", classes=meta["classes"], skipped=skipped, colours=meta["colours"],
                         hflip_ok=True, **splits)
 
@@ -143,7 +145,7 @@ def _group_pairs(path: Path) -> tuple[dict, list[tuple[str, str]]]:
         raise DataError(f"{path}: no image/NAME.* + label/NAME.* (or mask/NAME.*) pairs found "
                         f"(found {len(stray)} other files, e.g. {stray[:3]})")
     if stray:
-        warnings.warn(f"{path}: ignored {len(stray)} files outside image/ and label/ (or mask/), e.g. {stray[:3]}")
+        warn_once(f"{path}: ignored {len(stray)} files outside image/ and label/ (or mask/), e.g. {stray[:3]}")
     return groups, stray
 
 

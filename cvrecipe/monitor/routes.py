@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from cvrecipe.serve.inputs import ServeError
+from cvrecipe.serve.privacy import for_caller
 
 
 class Feedback(BaseModel):
@@ -45,7 +46,7 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
         body = {**report, "throughput_per_s": monitor.report.get("throughput_per_s")}
         if history:
             body["history"] = list(monitor.history)
-        return JSONResponse(body)
+        return JSONResponse(for_caller(request, body))  # the profile's and the log's paths: token holder only
 
     @app.post("/v1/feedback", dependencies=[Depends(require_token)], summary="the true label of a served image",
               responses={200: {"model": FeedbackStored}})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import signal
 import threading
 from importlib import resources
@@ -30,17 +29,9 @@ from cvrecipe.monitor import routes as monitor_routes
 from cvrecipe.serve import classification, schema, segmentation
 from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response
+from cvrecipe.serve.privacy import for_caller, has_token
 from cvrecipe.serve.settings import ServeSettings
 from cvrecipe.serve.state import ServerState, log
-
-
-def has_token(request: Request) -> bool:
-    """Whether the request carries the server's bearer token (True when the server has none)."""
-    token = request.app.state.server.settings.token
-    if token is None:
-        return True
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
 async def require_token(request: Request) -> None:
@@ -104,7 +95,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, err: ServeError):
-        return error_response(err.status, err.code, err.message, rid(request), err.headers)
+        return error_response(err.status, err.code, for_caller(request, err.message), rid(request), err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -119,7 +110,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception):
         log.exception("unhandled error in %s", request.url.path)
-        return error_response(500, "internal_error", f"{type(err).__name__}: {err}", rid(request))
+        return error_response(500, "internal_error", for_caller(request, f"{type(err).__name__}: {err}"), rid(request))
 
 
 # task name → add_routes(app, require_token): the routes that serve that task's answers
@@ -144,8 +135,8 @@ def _add_routes(app: FastAPI) -> None:
         state: ServerState = request.app.state.server
         status = "stopping" if state.stopping and state.status == "ready" else state.status
         body = {"status": status, "version": state.backend.version if state.backend else None}
-        if state.error:
-            body["error"] = state.error
+        if state.error:  # why the model did not load: for a caller without the token, without paths
+            body["error"] = for_caller(request, state.error)
         return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/v1/model", summary="the served model: classes, input, version, limits",

@@ -5,13 +5,18 @@ On SIGTERM or Ctrl-C the server first goes on accepting and answering for ACCEPT
 and requests not yet read would otherwise be reset when the listening socket closes. Then uvicorn
 stops accepting and waits for in-flight requests to finish (up to the request timeout plus a
 margin), and the app drains its batcher. SIGHUP reloads the model.
+
+The listening socket is bound before the model loads: a port in use or not allowed is one line at
+once, and the server listens on the port it names (uvicorn gets the bound socket).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import dataclasses
 import logging
 import math
+import socket
 import sys
 
 from cvrecipe.serve.backends import resolve_source
@@ -33,10 +38,12 @@ def serve(settings: ServeSettings, log_level: str = "info") -> None:
     except ImportError as err:
         raise RuntimeError(f"serving needs the serve extra ({err}): pip install 'cvrecipe[serve]'") from err
 
-    source = resolve_source(settings.source, settings.backend)  # fail before binding, with a clear message
+    source = resolve_source(settings.source, settings.backend)  # which file (nothing loaded yet), or one line
+    listener = bind(settings.host, settings.port)  # before the model loads: a busy port is said at once
+    port = listener.getsockname()[1]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cvrecipe.serve").info("model file %s (%s backend); listening on http://%s:%d",
-                                             source.path, source.backend, settings.host, settings.port)
+                                             source.path, source.backend, settings.host, port)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(dataclasses.replace(settings, own_process=True))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
@@ -51,4 +58,16 @@ def serve(settings: ServeSettings, log_level: str = "info") -> None:
             await asyncio.sleep(ACCEPT_GRACE_S)  # the event loop keeps accepting and answering meanwhile
             await super().shutdown(sockets)
 
-    GracefulServer(config).run()
+    GracefulServer(config).run(sockets=[listener])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's listening socket on host:port (0: a free port), or one line saying why not."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: expected a TCP port from 0 to 65535 (0: any free port)")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)  # uvicorn's default backlog
+    except OSError as err:
+        why = "in use by another process" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
+        raise ValueError(f"cannot listen on {host}:{port}: {why} (--host/--port)") from None

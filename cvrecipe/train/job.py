@@ -12,9 +12,14 @@ is started again from its saved config by `--resume`.
 With train.nproc > 1 the job starts that many processes through torchrun's launcher (launch.py)
 and each of them runs this job again as one rank; in a process torchrun started, rank 0 makes
 the run folder, runs the sanity checks and writes everything, and the others train alongside.
+
+One job writes in a run folder at a time: rank 0 (or the launcher of a resumed run) holds its
+run.lock while it trains, and a second job in the same folder is refused (runlock.py). The ranks
+die with the process that started them, so a killed launcher leaves no rank writing on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,8 +38,9 @@ from cvrecipe.data import ImageDataset, load_dataset, streamed
 from cvrecipe.device import resolve_device
 from cvrecipe.train import distributed
 from cvrecipe.train.distributed import World
-from cvrecipe.train.launch import has_results, train_processes
+from cvrecipe.train.launch import die_with_launcher, has_results, train_processes
 from cvrecipe.train.loop import fit
+from cvrecipe.train.runlock import LOCK_NAME, RunLock, try_lock
 from cvrecipe.train.sanity import check_before_training
 
 
@@ -47,15 +53,27 @@ def git_commit() -> str:
         return "unknown"
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... when that folder already holds a run (nothing is overwritten)."""
+def new_run_dir(cfg: Config, owned: contextlib.ExitStack) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... when that folder already holds a run or another job
+    holds it (nothing is overwritten); its run.lock is held in `owned`. Two jobs starting the same
+    name at once get two folders: the one that takes the lock second goes on to the next name."""
     base = cfg.run_dir
     path, n = base, 1
-    while path.exists() and any(path.iterdir()):
+    while True:
+        if not _holds_a_run(path):
+            path.mkdir(parents=True, exist_ok=True)
+            lock = try_lock(path)
+            if lock is not None and not _holds_a_run(path):
+                owned.callback(lock.release)  # held (taken by try_lock) until the run ends
+                return path
+            if lock is not None:  # filled by a job that held it a moment ago
+                lock.release()
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+
+
+def _holds_a_run(path: Path) -> bool:
+    return path.exists() and any(p.name != LOCK_NAME for p in path.iterdir())
 
 
 def train(cfg: Config, resume_dir: Path | None = None, console: Console | None = None,
@@ -72,27 +90,33 @@ def train(cfg: Config, resume_dir: Path | None = None, console: Console | None =
     `max_restarts`: times torchrun's agent starts failed ranks again (they go on from last.ckpt).
     In a process torchrun started, this process is one rank of that job instead."""
     console = console or Console(soft_wrap=True)
+    if distributed.launched_by_torchrun():
+        die_with_launcher()  # a rank whose launcher was killed must not train on in the run folder
     if resume_dir is not None:
         cfg = load_run_config(resume_dir)
     nproc = nproc or cfg.train.nproc
     if nproc > 1 and not distributed.launched_by_torchrun():
-        try:
-            return train_processes(cfg, nproc, resume_dir, console, callbacks, max_restarts, keep_failed)
+        try:  # the launcher of a resumed run holds its folder for the ranks, across restarts
+            with RunLock(resume_dir) if resume_dir is not None else contextlib.nullcontext():
+                return train_processes(cfg, nproc, resume_dir, console, callbacks, max_restarts, keep_failed)
         except BaseException as err:
             _notify_failed(callbacks, err)
             raise
-    with distributed.join(cfg.train) as world:
+    with distributed.join(cfg.train) as world, contextlib.ExitStack() as owned:
+        # `owned`: rank 0's hold on the run folder (run.lock), released when the run ends
         return _train_rank(cfg, resume_dir, console if world.is_main else Console(quiet=True),
-                           callbacks if world.is_main else None, world, keep_failed)
+                           callbacks if world.is_main else None, world, keep_failed, owned)
 
 
 def _train_rank(cfg: Config, resume_dir: Path | None, console: Console, callbacks: list | None,
-                world: World, keep_failed: bool) -> Path:
+                world: World, keep_failed: bool, owned: contextlib.ExitStack) -> Path:
     resume = resume_dir is not None
-    if resume:  # rank 0 checks last.ckpt (or clears a start that never reached one) before any data is read
+    if resume:  # rank 0 takes the folder, then checks last.ckpt (or clears a start that never reached one)
+        if world.is_main:
+            owned.enter_context(RunLock(resume_dir))  # refused before anything in it is read or written
         resume = world.from_main(_resumable(Path(resume_dir), console) if world.is_main else None)
     elif distributed.restarted():  # torchrun restarted failed ranks: go on from last.ckpt
-        resume_dir = world.from_main(_restarted_run(cfg) if world.is_main else None)
+        resume_dir = world.from_main(_restarted_run(cfg, owned) if world.is_main else None)
         if resume_dir is not None:
             cfg, resume = load_run_config(resume_dir), True
     new = resume_dir is None
@@ -100,7 +124,7 @@ def _train_rank(cfg: Config, resume_dir: Path | None, console: Console, callback
     ds = load_dataset(cfg.data, seed=cfg.train.seed, device=device)
     run_dir = resume_dir
     if new:  # rank 0 checks, makes the folder and tells the others where it is
-        run_dir = world.from_main(_new_run(cfg, ds, console, world) if world.is_main else None)
+        run_dir = world.from_main(_new_run(cfg, ds, console, world, owned) if world.is_main else None)
     run_dir = Path(run_dir)
     if cfg.track.mlflow and world.is_main:
         from cvrecipe.train.tracking import MlflowLogger
@@ -131,9 +155,9 @@ def _notify_failed(callbacks: list | None, err: BaseException) -> None:
             callback.on_train_failed(err)
 
 
-def _new_run(cfg: Config, ds: ImageDataset, console: Console, world: World) -> str:
+def _new_run(cfg: Config, ds: ImageDataset, console: Console, world: World, owned: contextlib.ExitStack) -> str:
     sanity = check_before_training(cfg, ds, console)  # a fail raises here
-    run_dir = new_run_dir(cfg)
+    run_dir = new_run_dir(cfg, owned)
     save_config(cfg, run_dir / "config.yaml")
     info = {**run_info(cfg, ds), "sanity": sanity, "processes": world.size}
     if distributed.elastic_run_id() is not None:
@@ -142,11 +166,17 @@ def _new_run(cfg: Config, ds: ImageDataset, console: Console, world: World) -> s
     return str(run_dir)
 
 
-def _restarted_run(cfg: Config) -> str | None:
+def _restarted_run(cfg: Config, owned: contextlib.ExitStack) -> str | None:
     """The folder of the run this torchrun job started before its ranks were restarted, when it has
-    a checkpoint to go on from (else None: the run starts again, in a new folder)."""
+    a checkpoint to go on from (else None: the run starts again, in a new folder). Its run.lock is
+    taken again (the failed rank 0 that held it is gone)."""
     found = distributed.find_elastic_run(cfg.runs_dir, distributed.elastic_run_id())
-    return str(found) if found is not None and (found / "last.ckpt").is_file() else None
+    if found is None or not (found / "last.ckpt").is_file():
+        return None
+    owned.enter_context(RunLock(found))
+    return str(found)
+
+
 def _resumable(run_dir: Path, console: Console) -> bool:
     """Whether `run_dir` continues from its last.ckpt (refused here, before any data is read, when
     the file is damaged or unsafe), or starts again: a run killed before its first checkpoint has

@@ -14,6 +14,10 @@ Callers in Python (the tuner runs one trial on several processes this way) call
 process, fed from the run's metrics.csv as rows appear (their `model` argument is None); one that
 raises (a pruned trial) stops the ranks, and its exception comes out of train(). Such callers
 must call from the main thread: that stop goes through the agent's signal handler.
+
+The ranks die with the launcher: torch starts each in a POSIX session of its own, so a launcher
+killed by SIGKILL (which no handler sees) would leave them training on, unowned, in the run
+folder. Each rank asks Linux for a SIGKILL when its parent dies (die_with_launcher).
 """
 from __future__ import annotations
 
@@ -33,9 +37,12 @@ from rich.console import Console
 
 from cvrecipe.config import Config, save_config
 from cvrecipe.train.distributed import find_elastic_run
+from cvrecipe.train.parent import die_with_parent
+from cvrecipe.train.runlock import HELD_ENV, try_lock
 
 SHUTDOWN_S = 5  # seconds the agent gives the other ranks to stop after one failed, before SIGKILL
 HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the agent installs its own handlers for these
+LAUNCHER_ENV = "CVRECIPE_LAUNCHER_PID"  # set for the ranks: the pid of the process that started them
 
 
 class RanksFailed(RuntimeError):
@@ -74,7 +81,7 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
                               shutdown_timeout=SHUTDOWN_S)
         console.print(f"starting {nproc} processes (torchrun's launcher; the ranks meet on 127.0.0.1)")
         relay = _Relay(cfg, run_id, resume_dir, callbacks) if callbacks else None
-        with _rank_environment(nproc, cfg.train.num_threads), _own_signal_handlers():
+        with _rank_environment(nproc, cfg.train.num_threads, resume_dir), _own_signal_handlers():
             try:
                 if relay is not None:
                     relay.start()
@@ -82,6 +89,8 @@ def train_processes(cfg: Config, nproc: int, resume_dir: Path | None = None, con
             except ChildFailedError as err:
                 run_dir = resume_dir or find_elastic_run(cfg.runs_dir, run_id)
                 line = _failure_line(err, nproc, run_dir)
+                if resume_dir is None and run_dir is not None and (lock := try_lock(run_dir)) is not None:
+                    lock.release()  # the run.lock of a rank 0 the agent stopped before it could remove it
                 if resume_dir is None and not keep_failed and run_dir is not None and not has_results(run_dir):
                     # rank 0 removes it itself unless the agent stopped it first (another rank failed sooner)
                     shutil.rmtree(run_dir, ignore_errors=True)
@@ -106,6 +115,13 @@ def has_results(run_dir: Path) -> bool:
     """Did the run get as far as an epoch's metrics or a checkpoint? (Then its folder is kept, e.g.
     for a run stopped after epoch 1, or a tuning trial pruned there.)"""
     return any((Path(run_dir) / name).is_file() for name in ("last.ckpt", "best.safetensors", "metrics.csv"))
+
+
+def die_with_launcher() -> None:
+    """In a rank: die with `cvrecipe train --nproc`'s launcher (or with torchrun's agent, the parent
+    of the ranks `torchrun` starts)."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    die_with_parent(int(launcher) if launcher and launcher.isdigit() else None)
 
 
 def _check_devices(cfg: Config, nproc: int) -> None:
@@ -134,10 +150,14 @@ def _failure_line(err, nproc: int, run_dir: Path | None) -> str:
 
 
 @contextlib.contextmanager
-def _rank_environment(nproc: int, threads: int | None):
+def _rank_environment(nproc: int, threads: int | None, resume_dir: Path | None):
     """Environment of the agent and the ranks: CPU threads shared out (torchrun's default is 1 per
-    rank; with 2 ranks on 2 cores that is the same), Gloo on the loopback interface, a store per attempt."""
+    rank; with 2 ranks on 2 cores that is the same), Gloo on the loopback interface, a store per
+    attempt, this process's pid (the ranks die with it) and the resumed folder whose lock it holds."""
     saved = dict(os.environ)
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
+    if resume_dir is not None:
+        os.environ[HELD_ENV] = str(Path(resume_dir).resolve())
     os.environ.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
     # each attempt of the ranks gets a store of its own, hosted by its rank 0: the agent's shared store
     # keeps what failed ranks published, which restarted ones would read (pytorch#135712)

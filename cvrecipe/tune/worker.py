@@ -12,7 +12,6 @@ killed `cvrecipe tune` leaves no worker behind: its running trial is retried by 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from rich.console import Console
 
+from cvrecipe.train.parent import die_with_parent
 from cvrecipe.tune.space import build_config
 from cvrecipe.tune.study import (TuneSettings, counted, ended, fail_stale, load_study, make_pruner, make_sampler,
                                  over_budget, summary)
@@ -189,18 +189,6 @@ def _best(study: optuna.Study) -> tuple[float | None, int | None]:
     except ValueError:  # no complete trial yet
         return None, None
     return best.value, best.number
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the process that started this one dies (SIGKILL included)."""
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() != parent:  # the parent died before the call above
-        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

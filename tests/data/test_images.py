@@ -79,15 +79,18 @@ def test_a_jpeg_bomb_costs_no_memory_and_ordinary_files_still_decode():
 def test_a_bomb_in_a_training_folder_is_skipped_and_named(tmp_path):
     make_image_folder(tmp_path, per_class={"train": 10, "test": 3})
     (tmp_path / "train" / "dog" / "bomb.jpg").write_bytes(jpeg_declaring(20_000, 20_000))
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable file\(s\): train/dog/bomb.jpg \(declares 20000x20000"):
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable file\(s\) \(e.g. train/dog/bomb.jpg: declares 20000x20000"
+                                         r".*\); all listed in \S+/skipped_files.txt$") as seen:
         ds = load_source(f"folder:{tmp_path}")
     assert ds.skipped == [("train/dog/bomb.jpg", ds.skipped[0][1])] and len(ds.train) == 30
+    listing = Path(str(seen[-1].message).rsplit("all listed in ", 1)[1])
+    assert listing.read_text() == "".join(f"{name}\t{why}\n" for name, why in ds.skipped)
 
 
 def test_the_pixel_limit_is_a_setting_and_the_server_default_is_the_same(tmp_path):
     make_image_folder(tmp_path, per_class={"train": 10, "test": 3}, size=16)
     (tmp_path / "train" / "cat" / "big.jpg").write_bytes(encode(smooth_photo(48, 48), "JPEG"))
-    with pytest.warns(UserWarning, match=r"big.jpg \(declares 48x48 = 2,304 pixels, above the limit of 1,000 "
+    with pytest.warns(UserWarning, match=r"big.jpg: declares 48x48 = 2,304 pixels, above the limit of 1,000 "
                                          r"\(data.max_pixels\)"):
         ds = load_dataset(DataConfig(name=f"folder:{tmp_path}", max_pixels=1000))
     assert len(ds.train) + len(ds.val) == 30
@@ -162,8 +165,11 @@ def test_the_grayscale_rule_is_pils_bit_for_bit_and_named_datasets_use_it():
 def test_images_far_smaller_than_the_target_are_reported_once(tmp_path):
     make_image_folder(tmp_path, per_class={"train": 8, "test": 2}, size=16)
     (tmp_path / "train" / "fox" / "dot.png").write_bytes(encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
-    with pytest.warns(UserWarning, match=r"1 image\(s\) far smaller than the 32x32 .* train/fox/dot.png \(1x1\)"):
+    with pytest.warns(UserWarning, match=r"1 image\(s\) far smaller than the 32x32 .*; all listed in \S+/small_images.txt$"
+                      ) as warned:
         load_source(f"folder:{tmp_path}", DataConfig(name=f"folder:{tmp_path}", image_size=32))
+    listing = Path(str(warned[-1].message).rsplit("all listed in ", 1)[1])
+    assert listing.read_text() == "train/fox/dot.png\t1x1\n"
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         load_source(f"folder:{tmp_path}", DataConfig(name=f"folder:{tmp_path}", image_size=32))

@@ -3,6 +3,7 @@ import io
 import shutil
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,8 +114,10 @@ def test_bad_files_are_skipped_named_and_modes_converted(tmp_path):
     for name, data in converted.items():
         (cat / name).write_bytes(data)
 
-    with pytest.warns(UserWarning, match="truncated.jpg"):
+    with pytest.warns(UserWarning, match=r"skipped 4 unreadable file\(s\) .*; all listed in ") as warned:
         ds = load_source(f"folder:{tmp_path}")
+    listing = Path(str(warned[-1].message).rsplit("all listed in ", 1)[1]).read_text()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in listing.splitlines()) == sorted(bad)
     skipped = {name.rsplit("/", 1)[-1]: reason for name, reason in ds.skipped}
     assert set(skipped) == set(bad)
     assert "empty" in skipped["empty.jpg"] and "truncated" in skipped["truncated.jpg"]

@@ -74,7 +74,7 @@ def test_terminal_view_once(served, capsys):
     out = capsys.readouterr().out
     assert "window 10/500" in out and "drift against the reference" in out and "brightness" in out
     assert main(["monitor", "http://127.0.0.1:9/", "--once"]) != 0  # nothing listens: one error line
-    assert "error:" in capsys.readouterr().out
+    assert "error:" in capsys.readouterr().err
 
 
 def test_profile_command_writes_a_profile(served, tmp_path):

@@ -171,6 +171,6 @@ def test_monitoring_off_and_bad_settings(served, capsys):
             assert r.status_code == 404 and r.json()["error"]["code"] == "monitoring_off"
         assert "cvrecipe_drift_state" not in client.get(url + "/metrics").text
     assert main(["serve", str(export_dir), "--capture", "10"]) == 2
-    assert "--capture needs a --log-db" in capsys.readouterr().out
+    assert "--capture needs a --log-db" in capsys.readouterr().err
     assert main(["serve", str(export_dir), "--alert-webhook", "ftp://x"]) == 2
-    assert "--alert-webhook must be an http" in capsys.readouterr().out
+    assert "--alert-webhook must be an http" in capsys.readouterr().err

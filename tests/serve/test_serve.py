@@ -275,11 +275,11 @@ def test_not_ready_until_a_valid_model_is_loaded(stripes, tmp_path):
 
 def test_cli_refuses_a_missing_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nothing-here")]) == 2
-    assert "nothing-here" in capsys.readouterr().out
+    assert "nothing-here" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best.safetensors").write_bytes(b"")
     assert main(["serve", str(tmp_path / "run"), "--backend", "onnxruntime"]) == 2
-    assert "cvrecipe export" in capsys.readouterr().out
+    assert "cvrecipe export" in capsys.readouterr().err
 
 
 def test_sighup_reloads_and_sigterm_finishes_in_flight_requests(stripes):

@@ -160,7 +160,8 @@ register("test-hot-logits")(_HotLogits)
 def test_a_failed_check_stops_train_unless_skipped(tmp_path, capsys):
     args = ["digits-quick", f"runs_dir={tmp_path}", "name=hot", "model.name=test-hot-logits", "train.epochs=1"]
     assert main(["train", *args]) == 2
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out + printed.err  # the checks' table on stdout, the error line on stderr
     assert "sanity check(s) failed" in out and "init-loss" in out and "--no-sanity" in out
     assert not (tmp_path / "hot").exists()  # nothing started, no half-made run folder
     assert main(["train", *args, "--no-sanity"]) == 0

@@ -98,10 +98,10 @@ def test_cli_refuses_a_bad_space_before_any_trial(tmp_path, monkeypatch, capsys)
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {float: [0.01, 0.1]}\nmodel.dropout: {float: [0.2, 0.2]}\n")
     assert main(["tune", "digits-quick", "--space", str(space), "--trials", "3"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "error:" in out and "model.dropout" in out and "empty range" in out and str(space) in out
     assert not (tmp_path / "runs").exists()  # no study, no trial folder
     space.write_text("optim.lr: {float: [0.01, 0.1]}\n")
     assert main(["tune", "digits-quick", "--space", str(space), "--metric", "val_f1"]) == 2
-    assert "--metric val_f1: expected one of train_loss, train_acc, val_loss, val_acc" in capsys.readouterr().out
+    assert "--metric val_f1: expected one of train_loss, train_acc, val_loss, val_acc" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
