@@ -307,6 +307,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print("\n".join(list_models()))
         console.print("\nsegmentation (task=segmentation):")
         console.print("\n".join(list_models("segmentation")))
+        console.print("\ndetection (task=detection; building blocks, see docs/detection.md):")
+        console.print("\n".join(list_models("detection")))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
     return 0

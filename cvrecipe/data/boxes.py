@@ -265,14 +265,15 @@ def _coco_file(builder: _Builder, name: str, doc: dict, split: str, index: dict[
             builder.problem("malformed", name, f"image entry {img!r:.80}: {type(err).__name__} {err}")
             continue
         image = builder.files.find_image(file_name, name)
+        mine = boxes.pop(image_id, [])
         if image is None:
-            builder.problem("image_missing", name, file_name)
+            builder.problem("image_missing", name, f"{file_name} ({len(mine)} boxes)")
             continue
         size = builder.image_size(image, f"{name} [{file_name}]", declared)
         if size is None:
             continue
         kept, labels = [], []
-        for box, category, k in boxes.pop(image_id, []):
+        for box, category, k in mine:
             if category not in index:
                 builder.problem("unknown_class", name, f"annotation {k}: category_id {category}")
                 continue

@@ -250,7 +250,7 @@ def _anchor_sizes() -> tuple[tuple[int, ...], ...]:
     return tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
 
 
-@register("fcos-lite0", pretrained=True, task="detection")
+@register("fcos-lite0", task="detection")
 def fcos_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], pretrained: bool = True,
                weights: str | None = None, fpn_channels: int = 128) -> nn.Module:
     """FCOS (anchor-free, one anchor point per location) on a Lite0 FPN. `fpn_channels`: width of
@@ -279,7 +279,7 @@ def fcos_lite0_scratch(num_classes: int, in_channels: int, input_size: tuple[int
     return FCOSDetector(model, num_classes, 0)
 
 
-@register("retinanet-lite0", pretrained=True, task="detection")
+@register("retinanet-lite0", task="detection")
 def retinanet_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], pretrained: bool = True,
                     weights: str | None = None, fpn_channels: int = 128) -> nn.Module:
     """RetinaNet (9 anchors per location, focal loss) on a Lite0 FPN; anchors from 8 px at stride 8
