@@ -24,7 +24,7 @@ import io
 import numpy as np
 import torch
 
-RECALL_POINTS = torch.linspace(0, 1, 101)  # COCO's recall thresholds for interpolated precision
+RECALL_POINTS = torch.from_numpy(np.linspace(0.0, 1.0, 101))  # COCO's recall thresholds, its exact float64 values
 AREA_SMALL, AREA_LARGE = 32 ** 2, 96 ** 2  # COCO's object size limits, pixels²
 
 
@@ -99,13 +99,16 @@ def match_greedy(detections: torch.Tensor, truth: torch.Tensor, truth_labels: to
     iou = torch.where(same & (truth_labels[:, None, :] >= 0), iou, torch.full_like(iou, -1.0))
     free = torch.ones_like(truth_labels, dtype=torch.bool)
     hits = torch.zeros(batch, count, dtype=torch.bool, device=detections.device)
-    for d in range(count):  # ≤ 100 small steps: greedy matching is sequential in score order
+    if truth_labels.shape[1] == 0:
+        return hits
+    rows = torch.arange(batch, device=detections.device)
+    real = int((detections[..., 4] > 0).sum(1).max()) if count else 0  # sorted: padding comes last
+    for d in range(real):  # greedy matching is sequential in score order: ≤ 100 small steps
         candidate = torch.where(free, iou[:, d], torch.full_like(iou[:, d], -1.0))  # (B, G)
-        best, which = candidate.max(dim=1) if candidate.shape[1] else (torch.full((batch,), -1.0), None)
+        best, which = candidate.max(dim=1)
         hit = (best >= iou_threshold) & (detections[:, d, 4] > 0)
         hits[:, d] = hit
-        if which is not None:
-            free = free & ~(torch.nn.functional.one_hot(which, free.shape[1]).bool() & hit[:, None])
+        free[rows, which] &= ~hit
     return hits
 
 
