@@ -4,6 +4,7 @@
                   one file per split (its name or folder says which: instances_train2017.json,
                   valid/_annotations.coco.json); bbox is x, y, width, height in pixels; category
                   ids may start at 0 or 1 or have gaps: classes are the categories in id order.
+                  Crowd regions (iscrowd=1) are left out: they are not single objects.
     YOLO txt      data.yaml (names, and train/val/test image folders) + images/ + labels/; one
                   `class cx cy w h` line per box, normalised to [0, 1] by the image's width/height;
                   an image without a label file has no boxes (kept, empty).
@@ -155,9 +156,11 @@ class _Files:
         return matches[0] if len(matches) == 1 else None
 
 
-def _split_of(rel: str, default: str = "train") -> str:
-    """The split a path names (a folder or file-name part such as train, valid, test2017)."""
-    for part in reversed(PurePosixPath(rel.lower()).parts):
+def _split_of(rel: str, default: str = "train", with_name: bool = False) -> str:
+    """The split a path's folders name (train, valid, test2017, ...); `with_name`: its file name too
+    (COCO's instances_val2017.json), not for images or per-image files, whose names are arbitrary."""
+    parts = PurePosixPath(rel.lower()).parts
+    for part in reversed(parts if with_name else parts[:-1]):
         stem = PurePosixPath(part).stem
         for token in stem.replace("-", "_").replace(".", "_").split("_"):
             token = token.rstrip("0123456789")
@@ -245,13 +248,15 @@ def _read_coco(files: _Files) -> BoxDataset:
                 categories.setdefault(cat["id"], str(cat.get("name", cat["id"])))
     index = {cid: i for i, cid in enumerate(sorted(categories))}
     for name, doc in docs.items():
-        _coco_file(builder, name, doc, _split_of(name), index)
+        _coco_file(builder, name, doc, _split_of(name, with_name=True), index)
     return builder.finish([categories[c] for c in sorted(categories)])
 
 
 def _coco_file(builder: _Builder, name: str, doc: dict, split: str, index: dict[int, int]) -> None:
     boxes: dict = defaultdict(list)
     for k, ann in enumerate(doc["annotations"]):
+        if isinstance(ann, dict) and ann.get("iscrowd"):
+            continue  # a crowd region is not one object: COCO's own evaluation ignores it too
         try:
             x, y, w, h = (float(v) for v in ann["bbox"])
             boxes[ann["image_id"]].append(((x, y, x + w, y + h), ann["category_id"], k))

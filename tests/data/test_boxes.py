@@ -102,6 +102,7 @@ def yolo_files() -> dict[str, bytes | str]:
         "images/train/a.png": png(100, 50),
         "labels/train/a.txt": "0 0.5 0.5 0.2 0.4\n1 0.95 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n0 0.5 0.5\n1 50 25 10 10\n",
         "images/train/nolabel.png": png(20, 20),  # no label file: kept, no boxes
+        "images/train/test.png": png(20, 20),  # an image's own name says nothing about its split
         "labels/train/orphan.txt": "0 0.5 0.5 0.1 0.1\n",  # no image
         "images/val/c.png": png(64, 64),
         "labels/val/c.txt": "1 0.25 0.25 0.5 0.5\n",
@@ -113,7 +114,7 @@ def test_yolo_reads_normalised_cxcywh_and_names_each_bad_line(tmp_path):
     assert ds.format == "yolo" and ds.classes == ["cat", "dog"] and set(ds.splits) == {"train", "val"}
     items = by_file(ds)
     np.testing.assert_allclose(items["images/train/a.png"].boxes, [[40, 15, 60, 35], [85, 20, 100, 30]])
-    assert items["images/train/nolabel.png"].boxes.shape == (0, 4)
+    assert items["images/train/nolabel.png"].boxes.shape == (0, 4) and "images/train/test.png" in items
     np.testing.assert_allclose(by_file(ds, "val")["images/val/c.png"].boxes, [[0, 0, 32, 32]])
     assert kinds(ds) == {"clipped": 1, "unknown_class": 1, "malformed": 2, "label_without_image": 1}
     assert any("values above 1" in p.detail for p in ds.problems)  # pixel coordinates where fractions belong
