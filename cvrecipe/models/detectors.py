@@ -223,16 +223,17 @@ class Lite0Features(nn.Module):
         return out
 
 
-def lite0_fpn(pretrained: bool, weights: str | None, channels: int, extra: str) -> nn.Module:
-    """Lite0 → FPN with `channels` per level; `extra` adds P6 and P7 from P5 ("p6p7") as FCOS and
-    RetinaNet expect (5 levels, strides 8–128). Exposes `out_channels` as torchvision asks."""
+def lite0_fpn(pretrained: bool, weights: str | None, channels: int) -> nn.Module:
+    """Lite0 → FPN with `channels` per level, plus P6 and P7 from P5 as FCOS and RetinaNet expect
+    (5 levels, strides 8–128). Exposes `out_channels` as torchvision asks."""
     from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
     class Backbone(nn.Module):
         def __init__(self):
             super().__init__()
             self.body = Lite0Features(pretrained, weights)
-            self.fpn = FeaturePyramidNetwork(self.body.channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
+            self.fpn = FeaturePyramidNetwork(self.body.channels, channels,
+                                             extra_blocks=LastLevelP6P7(channels, channels))
             self.out_channels = channels
 
         def forward(self, x):
@@ -250,33 +251,31 @@ def _anchor_sizes() -> tuple[tuple[int, ...], ...]:
     return tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
 
 
+def _fcos(num_classes: int, input_size, pretrained: bool, weights: str | None, fpn_channels: int) -> Detector:
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)  # one point per location
+    model = FCOS(lite0_fpn(pretrained, weights, fpn_channels), num_classes, anchor_generator=anchors,
+                 min_size=input_size[0], max_size=max(input_size) * 4)
+    return FCOSDetector(model, num_classes, 0, lite0_preprocess(input_size) if pretrained else None)
+
+
 @register("fcos-lite0", task="detection")
 def fcos_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], pretrained: bool = True,
                weights: str | None = None, fpn_channels: int = 128) -> nn.Module:
     """FCOS (anchor-free, one anchor point per location) on a Lite0 FPN. `fpn_channels`: width of
     the FPN and of the heads' 4 conv layers (torchvision's ResNet-50 FCOS uses 256; 128 is ~3× cheaper)."""
-    from torchvision.models.detection import FCOS
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-
     _check_rgb(in_channels)
-    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)  # one point per location
-    model = FCOS(lite0_fpn(pretrained, weights, fpn_channels, "p6p7"), num_classes, anchor_generator=anchors,
-                 min_size=input_size[0], max_size=max(input_size) * 4)
-    return FCOSDetector(model, num_classes, 0, lite0_preprocess(input_size) if pretrained else None)
+    return _fcos(num_classes, input_size, pretrained, weights, fpn_channels)
 
 
 @register("fcos-lite0-scratch", task="detection")
 def fcos_lite0_scratch(num_classes: int, in_channels: int, input_size: tuple[int, int],
                        fpn_channels: int = 128) -> nn.Module:
     """fcos-lite0 from random weights: nothing pretrained, the dataset's own mean/std."""
-    from torchvision.models.detection import FCOS
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-
     _check_rgb(in_channels)
-    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
-    model = FCOS(lite0_fpn(False, None, fpn_channels, "p6p7"), num_classes, anchor_generator=anchors,
-                 min_size=input_size[0], max_size=max(input_size) * 4)
-    return FCOSDetector(model, num_classes, 0)
+    return _fcos(num_classes, input_size, False, None, fpn_channels)
 
 
 @register("retinanet-lite0", task="detection")
@@ -290,7 +289,7 @@ def retinanet_lite0(num_classes: int, in_channels: int, input_size: tuple[int, i
     _check_rgb(in_channels)
     sizes = tuple(tuple(v // 4 for v in level) for level in _anchor_sizes())
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-    model = RetinaNet(lite0_fpn(pretrained, weights, fpn_channels, "p6p7"), num_classes, anchor_generator=anchors,
+    model = RetinaNet(lite0_fpn(pretrained, weights, fpn_channels), num_classes, anchor_generator=anchors,
                       min_size=input_size[0], max_size=max(input_size) * 4)
     return RetinaNetDetector(model, num_classes, 0, lite0_preprocess(input_size) if pretrained else None)
 

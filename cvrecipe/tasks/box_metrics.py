@@ -38,25 +38,16 @@ def _valid(rows) -> np.ndarray:
 def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_names: list[str]) -> dict:
     """COCO box metrics over a split. truth_*: per image (n, 4) and (n,); detections: per image
     (d, 6) rows (padding ignored). Returns {map, map50, map75, map_small, map_medium, map_large, ar100,
-    per_class: {name: {ap, ap50, boxes}}}; a size without any object gives None, as COCO's -1."""
+    per_class: {name: {ap, ap50, boxes}}}; a size or class without any object gives None (COCO's -1)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
-    results = []
-    for i, (boxes, labels, rows) in enumerate(zip(truth_boxes, truth_labels, detections)):
-        gt["images"].append({"id": i + 1})
-        for (x1, y1, x2, y2), label in zip(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels)):
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": int(label) + 1,
-                                      "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        for x1, y1, x2, y2, score, label in _valid(rows):
-            results.append({"image_id": i + 1, "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "score": float(score)})
+    gt, results = _coco_inputs(truth_boxes, truth_labels, detections, class_names)
     counts = np.bincount([a["category_id"] - 1 for a in gt["annotations"]], minlength=len(class_names))
-    empty = {"map": 0.0, "map50": 0.0, "map75": 0.0, "map_small": None, "map_medium": None, "map_large": None,
-             "ar100": 0.0, "per_class": {n: {"ap": 0.0, "ap50": 0.0, "boxes": int(c)} for n, c in zip(class_names, counts)}}
-    if not results or not gt["annotations"]:
-        return empty
+    if not results or not gt["annotations"]:  # pycocotools cannot load an empty result list
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0, "map_small": None, "map_medium": None, "map_large": None,
+                "ar100": 0.0, "per_class": {n: {"ap": 0.0 if c else None, "ap50": 0.0 if c else None, "boxes": int(c)}
+                                            for n, c in zip(class_names, counts)}}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
         coco = COCO()
         coco.dataset = gt
@@ -69,12 +60,29 @@ def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_
     precision = evaluation.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
     per_class = {}
     for k, name in enumerate(class_names):
-        p = precision[:, :, k, 0, -1]
+        p = precision[:, :, k, 0, -1]  # all areas, 100 detections per image
         per_class[name] = {"ap": float(p[p > -1].mean()) if (p > -1).any() else None,
                            "ap50": float(p[0][p[0] > -1].mean()) if (p[0] > -1).any() else None,
                            "boxes": int(counts[k])}
     return {"map": stats[0], "map50": stats[1], "map75": stats[2], "map_small": stats[3], "map_medium": stats[4],
             "map_large": stats[5], "ar100": stats[8], "per_class": per_class}
+
+
+def _coco_inputs(truth_boxes, truth_labels, detections, class_names) -> tuple[dict, list[dict]]:
+    """The ground truth as a COCO dataset dict and the detections as COCO results (bbox x, y, w, h;
+    category ids 1..K; area = box area, which COCO's size ranges read)."""
+    gt = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
+    results = []
+    for i, (boxes, labels, rows) in enumerate(zip(truth_boxes, truth_labels, detections)):
+        gt["images"].append({"id": i + 1})
+        for (x1, y1, x2, y2), label in zip(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels)):
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1,
+                                      "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                      "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for x1, y1, x2, y2, score, label in _valid(rows):
+            results.append({"image_id": i + 1, "category_id": int(label) + 1,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    return gt, results
 
 
 # ---- mAP@0.5 on the device -------------------------------------------------------------------------
