@@ -217,7 +217,8 @@ def confusion_at_iou(truth_boxes: list, truth_labels: list, detections: list, nu
 
 def match_rate(reference: np.ndarray, other: np.ndarray, iou_threshold: float = 0.99) -> tuple[int, int]:
     """(matched, total): how many of `reference`'s real detections (B, D, 6) have a detection in
-    `other` of the same image and class with IoU ≥ `iou_threshold` (each used once)."""
+    `other` of the same image and class with IoU ≥ `iou_threshold`, or the same corners to 1e-3 px
+    (each used once)."""
     from torchvision.ops import box_iou as iou_one
 
     matched = total = 0
@@ -227,6 +228,8 @@ def match_rate(reference: np.ndarray, other: np.ndarray, iou_threshold: float = 
         if not len(ref) or not len(oth):
             continue
         iou = iou_one(torch.as_tensor(ref[:, :4]), torch.as_tensor(oth[:, :4])).numpy()
+        same_place = np.abs(ref[:, None, :4] - oth[None, :, :4]).max(-1) <= 1e-3  # zero-area boxes too (IoU 0/0)
+        iou = np.where(same_place, 1.0, np.nan_to_num(iou))
         iou[ref[:, 5][:, None] != oth[:, 5][None, :]] = 0
         used = set()
         for r in range(len(ref)):
