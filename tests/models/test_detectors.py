@@ -157,8 +157,8 @@ def test_decoding_matches_torchvisions_own_post_processing(name):
     """torchvision's own eval forward (per-level top 1000, greedy NMS), with our thresholds, is the
     reference for our decoding and scoring: greedy NMS over all our decoded candidates finds each of
     its 10 best detections per image exactly. The fixed-shape path (best 300 candidates, Fast NMS)
-    finds 20 of 20 for both here (seed 0); other seeds of this fresh, flat-scored model, where
-    suppression reaches deep into the ranking, gave 16–20 (RetinaNet 18): the test asks for 16."""
+    finds 20 of 20 for both here (seed 0); an unseeded RetinaNet gave 18 of 20 (on a fresh,
+    flat-scored model suppression reaches deep into the ranking): the test asks for 16."""
     torch.manual_seed(0)
     model = create_model(name, 3, 3, (SIZE, SIZE), task="detection").eval()
     spread(model)
