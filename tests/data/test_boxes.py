@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -120,13 +121,19 @@ def test_yolo_reads_normalised_cxcywh_and_names_each_bad_line(tmp_path):
     assert any("values above 1" in p.detail for p in ds.problems)  # pixel coordinates where fractions belong
 
 
-def test_yolo_from_a_zip_archive_under_a_wrapping_folder_reads_the_same(tmp_path):
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_yolo_from_an_archive_under_a_wrapping_folder_reads_the_same(tmp_path, kind):
     folder = write(tmp_path / "set", yolo_files())
-    archive = tmp_path / "set.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
+    archive = tmp_path / f"set.{kind}"
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in files:
                 zf.write(path, "wrap/" + path.relative_to(folder).as_posix())
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for path in files:
+                tf.add(path, "wrap/" + path.relative_to(folder).as_posix())
     plain, zipped = read_boxes(folder), read_boxes(archive)
     assert [i.file for i in zipped.splits["train"]] == ["wrap/" + i.file for i in plain.splits["train"]]
     for a, b in zip(plain.splits["train"], zipped.splits["train"]):

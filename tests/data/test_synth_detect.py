@@ -71,6 +71,13 @@ def test_the_command_writes_yolo_and_coco_that_read_back_alike(tmp_path):
             np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def test_a_bad_size_range_is_one_error_line(tmp_path, capsys):
+    code = main(["data", "synth-detect", str(tmp_path / "set"), "--size", "big", "--objects", "digits"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and len(out) == 1 and "--size big" in out[0] and "MIN-MAX" in out[0]
+    assert not (tmp_path / "set").exists()
+
+
 @pytest.mark.slow
 def test_the_default_set_from_fashion_mnist_and_cifar(tmp_path):
     if not SHARED.is_file():
