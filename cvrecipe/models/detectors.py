@@ -40,7 +40,6 @@ MAX_DETECTIONS = 100  # rows of the eval output per image
 CANDIDATES = 300  # (box, class) pairs per image that enter NMS: enough for 100 kept at ~3 per object
 IOU_THRESHOLD = 0.5  # NMS: a box overlapping a better one of its class more than this is dropped
 SCORE_THRESHOLD = 0.05  # below this a candidate is padding (torchvision's default for these heads)
-SIZE_DIVISIBLE = 32  # images are padded right/bottom to a multiple of the coarsest stride
 
 
 # ---- post-processing ----------------------------------------------------------------------------
@@ -121,13 +120,19 @@ class Detector(nn.Module):
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised → (B, MAX_DETECTIONS, 6), fixed shape."""
         height, width = x.shape[-2:]
-        padded = F.pad(x, (0, (-width) % SIZE_DIVISIBLE, 0, (-height) % SIZE_DIVISIBLE))
+        padded = self.pad(x)
         features = list(self.model.backbone(padded).values())
         head = self.model.head(features)
         # anchors are the same for every image: made for the first, broadcast over the batch
         anchors = self.model.anchor_generator(ImageList(padded[:1], [(height, width)]), features)[0]  # (A, 4)
         boxes, scores = self.decode(head, anchors)
         return fast_nms(*select_candidates(boxes, scores, height, width))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad right and bottom as torchvision's transform batches images in training (to a multiple
+        of 32 for the FPN detectors, not at all for SSD), so anchors and features line up the same."""
+        divisible = self.model.transform.size_divisible
+        return F.pad(x, (0, (-x.shape[-1]) % divisible, 0, (-x.shape[-2]) % divisible))
 
     def decode(self, head: dict[str, torch.Tensor], anchors: torch.Tensor):
         """Per-family decoding → boxes (B, A, 4) pixels and scores (B, A, K) in [0, 1]."""
@@ -165,7 +170,7 @@ class TwoStageDetector(Detector):
 
     def detect(self, x):
         height, width = x.shape[-2:]
-        padded = F.pad(x, (0, (-width) % SIZE_DIVISIBLE, 0, (-height) % SIZE_DIVISIBLE))
+        padded = self.pad(x)
         images = ImageList(padded, [(height, width)] * x.shape[0])
         features = self.model.backbone(padded)
         proposals, _ = self.model.rpn(images, features)

@@ -53,6 +53,9 @@ def test_a_detector_trains_a_step_and_answers_fixed_shape_rows(name):
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
     real = out[scores > 0]
     assert (real[:, :2] >= 0).all() and (real[:, 2:4] <= SIZE).all()
+    with torch.no_grad():  # a size that is no multiple of the strides: padded inside, boxes in its frame
+        odd = model(torch.randint(0, 255, (1, 3, 72, 100), dtype=torch.uint8))
+    assert odd.shape == (1, 100, 6) and (odd[..., 2] <= 100).all() and (odd[..., 3] <= 72).all()
 
 
 def test_a_rebuilt_detector_gives_the_same_detections():
