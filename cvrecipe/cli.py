@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs (default RUN/predictions)")
     p.add_argument("--overlay", action="store_true", help="segmentation: also write the mask over the image as a PNG")
 
-    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect",
-                         description="Inspect or pre-decode a dataset into the uint8 cache.")
+    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect, synth-detect",
+                         description="Inspect or pre-decode a dataset into the uint8 cache, or write a synthetic one.")
     sub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     for name, text in (("info", "print splits, classes, image shape and skipped files"),
                        ("prepare", "decode into the cache now (later runs load it in well under a second)")):
