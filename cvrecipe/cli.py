@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs (default RUN/predictions)")
     p.add_argument("--overlay", action="store_true", help="segmentation: also write the mask over the image as a PNG")
 
-    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect",
-                         description="Inspect or pre-decode a dataset into the uint8 cache.")
+    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect, synth-detect",
+                         description="Inspect or pre-decode a dataset into the uint8 cache, or write a synthetic one.")
     sub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     for name, text in (("info", "print splits, classes, image shape and skipped files"),
                        ("prepare", "decode into the cache now (later runs load it in well under a second)")):
@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, default=Path("data-report"), help="output folder (default data-report)")
     q.add_argument("--recipe", help="recipe whose preprocessing and augmentation to show (default: none)")
     q.add_argument("overrides", nargs="*", help=f"{OVERRIDE_HELP}; applied to --recipe (e.g. augment.hflip=true)")
+
+    text = ("write a seeded synthetic detection set: Fashion-MNIST items alpha-composited at random scales and "
+            "tints onto upsampled photos, 1-6 per image, in YOLO layout and COCO JSON (docs/detection.md)")
+    q = sub.add_parser("synth-detect", help="write a synthetic detection set (YOLO + COCO)", description=text)
+    q.add_argument("out", type=Path, help="output folder")
+    q.add_argument("--train", type=int, default=5000, help="training images (default 5000)")
+    q.add_argument("--test", type=int, default=500, help="test images (default 500)")
+    q.add_argument("--size", default="128-256", help="image side range in pixels, MIN-MAX (default 128-256)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--objects", default="fashion-mnist", help="dataset whose items are pasted (default fashion-mnist)")
+    q.add_argument("--backgrounds", default="cifar10",
+                   help="dataset of background photos: a name or folder:PATH (default cifar10)")
 
     p = verbs.add_parser("doctor", help="sanity checks for a recipe, without training",
                          description="Loss at init, overfitting one batch, a zero-input baseline and a "
@@ -302,6 +314,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from cvrecipe.data.report import inspect_data
 
         inspect_data(args.data, args.out, args.recipe, args.overrides, console=console)
+    elif args.verb == "data" and args.data_verb == "synth-detect":
+        _synth_detect(args, console)
     elif args.verb == "data":
         _data(args, console)
     elif args.verb == "doctor":
@@ -333,6 +347,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print("\n".join(list_models()))
         console.print("\nsegmentation (task=segmentation):")
         console.print("\n".join(list_models("segmentation")))
+        console.print("\ndetection (task=detection; building blocks, see docs/detection.md):")
+        console.print("\n".join(list_models("detection")))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
     return 0
@@ -412,6 +428,28 @@ def _data(args: argparse.Namespace, console: Console) -> None:
         console.print(f"  [yellow]{len(ds.skipped)} unreadable file(s) skipped:")
         for name, reason in ds.skipped[:20]:
             console.print(f"    {name}: {reason}", highlight=False)
+
+
+def _synth_detect(args: argparse.Namespace, console: Console) -> None:
+    from cvrecipe.config import DataConfig
+    from cvrecipe.data import load_source
+    from cvrecipe.data.dataset import DataError
+    from cvrecipe.data.synth_detect import synth_detect
+
+    try:
+        low, high = (int(v) for v in args.size.split("-"))
+    except ValueError:
+        raise DataError(f"--size {args.size}: expected MIN-MAX in pixels, e.g. 128-256") from None
+    objects = load_source(args.objects, DataConfig(name=args.objects, channels=1))
+    backgrounds = load_source(args.backgrounds, DataConfig(name=args.backgrounds, channels=3))
+    test_bg = backgrounds.test if backgrounds.test is not None else backgrounds.train
+    counts = synth_detect(args.out, (objects.train.x, objects.train.y), (objects.test.x, objects.test.y),
+                          backgrounds.train.x, test_bg.x, objects.classes, args.train, args.test, (low, high),
+                          args.seed)
+    for split, (images, boxes) in counts.items():
+        console.print(f"{split}: {images} images, {boxes} boxes", highlight=False)
+    console.print(f"written to {args.out} (data.yaml for YOLO, annotations/instances_*.json for COCO)",
+                  highlight=False)
 
 
 def _export(args: argparse.Namespace, console: Console) -> None:

@@ -89,8 +89,9 @@ class ImageModel(nn.Module):
         self.net = net
         self.meta = meta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+    def forward(self, x: torch.Tensor, *targets) -> torch.Tensor:
+        """`targets`: what a network trains on besides images (a detector's boxes in train mode)."""
+        return self.net(self.normalize(x), *targets)
 
 
 def create_model(

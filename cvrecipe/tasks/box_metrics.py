@@ -1,0 +1,243 @@
+"""Detection metrics: COCO's through pycocotools, a cheap mAP@0.5 on the device, a confusion matrix.
+
+Detections everywhere are the detectors' fixed-shape rows (B, D, 6) [x1, y1, x2, y2, score, class]
+(padding: score 0, class -1), or per-image arrays of the same columns; ground truth is per image
+(n, 4) x1y1x2y2 pixel boxes and (n,) int64 classes.
+
+- `coco_metrics`: a thin adapter into pycocotools (the reference every detection paper reports):
+  mAP@[.5:.95], mAP@.5, mAP@.75, AP by object size (COCO's small < 32², medium < 96², large, by box
+  area), AR@100, per-class AP and AP@.5.
+- `APMeter`: mAP@0.5 accumulated batch by batch on the device for per-epoch validation. It follows
+  COCO's rules at IoU 0.5 (per class; detections in score order each take the best-overlapping
+  unmatched ground truth; 101-point interpolated precision), so it agrees with pycocotools' AP@.5
+  up to how ties in score are ordered (tests/tasks/test_box_metrics.py measures the gap).
+- `confusion_at_iou`: (K + 1, K + 1) counts at IoU 0.5 with a background row (false positives) and
+  column (missed objects).
+- `match_rate`: share of one set of detections found in another (class equal, IoU ≥ 0.99), the
+  parity measure of an exported detector (its padded arrays differ where tied low scores reorder).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+
+RECALL_POINTS = torch.from_numpy(np.linspace(0.0, 1.0, 101))  # COCO's recall thresholds, its exact float64 values
+AREA_SMALL, AREA_LARGE = 32 ** 2, 96 ** 2  # COCO's object size limits, pixels²
+
+
+def _valid(rows) -> np.ndarray:
+    rows = np.asarray(rows, np.float64).reshape(-1, 6)
+    return rows[(rows[:, 5] >= 0) & (rows[:, 4] > 0)]
+
+
+# ---- pycocotools -----------------------------------------------------------------------------------
+
+def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_names: list[str]) -> dict:
+    """COCO box metrics over a split. truth_*: per image (n, 4) and (n,); detections: per image
+    (d, 6) rows (padding ignored). Returns {map, map50, map75, map_small, map_medium, map_large, ar100,
+    per_class: {name: {ap, ap50, boxes}}}; a size or class without any object gives None (COCO's -1)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, results = _coco_inputs(truth_boxes, truth_labels, detections, class_names)
+    counts = np.bincount([a["category_id"] - 1 for a in gt["annotations"]], minlength=len(class_names))
+    if not results or not gt["annotations"]:  # pycocotools cannot load an empty result list
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0, "map_small": None, "map_medium": None, "map_large": None,
+                "ar100": 0.0, "per_class": {n: {"ap": 0.0 if c else None, "ap50": 0.0 if c else None, "boxes": int(c)}
+                                            for n, c in zip(class_names, counts)}}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = [None if s < 0 else float(s) for s in evaluation.stats]
+    precision = evaluation.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
+    per_class = {}
+    for k, name in enumerate(class_names):
+        p = precision[:, :, k, 0, -1]  # all areas, 100 detections per image
+        per_class[name] = {"ap": float(p[p > -1].mean()) if (p > -1).any() else None,
+                           "ap50": float(p[0][p[0] > -1].mean()) if (p[0] > -1).any() else None,
+                           "boxes": int(counts[k])}
+    return {"map": stats[0], "map50": stats[1], "map75": stats[2], "map_small": stats[3], "map_medium": stats[4],
+            "map_large": stats[5], "ar100": stats[8], "per_class": per_class}
+
+
+def _coco_inputs(truth_boxes, truth_labels, detections, class_names) -> tuple[dict, list[dict]]:
+    """The ground truth as a COCO dataset dict and the detections as COCO results (bbox x, y, w, h;
+    category ids 1..K; area = box area, which COCO's size ranges read)."""
+    gt = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
+    results = []
+    for i, (boxes, labels, rows) in enumerate(zip(truth_boxes, truth_labels, detections)):
+        gt["images"].append({"id": i + 1})
+        for (x1, y1, x2, y2), label in zip(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels)):
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1,
+                                      "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                      "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for x1, y1, x2, y2, score, label in _valid(rows):
+            results.append({"image_id": i + 1, "category_id": int(label) + 1,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    return gt, results
+
+
+# ---- mAP@0.5 on the device -------------------------------------------------------------------------
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, D, 4), (B, G, 4) → (B, D, G) IoU."""
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    wh = (torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:]) - torch.maximum(a[:, :, None, :2], b[:, None, :, :2]))
+    inter = wh.clamp(min=0).prod(-1)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
+
+
+def match_greedy(detections: torch.Tensor, truth: torch.Tensor, truth_labels: torch.Tensor,
+                 iou_threshold: float = 0.5) -> torch.Tensor:
+    """COCO's matching for one batch: detections (B, D, 6) sorted by score; truth (B, G, 4) with
+    labels (B, G), -1 for padding. Returns (B, D) bool: true positive. Each detection, best first,
+    takes the unmatched object of its class it overlaps most, if that IoU ≥ the threshold."""
+    batch, count = detections.shape[:2]
+    iou = box_iou(detections[..., :4], truth)  # (B, D, G)
+    same = detections[..., 5, None].long() == truth_labels[:, None, :]
+    iou = torch.where(same & (truth_labels[:, None, :] >= 0), iou, torch.full_like(iou, -1.0))
+    free = torch.ones_like(truth_labels, dtype=torch.bool)
+    hits = torch.zeros(batch, count, dtype=torch.bool, device=detections.device)
+    if truth_labels.shape[1] == 0:
+        return hits
+    rows = torch.arange(batch, device=detections.device)
+    real = int((detections[..., 4] > 0).sum(1).max()) if count else 0  # sorted: padding comes last
+    for d in range(real):  # greedy matching is sequential in score order: ≤ 100 small steps
+        candidate = torch.where(free, iou[:, d], torch.full_like(iou[:, d], -1.0))  # (B, G)
+        best, which = candidate.max(dim=1)
+        hit = (best >= iou_threshold) & (detections[:, d, 4] > 0)
+        hits[:, d] = hit
+        free[rows, which] &= ~hit
+    return hits
+
+
+class APMeter:
+    """mAP@0.5 over a split, batch by batch: `update` keeps each detection's (score, class, hit) on
+    the device and counts objects per class; `compute` does the precision-recall sums once."""
+
+    def __init__(self, num_classes: int, iou_threshold: float = 0.5):
+        self.num_classes, self.iou_threshold = num_classes, iou_threshold
+        self.scores, self.classes, self.hits = [], [], []
+        self.objects = torch.zeros(num_classes, dtype=torch.long)
+
+    def update(self, detections: torch.Tensor, truth: torch.Tensor, truth_labels: torch.Tensor) -> None:
+        """detections (B, D, 6) from a detector; truth (B, G, 4) and truth_labels (B, G) padded with -1."""
+        order = detections[..., 4].argsort(dim=1, descending=True, stable=True)
+        detections = detections.gather(1, order[..., None].expand(-1, -1, 6))
+        hits = match_greedy(detections, truth, truth_labels, self.iou_threshold)
+        valid = (detections[..., 4] > 0) & (detections[..., 5] >= 0)
+        self.scores.append(detections[..., 4][valid])
+        self.classes.append(detections[..., 5][valid].long())
+        self.hits.append(hits[valid])
+        labels = truth_labels[truth_labels >= 0]
+        self.objects = self.objects.to(labels.device) + torch.bincount(labels, minlength=self.num_classes)
+
+    def compute(self) -> dict:
+        """{"map50": mean AP@0.5 over classes with objects, "ap50": [per class, None where no object]}."""
+        scores, classes, hits = torch.cat(self.scores), torch.cat(self.classes), torch.cat(self.hits)
+        per_class = []
+        for k in range(self.num_classes):
+            count = int(self.objects[k])
+            if count == 0:
+                per_class.append(None)
+                continue
+            mine = classes == k
+            order = scores[mine].argsort(descending=True, stable=True)
+            per_class.append(interpolated_ap(hits[mine][order], count))
+        present = [ap for ap in per_class if ap is not None]
+        return {"map50": float(np.mean(present)) if present else 0.0, "ap50": per_class}
+
+
+def interpolated_ap(hits: torch.Tensor, objects: int) -> float:
+    """COCO's AP from hits in score order: precision made monotone from the right, read at the 101
+    recall points (0 beyond the highest recall reached), averaged."""
+    if len(hits) == 0:
+        return 0.0
+    tp = hits.double().cumsum(0)
+    fp = (~hits).double().cumsum(0)
+    recall = tp / objects
+    precision = tp / (tp + fp).clamp(min=1)
+    precision = precision.flip(0).cummax(0).values.flip(0)  # envelope
+    at = torch.searchsorted(recall, RECALL_POINTS.to(recall), right=False)  # first rank reaching each recall
+    reached = at < len(precision)
+    sampled = torch.zeros(len(RECALL_POINTS), dtype=torch.double, device=recall.device)
+    sampled[reached] = precision[at[reached]]
+    return float(sampled.mean())
+
+
+def pad_truth(boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (n_i, 4) boxes and (n_i,) labels → (B, G, 4) and (B, G) padded with label -1."""
+    most = max([len(b) for b in boxes] + [1])
+    out = torch.zeros(len(boxes), most, 4)
+    out_labels = torch.full((len(boxes), most), -1, dtype=torch.long)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        out[i, :len(b)], out_labels[i, :len(b)] = torch.as_tensor(b, dtype=torch.float32), torch.as_tensor(lab)
+    return out, out_labels
+
+
+# ---- confusion and parity --------------------------------------------------------------------------
+
+def confusion_at_iou(truth_boxes: list, truth_labels: list, detections: list, num_classes: int,
+                     score_threshold: float = 0.25, iou_threshold: float = 0.5) -> np.ndarray:
+    """(K + 1, K + 1) counts, rows true class, columns predicted class, index K = background.
+    Detections above `score_threshold` are paired one-to-one with objects, class-agnostic, highest
+    IoU first (≥ `iou_threshold`); a pair counts at [true, predicted] (off the diagonal: right place,
+    wrong class), an unpaired object at [true, K] (missed), an unpaired detection at [K, predicted]."""
+    from torchvision.ops import box_iou as iou_one
+
+    matrix = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+    for boxes, labels, rows in zip(truth_boxes, truth_labels, detections):
+        rows = _valid(rows)
+        rows = rows[rows[:, 4] >= score_threshold]
+        labels = np.asarray(labels, np.int64)
+        iou = iou_one(torch.as_tensor(np.asarray(boxes, np.float64).reshape(-1, 4)),
+                      torch.as_tensor(rows[:, :4])).numpy()  # (objects, detections)
+        pairs = np.argwhere(iou >= iou_threshold)
+        pairs = pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")]
+        used_t, used_d = set(), set()
+        for t, d in pairs:
+            if t not in used_t and d not in used_d:
+                used_t.add(t), used_d.add(d)
+                matrix[labels[t], int(rows[d, 5])] += 1
+        for t in set(range(len(labels))) - used_t:
+            matrix[labels[t], num_classes] += 1
+        for d in set(range(len(rows))) - used_d:
+            matrix[num_classes, int(rows[d, 5])] += 1
+    return matrix
+
+
+def match_rate(reference: np.ndarray, other: np.ndarray, iou_threshold: float = 0.99) -> tuple[int, int]:
+    """(matched, total): how many of `reference`'s real detections (B, D, 6) have a detection in
+    `other` of the same image and class with IoU ≥ `iou_threshold`, or the same corners to 1e-3 px
+    (each used once)."""
+    from torchvision.ops import box_iou as iou_one
+
+    matched = total = 0
+    for ref, oth in zip(reference, other):
+        ref, oth = _valid(ref), _valid(oth)
+        total += len(ref)
+        if not len(ref) or not len(oth):
+            continue
+        iou = iou_one(torch.as_tensor(ref[:, :4]), torch.as_tensor(oth[:, :4])).numpy()
+        same_place = np.abs(ref[:, None, :4] - oth[None, :, :4]).max(-1) <= 1e-3  # zero-area boxes too (IoU 0/0)
+        iou = np.where(same_place, 1.0, np.nan_to_num(iou))
+        iou[ref[:, 5][:, None] != oth[:, 5][None, :]] = 0
+        used = set()
+        for r in range(len(ref)):
+            for o in np.argsort(-iou[r]):
+                if iou[r, o] < iou_threshold:
+                    break
+                if o not in used:
+                    used.add(o)
+                    matched += 1
+                    break
+    return matched, total
