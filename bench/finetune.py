@@ -13,10 +13,10 @@ Every method trains on the same stratified subset per (size, seed) and is scored
                 plus flips and 4-pixel crops, for up to 30,000 training images per run (at
                 least 10, at most 100 epochs). The stronger speedrun-net is far slower on a CPU
                 (one 10-per-class run of ~250 steps took 643 s on a loaded 2-core machine)
-    linear      recipes/finetune-efficientnet-lite0.yaml with finetune.strategy=linear and the
+    linear      cvrecipe/recipes/finetune-efficientnet-lite0.yaml with finetune.strategy=linear and the
                 feature cache; the frozen backbone's features of the test set (and of each
                 training image) are computed once for all seeds and sizes
-    two-stage   recipes/finetune-efficientnet-lite0.yaml, epochs scaled so each run sees about
+    two-stage   cvrecipe/recipes/finetune-efficientnet-lite0.yaml, epochs scaled so each run sees about
                 the same number of images (see two_stage_epochs)
     scratch-same  the two-stage run's architecture, input size (160 px), optimizer, schedule and
                 number of training images, from random weights (finetune.strategy=none): what the

@@ -5,7 +5,7 @@ retrained on the full training set against the shipped one, and 2 workers agains
 
 About 70 minutes on 2 idle CPU cores: trials see a 6,000-image stratified subset (3,000 validation
 images) for 4 epochs, so the shipped space's batch sizes (128-512) are replaced by 32/64/128 (bench
-space written next to the results); everything else is recipes/spaces/fashion-mnist-cnn.yaml.
+space written next to the results); everything else is cvrecipe/recipes/spaces/fashion-mnist-cnn.yaml.
 
 1. Search: for each study seed, `cvrecipe tune fashion-mnist-cnn --space SPACE`
    with TPE + median pruning and with random sampling without pruning (alternating which goes
@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cvrecipe.config import SPACES_DIR  # noqa: E402
 
 
 def cli(*args: str) -> float:
@@ -68,7 +71,7 @@ def bench_space(runs: Path) -> Path:
     """The shipped fashion-mnist-cnn space with batch sizes that give a 1,000-image subset enough steps."""
     import yaml
 
-    space = yaml.safe_load((ROOT / "recipes/spaces/fashion-mnist-cnn.yaml").read_text())
+    space = yaml.safe_load((SPACES_DIR / "fashion-mnist-cnn.yaml").read_text())
     space["train.batch_size"] = {"choice": [32, 64, 128]}
     path = runs / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
