@@ -93,7 +93,7 @@ def test_ingest(work, tmp_path):
 
 def test_ddp(work, tmp_path):
     out = bench(work, tmp_path, "ddp.py", "--recipe", "digits-quick", "--subset", "200", "--epochs", "1",
-                "--rounds", "1", "--variants", "1 process", "2 processes")
+                "--rounds", "1", "--variants", "1 process", "2 processes", "--set", "train.batch_size=64")
     assert "2 processes" in out and "img/s" in out
 
 
