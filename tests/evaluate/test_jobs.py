@@ -17,6 +17,8 @@ from cvrecipe.train.job import train
 
 from conftest import make_image_folder, tiny_speedrun
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 
 def read_metrics(run_dir):
     with open(run_dir / "metrics.csv") as f:

@@ -196,6 +196,7 @@ def test_concurrent_requests_share_forward_passes(stripes):
         assert metric_samples(url, "cvrecipe_in_flight_requests")[0].value == 1  # only /metrics itself
 
 
+@pytest.mark.slow
 def test_reload_under_load_swaps_models_without_failures(stripes, tmp_path):
     export_dir = tmp_path / "export"
     shutil.copytree(stripes.export, export_dir)
@@ -291,6 +292,7 @@ def _refuses_connections(port: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sighup_reloads_and_sigterm_finishes_in_flight_requests(stripes):
     sock = loopback_socket()  # a free port, released just before the server binds it
     port = sock.getsockname()[1]

@@ -28,6 +28,8 @@ from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
 from cvrecipe.train.launch import RanksFailed, _failure_line
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 ROOT = Path(__file__).resolve().parents[2]
 # digits, no augmentation, a constant lr (so 2 epochs then 1 more are 3 epochs), BatchNorm over the global batch
 SETTINGS = ["runs_dir={runs}", "data.cache_dir={runs}/cache", "name=r", "train.epochs=2", "train.sanity=false", "train.deterministic=true",

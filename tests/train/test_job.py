@@ -18,6 +18,8 @@ from cvrecipe.config import load_config
 from cvrecipe.models.registry import register
 from cvrecipe.train.job import train
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

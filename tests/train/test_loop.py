@@ -95,6 +95,7 @@ def _train_cmd(run_dir_parent, extra=()):
             "train.epochs=30", "train.num_threads=1", "--deterministic", "model.dropout=0.2", *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     straight = tmp_path / "straight"
