@@ -32,7 +32,7 @@ def read_metrics(run_dir):
 def test_early_stopping_stops_and_keeps_best(tmp_path):
     # lr=1e-9: the weights barely move and the val loss by less than min_delta, so patience 2 stops after epoch 3
     cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=20", "optim.lr=1e-9",
-                                       "stop.early=true", "stop.patience=2",
+                                       "train.sanity=false", "stop.early=true", "stop.patience=2",
                                        "checkpoint.monitor=val_loss", "checkpoint.mode=min", "stop.min_delta=0.05"])
     run_dir = train(cfg)
     assert len(read_metrics(run_dir)) == 3
