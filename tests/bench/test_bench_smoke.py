@@ -180,7 +180,7 @@ def _answers(url: str) -> bool:
 
 
 def test_fuzz(work, tmp_path):
-    out = bench(work, tmp_path, "fuzz.py", "--cases", "20", "--api-cases", "150")  # enough to reach every route
+    out = bench(work, tmp_path, "fuzz.py", "--cases", "20", "--api-cases", "500")  # enough to reach every route
     assert out.count("all passed") == 5
 
 
