@@ -1,5 +1,6 @@
-# Quick start:  make run   (train + evaluate the default recipe)
-#               make test  (the test suite)
+# Quick start:  make run        (train + evaluate the default recipe)
+#               make test       (the whole test suite, as CI runs it)
+#               make test-fast  (the suite without the end-to-end tests marked slow: the edit-test loop)
 # Both create .venv and install what they need on first use; later calls skip the install.
 
 PYTHON ?= python3.11
@@ -8,15 +9,16 @@ PY     := $(VENV)/bin/python
 RECIPE ?= fashion-mnist
 ARGS   ?=
 
-.PHONY: run test setup setup-test data-packages browser-packages db-packages clean
+.PHONY: run test test-fast setup setup-test data-packages browser-packages db-packages clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# the stamp files make reinstalls happen only when pyproject.toml changes
+# the stamp files make reinstalls happen only when pyproject.toml changes. `make run` installs the
+# extras the steps after it need (export, serve and monitor, tune), so they work in the same venv.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[export,serve,tune]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/activate
@@ -58,6 +60,9 @@ run: setup
 
 test: setup-test
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,7 @@ val loss and val accuracy.
 
     python bench/ddp.py                 # 12,000 images, 4 epochs, 2 rounds
     python bench/ddp.py --subset 3000 --epochs 2 --rounds 1
+    python bench/ddp.py --recipe digits-quick --subset 200 --epochs 1 --rounds 1 --variants "1 process" "2 processes"
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ VARIANTS = {
 
 def run(variant: str, args, runs: Path) -> dict:
     name = variant.replace(" ", "").replace(",", "-")
-    cmd = [sys.executable, "-m", "cvrecipe", "train", "fashion-mnist-cnn", f"data.subset={args.subset}",
+    cmd = [sys.executable, "-m", "cvrecipe", "train", args.recipe, f"data.subset={args.subset}",
            f"train.epochs={args.epochs}", "train.batch_size=256", "train.sanity=false", f"runs_dir={runs}",
-           f"name={name}", "checkpoint.every_s=3600", *VARIANTS[variant]]
+           f"name={name}", "checkpoint.every_s=3600", *args.overrides, *VARIANTS[variant]]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -60,21 +61,26 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=12000, help="training images (default 12,000)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--recipe", default="fashion-mnist-cnn", help="recipe to train (default fashion-mnist-cnn)")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="overrides for the recipe, e.g. data.name=folder:PATH")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run (default all; the first one listed is the 1x baseline)")
     args = parser.parse_args()
-    print(f"fashion-mnist, {args.subset} training images, {args.epochs} epochs, global batch 256, "
+    print(f"{args.recipe}, {args.subset} training images, {args.epochs} epochs, global batch 256, "
           f"{os.cpu_count()} CPU cores; per epoch [train loss, val loss, val acc]")
     results = []
     with tempfile.TemporaryDirectory(prefix="cvrecipe-ddp-") as tmp:
         for _ in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in args.variants:
                 results.append(run(variant, args, Path(tmp)))
     print()
-    base = statistics.mean(r["rate"] for r in results if r["variant"] == "1 process")
-    for variant in VARIANTS:
+    base = statistics.mean(r["rate"] for r in results if r["variant"] == args.variants[0])
+    for variant in args.variants:
         mine = [r for r in results if r["variant"] == variant]
         rate, wall = statistics.mean(r["rate"] for r in mine), statistics.mean(r["wall"] for r in mine)
         last = [r["curve"][-1] for r in mine]
-        print(f"{variant:22s} {rate:7.0f} img/s ({rate / base:.2f}x one process), wall {wall:.1f} s, last epoch "
+        print(f"{variant:22s} {rate:7.0f} img/s ({rate / base:.2f}x {args.variants[0]}), wall {wall:.1f} s, last epoch "
               f"train loss {statistics.mean(t for t, _, _ in last):.4f} val acc {statistics.mean(a for _, _, a in last):.4f}")
 
 

@@ -13,10 +13,10 @@ Every method trains on the same stratified subset per (size, seed) and is scored
                 plus flips and 4-pixel crops, for up to 30,000 training images per run (at
                 least 10, at most 100 epochs). The stronger speedrun-net is far slower on a CPU
                 (one 10-per-class run of ~250 steps took 643 s on a loaded 2-core machine)
-    linear      recipes/finetune-efficientnet-lite0.yaml with finetune.strategy=linear and the
+    linear      cvrecipe/recipes/finetune-efficientnet-lite0.yaml with finetune.strategy=linear and the
                 feature cache; the frozen backbone's features of the test set (and of each
                 training image) are computed once for all seeds and sizes
-    two-stage   recipes/finetune-efficientnet-lite0.yaml, epochs scaled so each run sees about
+    two-stage   cvrecipe/recipes/finetune-efficientnet-lite0.yaml, epochs scaled so each run sees about
                 the same number of images (see two_stage_epochs)
     scratch-same  the two-stage run's architecture, input size (160 px), optimizer, schedule and
                 number of training images, from random weights (finetune.strategy=none): what the
@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = f"folder:{ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'}"
 RECIPE = "finetune-efficientnet-lite0"
 OVERRIDES: list[str] = []  # --set: applied to the recipe before each method's own settings
+EPOCH_CAP = [1_000_000]  # --max-epochs: no run trains longer
 METHODS = ("scratch", "scratch-same", "linear", "lora", "two-stage")
 SCRATCH_IMAGES = 30_000  # training images per from-scratch run (epochs × subset size)
 TWO_STAGE_IMAGES = 8_000  # training images per two-stage run; the test split's 10,000 forwards come on top
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=8, help="ImageNet top-1 for this many test images (0: off)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="fine-tuning recipe overrides, e.g. 'model.kwargs={resize: 160}' finetune.layer_decay=0.8")
+    parser.add_argument("--max-epochs", type=int, help="cap every run's epochs (a quick check of the script)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--merge", type=Path, help="an earlier --json file: its runs join the table and plot "
                         "(runs of the same method, size and seed measured now replace them)")
@@ -93,6 +95,8 @@ def main() -> None:
     if args.predictions:
         show_imagenet_predictions(ds, args.predictions)
     OVERRIDES.extend(args.overrides)
+    if args.max_epochs:
+        EPOCH_CAP[0] = args.max_epochs
     cache = FeatureCache(ds) if "linear" in args.methods else None
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +135,7 @@ def subset_dataset(ds, per_class: int, seed: int):
 def two_stage_epochs(n: int) -> tuple[int, int]:
     """(epochs, freeze_epochs): about TWO_STAGE_IMAGES images per run (8 epochs at 100/class, as
     the recipe), at least 2 epochs; a third of them head-only."""
-    epochs = min(60, max(2, round(TWO_STAGE_IMAGES / n)))
+    epochs = min(60, EPOCH_CAP[0], max(2, round(TWO_STAGE_IMAGES / n)))
     return epochs, max(1, epochs // 3)
 
 
@@ -165,7 +169,7 @@ def fit_and_score(ds, run_dir, console, overrides: list[str]) -> float:
 def run_linear(ds, size, seed, run_dir, console, cache) -> float:
     cfg = load_config(RECIPE, [*OVERRIDES, f"train.seed={seed}", "finetune.strategy=linear",
                                "finetune.feature_cache=true",
-                               "train.epochs=30", "optim.lr=0.01", "checkpoint.monitor=train_loss", "checkpoint.mode=min"])
+                               f"train.epochs={min(30, EPOCH_CAP[0])}", "optim.lr=0.01", "checkpoint.monitor=train_loss", "checkpoint.mode=min"])
     model = build_model(cfg, ds)
     book = EpochBook(cfg, get_task(cfg.task), run_dir, console, has_val=len(ds.val) > 0)
     fit_probe(cfg, ds, model, book, torch.device("cpu"), features=(cache.train(ds.train.x), cache.train(ds.val.x)))
@@ -176,7 +180,7 @@ def run_linear(ds, size, seed, run_dir, console, cache) -> float:
 
 
 def run_scratch(ds, size, seed, run_dir, console, cache) -> float:
-    epochs = min(100, max(10, math.ceil(SCRATCH_IMAGES / len(ds.train))))  # each epoch also writes checkpoints
+    epochs = min(100, EPOCH_CAP[0], max(10, math.ceil(SCRATCH_IMAGES / len(ds.train))))  # each epoch also writes checkpoints
     cfg = load_config("seed-cnn-cifar10", [f"train.seed={seed}", f"train.epochs={epochs}", "augment.hflip=true",
                                            "augment.crop_padding=4", "stop.early=false",
                                            "checkpoint.monitor=train_loss", "checkpoint.mode=min"])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cvrecipe.config import load_config
+from cvrecipe.config import RECIPES_DIR, load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.evaluate.job import evaluate_run
 from cvrecipe.tasks.segmentation import segmentation_metrics
@@ -65,7 +65,7 @@ def peer_fold(fold: int, archive: Path, budget_cpu_s: float, seed: int = 0) -> d
     from monai.networks.nets import BasicUNet
 
     cfg = load_config(None, ["task=segmentation", f"data.name=masks:{archive}", f"data.folds={FOLDS}",
-                             f"data.fold={fold}", "data.mask_classes=recipes/classes/membrane.yaml"])
+                             f"data.fold={fold}", f"data.mask_classes={RECIPES_DIR / 'classes' / 'membrane.yaml'}"])
     ds = load_dataset(cfg.data)
     torch.manual_seed(seed)
     torch.set_num_threads(2)

@@ -135,8 +135,8 @@ def bomb_predict(code: Path, run_dir: Path, tmp: Path) -> None:
               f"-> {answer[:110]}", flush=True)
 
 
-def big_photos(url: str, proc: subprocess.Popen, good: bytes, n: int = 24) -> None:
-    body = photo_jpeg()
+def big_photos(url: str, proc: subprocess.Popen, good: bytes, n: int = 24, side: int = 6000) -> None:
+    body = photo_jpeg(side)
     ps = psutil.Process(proc.pid)
     post(url, good)  # the decoders load on the first image: not part of the figure
     before = ps.memory_info().rss / 2**20
@@ -157,7 +157,7 @@ def big_photos(url: str, proc: subprocess.Popen, good: bytes, n: int = 24) -> No
     done.set()
     sampler.join()
     after = ps.memory_info().rss / 2**20
-    print(f"  {n} concurrent 6000x6000 JPEGs ({len(body) / 1e6:.2f} MB each): answers {dict(answers)} in "
+    print(f"  {n} concurrent {side}x{side} JPEGs ({len(body) / 1e6:.2f} MB each): answers {dict(answers)} in "
           f"{seconds:.1f} s; server RSS {before:,.0f} MB before, peak {peak:,.0f} MB, {after:,.0f} MB after", flush=True)
 
 
@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose cvrecipe runs (default: this one)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--photos", type=int, default=24, help="concurrent large photos in part 2 (default 24)")
+    parser.add_argument("--photo-side", type=int, default=6000, help="their side in pixels (default 6000)")
+    parser.add_argument("--in-flight", type=int, default=48, help="requests in flight at SIGTERM (default 48)")
     args = parser.parse_args()
     code = args.code.resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,13 +233,13 @@ def main() -> None:
         print("2-3. the server: large photos, then a mixed load")
         server, url = start_server(code, run_dir)
         try:
-            big_photos(url, server, good)
+            big_photos(url, server, good, args.photos, args.photo_side)
             mixed_load(url, good, args.requests, args.concurrency)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
         print("4. shutdown under load")
-        sigterm_in_flight(code, run_dir, good)
+        sigterm_in_flight(code, run_dir, good, args.in_flight)
 
 
 if __name__ == "__main__":

@@ -267,10 +267,10 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
     print(f"\n== {label}: {export_dir / 'model.onnx'}, images {x.shape[1:]} (C, H, W), {os.cpu_count()} CPU cores, "
           f"load average {os.getloadavg()[0]:.1f}; cvrecipe's monitoring {'off' if args.no_monitor else 'on'}",
           flush=True)
-    raw = raw_throughput(export_dir / "model.onnx", x)
+    raw = raw_throughput(export_dir / "model.onnx", x, args.raw_seconds)
     print("raw ONNX Runtime images/s by batch size: " + ", ".join(f"{b}: {r:,.0f}" for b, r in raw.items()),
           flush=True)
-    variants = ort_variants(export_dir / "model.onnx", x)
+    variants = ort_variants(export_dir / "model.onnx", x, seconds=args.raw_seconds * 0.35)
     print("ONNX Runtime options at batch 32 (images/s, median of 3 interleaved): "
           + "; ".join(f"{name}: {r:,.0f}" for name, r in variants.items()), flush=True)
     servers = ["cvrecipe", "litserve"]
@@ -327,6 +327,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels (default 1,8,32,64)")
     parser.add_argument("--naive", action="store_true", help="also measure cvrecipe serve with batching off")
     parser.add_argument("--no-monitor", action="store_true", help="cvrecipe serve with monitoring off (as LitServe)")
+    parser.add_argument("--raw-seconds", type=float, default=2.0,
+                        help="seconds per batch size of the in-process ONNX Runtime rates (default 2)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     for name, (objects, full, frozen) in gc_pauses().items():

@@ -42,7 +42,8 @@ from cvrecipe.artifact.build import build_model
 from cvrecipe.device import epoch_generator
 from cvrecipe.tasks import get_task
 from cvrecipe.train import book, loop
-from cvrecipe.train.loop import Step, epoch_batches, fit
+from cvrecipe.train.feed import DeviceArrays, Feed
+from cvrecipe.train.loop import fit
 from cvrecipe.train.optim import build_optimizer, build_scheduler
 
 
@@ -131,21 +132,20 @@ def _reference_loop(cfg, ds, device, steps: int) -> float:
 
 def data_path_seconds(cfg, ds, device) -> float:
     """Seconds per batch to gather, augment and lay out one epoch's training batches, exactly as
-    the loop does it (on a GPU, several batches at once)."""
+    the loop does it (cvrecipe.train.feed.Feed; on a GPU, several batches at once)."""
     tc = cfg.train
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    x_all, y_all = torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device)
-    steps = len(x_all) // tc.batch_size
-    step = Step(task=get_task(cfg.task), model=None, train_model=None, optimizer=None, scheduler=None, scaler=None, ema=None,
-                train_x=x_all, train_y=y_all, base_flip=torch.rand(len(x_all), device=device) < 0.5,
-                steps_per_epoch=steps, batch_size=tc.batch_size, device=device, dtype=None,
+    source = DeviceArrays(torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device))
+    steps = len(source) // tc.batch_size
+    base_flip = torch.rand(len(source), generator=epoch_generator(tc.seed, -1, device), device=device) < 0.5
+    feed = Feed(source, get_task(cfg.task, cfg), cfg.augment, ds.hflip_ok, base_flip, tc.batch_size, steps,
                 memory_format=memory_format)
     gen = epoch_generator(tc.seed, 0, device)
-    order = torch.randperm(len(x_all), generator=gen, device=device)
-    for _ in epoch_batches(step, cfg.augment, ds.hflip_ok, order, gen, 0):  # warm-up, not timed
+    order = torch.randperm(len(source), generator=gen, device=device)
+    for _ in feed.epoch(order, gen, 0):  # warm-up, not timed
         pass
     timer = Timer(device).start()
-    for _ in epoch_batches(step, cfg.augment, ds.hflip_ok, order, gen, 1):
+    for _ in feed.epoch(order, gen, 1):
         pass
     return timer.stop() / steps
 

@@ -102,11 +102,13 @@ def child(args) -> None:
 
     if args.variant == "cold":
         drop_page_cache(args.entry)
-    cfg = load_config("cifar10-speedrun-cpu", [f"train.batch_size={args.batch}", f"data.memory_gb={args.budget_gb}"])
+    cfg = load_config("cifar10-speedrun-cpu", [f"train.batch_size={args.batch}", f"data.memory_gb={args.budget_gb}",
+                                               *args.overrides])
     arrays, meta = load_arrays(args.entry, lazy=True)
     x, y = arrays["train_x"], arrays["train_y"]
     if args.variant in ("memory", "workset"):
         fit_rows = 2048 if args.variant == "workset" else int(args.budget_gb * 2**30 * 0.9) // (3 * SIZE * SIZE)
+        fit_rows = min(fit_rows, len(y))  # a small --gb may hold fewer images than that
         x, y = np.asarray(x.take(np.arange(fit_rows))), y[:fit_rows]  # read whole: the in-memory path
     ds = ImageDataset("generated", meta["classes"], train=Split(x, y), val=Split(x.take(np.arange(0)) if
                       not isinstance(x, np.ndarray) else x[:0], y[:0]))
@@ -160,7 +162,7 @@ def _epochs(feed, n: int, device):
 
 def run_child(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--entry", str(args.entry), "--steps", str(args.steps),
-           "--batch", str(args.batch), "--budget-gb", str(args.budget_gb)]
+           "--batch", str(args.batch), "--budget-gb", str(args.budget_gb), "--set", *args.overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
@@ -180,6 +182,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="memory/stream pairs (default 2)")
     parser.add_argument("--dir", type=Path, default=None, help="where to generate (default: a temp dir under /work)")
     parser.add_argument("--keep", action="store_true", help="keep the generated dataset")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="overrides for cifar10-speedrun-cpu, e.g. model.kwargs.widths=[8,16,16] for a quick check")
     parser.add_argument("--child", choices=["memory", "stream", "cold", "workset"], help=argparse.SUPPRESS)
     parser.add_argument("--entry", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,6 +192,7 @@ def main() -> None:
         return child(args)
 
     base = args.dir or Path(tempfile.mkdtemp(prefix="cvrecipe-stream-", dir="/work" if Path("/work").is_dir() else None))
+    base.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(base).free
     if free < args.gb * 1e9 * 1.2 + 2e9:
         raise SystemExit(f"{base}: {free / 1e9:.1f} GB free, the benchmark needs {args.gb * 1.2 + 2:.1f} GB")

@@ -5,7 +5,7 @@ retrained on the full training set against the shipped one, and 2 workers agains
 
 About 70 minutes on 2 idle CPU cores: trials see a 6,000-image stratified subset (3,000 validation
 images) for 4 epochs, so the shipped space's batch sizes (128-512) are replaced by 32/64/128 (bench
-space written next to the results); everything else is recipes/spaces/fashion-mnist-cnn.yaml.
+space written next to the results); everything else is cvrecipe/recipes/spaces/fashion-mnist-cnn.yaml.
 
 1. Search: for each study seed, `cvrecipe tune fashion-mnist-cnn --space SPACE`
    with TPE + median pruning and with random sampling without pruning (alternating which goes
@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cvrecipe.config import SPACES_DIR  # noqa: E402
 
 
 def cli(*args: str) -> float:
@@ -68,7 +71,7 @@ def bench_space(runs: Path) -> Path:
     """The shipped fashion-mnist-cnn space with batch sizes that give a 1,000-image subset enough steps."""
     import yaml
 
-    space = yaml.safe_load((ROOT / "recipes/spaces/fashion-mnist-cnn.yaml").read_text())
+    space = yaml.safe_load((SPACES_DIR / "fashion-mnist-cnn.yaml").read_text())
     space["train.batch_size"] = {"choice": [32, 64, 128]}
     path = runs / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -83,7 +86,7 @@ def search(args, runs: Path) -> dict:
         for method in order:
             name = f"{method}-s{seed}"
             storage = f"sqlite:///{(runs / name / 'study.db').resolve()}"
-            wall = cli("tune", "fashion-mnist-cnn", "--space", str(args.space),
+            wall = cli("tune", "fashion-mnist-cnn", "--space", str(args.space), f"data.name={args.data}",
                        "--trials", str(args.trials), "--study", name, "--seed", str(seed), *methods[method],
                        f"data.subset={args.subset}", f"data.val_fraction={args.val_fraction}",
                        f"train.epochs={args.epochs}", f"runs_dir={runs}")
@@ -129,7 +132,8 @@ def retrain(args, runs: Path, results: dict) -> dict:
         for which in (("tuned", "shipped") if seed % 2 == 0 else ("shipped", "tuned")):
             name = f"retrain-{which}-s{seed}"
             # the full training set: no subset, the shipped recipe's 10 % validation split
-            wall = cli("run", recipes[which], "--no-sanity", "data.subset=null", "data.val_fraction=0.1",
+            wall = cli("run", recipes[which], "--no-sanity", f"data.name={args.data}", "data.subset=null",
+                       "data.val_fraction=0.1",
                        f"train.epochs={args.retrain_epochs}", f"train.seed={seed}", f"name={name}", f"runs_dir={runs}")
             acc = json.loads((runs / name / "eval.json").read_text())["accuracy"]
             out[which].append({"seed": seed, "test_acc": acc, "wall_s": round(wall, 1)})
@@ -147,7 +151,7 @@ def workers(args, runs: Path) -> dict:
     out = {}
     for k in (2, 1):
         name = f"workers{k}"
-        wall = cli("tune", "fashion-mnist-cnn", "--space", str(args.space),
+        wall = cli("tune", "fashion-mnist-cnn", "--space", str(args.space), f"data.name={args.data}",
                    "--trials", str(args.worker_trials), "--study", name, "--sampler", "random", "--pruner", "none",
                    "--workers", str(k), f"data.subset={args.subset}", f"data.val_fraction={args.val_fraction}",
                    f"train.epochs={args.epochs}", f"runs_dir={runs}")
@@ -159,6 +163,7 @@ def workers(args, runs: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist", help="data.name of every run (default fashion-mnist)")
     p.add_argument("--subset", type=int, default=6000, help="training images per trial (default 6000)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="validation share of the 60,000 (default 0.05)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per trial (default 4)")

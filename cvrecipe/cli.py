@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from cvrecipe.monitor import commands as monitor_commands
 
-RECIPE_HELP = "recipe name in recipes/ (e.g. fashion-mnist) or path to a YAML file"
+RECIPE_HELP = "a shipped recipe's name (`cvrecipe recipes` lists them; e.g. fashion-mnist) or a YAML file's path"
 OVERRIDE_HELP = "dotted config overrides, e.g. train.lr=0.01 train.epochs=5 data.subset=2000"
 
 
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and a table of the top trials.")
     p.add_argument("recipe", nargs="?", help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help=f"{OVERRIDE_HELP}; applied to every trial")
-    p.add_argument("--space", type=Path, help="search space YAML (see recipes/spaces/)")
+    p.add_argument("--space", help="search space: a YAML file's path or a shipped space's name (e.g. digits-quick; "
+                                    "`cvrecipe recipes` lists them)")
     p.add_argument("--trials", type=int, default=20, help="trial budget, counted over every run and worker (default 20)")
     p.add_argument("--storage", help="SQLAlchemy URL of the study's database (default sqlite:///runs/<study>/study.db; "
                                      "postgresql+psycopg://USER:PASSWORD@HOST/DB to share it between machines)")
@@ -183,12 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="STUDY", help="only rebuild STUDY's best.yaml and report.html from its storage")
 
     verbs.add_parser("models", help="list registered models", description="List the registered model names.")
+    verbs.add_parser("recipes", help="list the shipped recipes and search spaces",
+                     description="List the recipes and search spaces that ship with cvrecipe, each with its "
+                                 "one-line description; any of them runs by name (`cvrecipe run NAME`).")
 
     p = verbs.add_parser("config", help="print a recipe's resolved config with each field's doc",
                          description="Resolve RECIPE with the overrides, check it, and print it as YAML with "
                                      "each field's doc; or explain one field (type, allowed values, default, doc).")
     _add_recipe_args(p)
-    p.add_argument("--explain", metavar="KEY", help="explain one field, e.g. --explain average.name")
+    p.add_argument("--explain", metavar="KEY", help="explain one field, e.g. --explain average.name; "
+                                                    "--explain paths: how the paths a recipe names are found")
     return parser
 
 
@@ -351,6 +356,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print("\n".join(list_models("detection")))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
+    elif args.verb == "recipes":
+        _recipes(console)
     return 0
 
 
@@ -396,6 +403,18 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
                       "to resume")
         return 130
     return 0
+
+
+def _recipes(console: Console) -> None:
+    from cvrecipe.config import RECIPES_DIR, SPACES_DIR, shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(len(name) for name, _ in recipes)
+    console.print(f"recipes ({RECIPES_DIR}):", markup=False, highlight=False)
+    for name, description in recipes:
+        console.print(f"  {name:<{width}}  {description}", markup=False, highlight=False)
+    spaces = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    console.print(f"\nsearch spaces for `cvrecipe tune RECIPE --space NAME`: {spaces}", markup=False, highlight=False)
 
 
 def _config(args: argparse.Namespace, console: Console) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
+import os
 import re
 import types
 import typing
@@ -49,7 +51,9 @@ class DataConfig:
     name: str = option("fashion-mnist", "dataset: a registered name (fashion-mnist, mnist, cifar10, cifar100, "
                                         "digits), folder:PATH (a directory or a .tar/.tar.gz/.zip archive of "
                                         "split/class/image) or masks:PATH (image/ + label/ or mask/ pairs, for "
-                                        "segmentation)")
+                                        "segmentation); a relative PATH is looked for in the current "
+                                        "directory, then $CVRECIPE_DATA, then the source checkout (`cvrecipe "
+                                        "config --explain paths`)")
     image_size: int | None = option(None, "resize every image to this square size in pixels; null keeps the "
                                           "native size", ge=1)
     channels: Literal[1, 3] | None = option(None, "1 (grayscale) or 3 (RGB); null decides from the data")
@@ -65,8 +69,9 @@ class DataConfig:
     hflip_ok: bool | None = option(None, "may images be mirrored left-right and keep their label? null asks the "
                                          "dataset (no for digits and letters)")
     mask_classes: str | None = option(None, "masks:PATH only: a YAML file naming the classes (and their colours and "
-                                            "mask values); null = classes.yaml in the data, or PATH's stem + "
-                                            ".yaml beside it, else the mask values themselves")
+                                            "mask values), relative to the recipe that names it; null = classes.yaml "
+                                            "in the data, or PATH's stem + .yaml beside it, else the mask "
+                                            "values themselves")
     cache_dir: str | None = option(None, "where decoded uint8 arrays are kept; null = $CVRECIPE_CACHE or "
                                          "~/.cache/cvrecipe")
     memory_gb: float | None = option(None, "GiB the dataset may take in memory (on a GPU: on the device); a larger "
@@ -585,7 +590,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve a recipe (a path or a name in recipes/) plus overrides into a checked Config."""
+    """Resolve a recipe (a path or a shipped recipe's name) plus overrides into a checked Config."""
     raw = read_recipe(recipe) if recipe is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw)
@@ -644,12 +649,14 @@ def read_recipe(recipe: str | Path, chain: tuple[Path, ...] = ()) -> dict:
         raise yaml_error(path, err) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top, got {type(raw).__name__}")
+    raw.pop("description", None)  # the line `cvrecipe recipes` shows; not a setting (and not inherited)
+    _anchor_file_paths(raw, path.parent)
     base = raw.pop("extends", None)
     if base is None:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"recipe {path}: 'extends' expects a recipe name or path, got {base!r}")
-    # a relative path is relative to the extending file; a bare name is looked up in recipes/
+    # a relative path is relative to the extending file; a bare name is a shipped recipe
     base_path = path.parent / base
     return _merge(read_recipe(base_path if base_path.is_file() else base, (*chain, path)), raw)
 
@@ -662,7 +669,28 @@ def _merge(base: dict, top: dict) -> dict:
     return merged
 
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The shipped recipes are package data (cvrecipe/recipes/), found through importlib.resources: the
+# same folder in a source checkout and in an installed wheel.
+RECIPES_DIR = Path(str(importlib.resources.files("cvrecipe").joinpath("recipes")))
+SPACES_DIR = RECIPES_DIR / "spaces"
+
+# How paths inside a recipe resolve, whichever directory cvrecipe runs from (`cvrecipe config
+# --explain paths` prints this).
+PATH_RULES = """\
+paths: how cvrecipe finds the files a recipe names, whichever directory it runs from
+  RECIPE (command line)   a YAML path if that file exists, else a shipped recipe's name
+                          (`cvrecipe recipes` lists them; they live in {recipes})
+  --space SPACE (tune)    a YAML path if that file exists, else a shipped space's name ({spaces})
+  extends: OTHER          a path relative to the recipe file that says it, else a shipped recipe's name
+  data.mask_classes       written in a recipe: relative to that recipe file; on the command line:
+                          relative to the current directory
+  data.name folder:PATH / masks:PATH (relative PATH): the first that exists of
+                          1. PATH from the current directory
+                          2. PATH, then its file name, in each folder of $CVRECIPE_DATA
+                             (folders separated by '{sep}')
+                          3. PATH from the source checkout's root, when cvrecipe runs from a checkout
+                             (so the shipped recipes' ../shared/data/... finds the data beside it)
+  absolute paths and ~ are used as written."""
 
 
 def resolve_recipe(recipe: str | Path) -> Path:
@@ -674,6 +702,36 @@ def resolve_recipe(recipe: str | Path) -> Path:
         return named
     known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     raise ConfigError(f"recipe '{recipe}' not found as a file or in {RECIPES_DIR} (known: {known})")
+
+
+def resolve_space(space: str | Path) -> Path:
+    """A search space: a YAML path, else the name of a shipped one (recipes/spaces/NAME.yaml)."""
+    path = Path(space)
+    if path.is_file():
+        return path
+    named = SPACES_DIR / f"{space}.yaml"
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    raise ConfigError(f"search space '{space}' not found as a file or in {SPACES_DIR} (known: {known})")
+
+
+def shipped_recipes() -> list[tuple[str, str]]:
+    """(name, description) of each shipped recipe, by name."""
+    found = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        found.append((path.stem, str(raw.get("description", "")).strip()))
+    return found
+
+
+def _anchor_file_paths(raw: dict, folder: Path) -> None:
+    """A recipe's file references (data.mask_classes) made absolute against the recipe's folder, so a
+    recipe means the same files whichever directory the command runs from."""
+    data = raw.get("data")
+    value = data.get("mask_classes") if isinstance(data, dict) else None
+    if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        data["mask_classes"] = str(folder / value)
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -702,7 +760,10 @@ def _describe(node: Any, depth: int, lines: list[str]) -> None:
 
 
 def explain(key: str) -> str:
-    """One field: its type and rules, default and doc (or where a moved key went)."""
+    """One field: its type and rules, default and doc (or where a moved key went); `paths`: how the
+    paths a recipe names are found."""
+    if key == "paths":
+        return PATH_RULES.format(recipes=RECIPES_DIR, spaces=SPACES_DIR, sep=os.pathsep)
     if key in MOVED:
         if MOVED[key] is None:
             return f"{key}: {REMOVED_WHY[key]}"

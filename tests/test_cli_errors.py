@@ -23,6 +23,8 @@ from cvrecipe.train.job import train
 from conftest import make_image_folder
 from image_files import encode, jpeg_declaring
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -42,6 +42,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.strip())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_cpu_training_steps_reuse_freed_memory_instead_of_faulting_it_in():
     plain, training = _faults("plain"), _faults("cpu-training")

@@ -6,6 +6,8 @@ cache's shards, as ShardedArray views that training and evaluation read a batch 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,13 +31,34 @@ def load_source(name: str, cfg: DataConfig | None = None, lazy: bool = False) ->
     cfg = cfg or DataConfig(name=name)
     cache = cache_root(cfg.cache_dir)
     if name.startswith("folder:"):
-        return load_folder(name[len("folder:"):], cfg.image_size, cfg.channels, cache, lazy, cfg.max_pixels)
+        path = locate(name[len("folder:"):])
+        return load_folder(path, cfg.image_size, cfg.channels, cache, lazy, cfg.max_pixels)
     if name.startswith("masks:"):
         from cvrecipe.data.masks import load_masks
 
-        return load_masks(name[len("masks:"):], cfg.image_size, cfg.channels, cache, cfg.mask_classes,
-                          cfg.max_pixels)
+        path = locate(name[len("masks:"):])
+        return load_masks(path, cfg.image_size, cfg.channels, cache, cfg.mask_classes, cfg.max_pixels)
     return load_named(name, cache, lazy)
+
+
+# the source checkout's root when cvrecipe runs from one (an installed wheel has no pyproject.toml beside it)
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def locate(path: str) -> Path:
+    """A dataset path from a recipe, found the same way from any directory: as written (absolute,
+    ~, or relative to the current directory), else in each folder of $CVRECIPE_DATA (the path, then
+    its file name), else relative to the source checkout. Not found: the path as written, whose
+    loader names it in its error."""
+    written = Path(path).expanduser()
+    if written.is_absolute() or written.exists():
+        return written
+    candidates = []
+    for folder in filter(None, os.environ.get("CVRECIPE_DATA", "").split(os.pathsep)):
+        candidates += [Path(folder).expanduser() / written, Path(folder).expanduser() / written.name]
+    if (_CHECKOUT / "pyproject.toml").is_file():
+        candidates.append(_CHECKOUT / written)
+    return next((c for c in candidates if c.exists()), written)
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0, device: torch.device | str | None = None) -> ImageDataset:

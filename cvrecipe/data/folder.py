@@ -143,7 +143,8 @@ def load_folder(path: Path, image_size: int | None, channels: int | None, cache_
     as ShardedArray views (see cache.load_arrays)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"dataset folder or archive not found: {path}")
+        raise DataError(f"dataset folder or archive not found: {path}"
+                        + ("" if path.is_absolute() else " (where a relative path is looked for: `cvrecipe config --explain paths`)"))
     if not path.is_dir() and not _is_archive(path):
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz/.zip archive")
     key = f"folder-{_fingerprint(path)}-s{image_size}-c{channels}-p{max_pixels}"

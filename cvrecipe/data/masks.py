@@ -57,7 +57,8 @@ def load_masks(path: str | Path, image_size: int | None, channels: int | None, c
                classes_file: str | None = None, max_pixels: int = MAX_PIXELS) -> ImageDataset:
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"dataset folder or archive not found: {path}")
+        raise DataError(f"dataset folder or archive not found: {path}"
+                        + ("" if path.is_absolute() else " (where a relative path is looked for: `cvrecipe config --explain paths`)"))
     if not path.is_dir() and not _is_archive(path):
         raise DataError(f"{path} is neither a directory nor a .tar/.tar.gz/.zip archive")
     spec_text = _classes_yaml(path, classes_file)

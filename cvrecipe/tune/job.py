@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from cvrecipe.config import ConfigError, apply_overrides, from_dict, read_recipe
+from cvrecipe.config import ConfigError, apply_overrides, from_dict, read_recipe, resolve_space
 from cvrecipe.tune.report import dashboard_command, report
 from cvrecipe.tune.space import load_space
 from cvrecipe.tune.study import (PRUNERS, SAMPLERS, TuneSettings, check_metric, create_study, default_storage,
@@ -47,7 +47,7 @@ def prepare(recipe: str, overrides: list[str], space: str | Path, trials: int, s
         raise ConfigError(f"--trials {trials}: expected at least 1")
     if sampler not in SAMPLERS or pruner not in PRUNERS:
         raise ConfigError(f"--sampler {sampler} / --pruner {pruner}: expected one of {SAMPLERS} / {PRUNERS}")
-    space_obj = load_space(space, base)
+    space_obj = load_space(resolve_space(space), base)
     metric = check_metric(metric or cfg.checkpoint.monitor, base)
     if direction is None:
         mode = cfg.monitor_mode if metric == cfg.checkpoint.monitor else ("min" if metric.endswith("loss") else "max")

@@ -165,6 +165,7 @@ def test_decoded_cache_is_reused_and_keyed_by_content(tmp_path, isolated_cache):
     assert len(list(isolated_cache.iterdir())) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpeg.tar.gz").exists(), reason="../shared/data not present")
 def test_cifar10_jpeg_archive_real():
     ds = load_source(f"folder:{SHARED_DATA / 'cifar10-jpeg.tar.gz'}")

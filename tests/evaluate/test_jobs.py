@@ -17,6 +17,8 @@ from cvrecipe.train.job import train
 
 from conftest import make_image_folder, tiny_speedrun
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 
 def read_metrics(run_dir):
     with open(run_dir / "metrics.csv") as f:
@@ -50,12 +52,12 @@ def test_cli_run_eval_predict_on_a_folder(tmp_path, capsys):
     assert sum(p["top"][0]["class"] == "fox" for p in preds) >= 9
 
     # a second run with the same name goes to a new folder instead of overwriting
-    cfg = load_config("digits-quick", [f"runs_dir={runs}", "name=e2e", "train.epochs=1"])
+    cfg = load_config("digits-quick", [f"runs_dir={runs}", "name=e2e", "train.epochs=1", "train.sanity=false"])
     assert train(cfg).name == "e2e-2"
 
 
 def test_predict_reports_unreadable_files(tmp_path):
-    cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=1"])
+    cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=1", "train.sanity=false"])
     run_dir = train(cfg)
     (tmp_path / "bad.png").write_bytes(b"nope")
     out = predict(run_dir, [str(tmp_path / "bad.png")])
@@ -65,7 +67,7 @@ def test_predict_reports_unreadable_files(tmp_path):
 
 
 def test_eval_numbers_come_from_the_best_checkpoint(tmp_path):
-    cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=3"])
+    cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=3", "train.sanity=false"])
     run_dir = train(cfg)
     result = evaluate(run_dir)
     model = load_model(run_dir)

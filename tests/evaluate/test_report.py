@@ -22,6 +22,8 @@ from cvrecipe.artifact.checkpoint import read_metadata
 
 from pagecheck import view_page
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 
 def ece_reference(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     """ECE the textbook way: loop over (lo, hi] confidence bins (the first also holds 0)."""

@@ -18,7 +18,7 @@ from cvrecipe.evaluate.job import evaluate, predict, report
 from pagecheck import view_page
 from serve_helpers import one_torch_thread, train_shapes_run  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # slow: end to end
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ def eager(model, x: np.ndarray) -> np.ndarray:
     return predict_logits(model, x, device=torch.device("cpu")).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", list_models())
@@ -117,6 +118,7 @@ print(json.dumps({"onnx": onnx_logits.tolist(), "torchscript": ts_logits.tolist(
 """
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_exports_run_without_cvrecipe(tmp_path):
     model = make_model("small-cnn", seed=3)
@@ -140,6 +142,7 @@ def test_exports_run_without_cvrecipe(tmp_path):
     assert result["classes"] == list("abcde")
 
 
+@pytest.mark.slow
 def test_cli_export_of_a_run_checks_on_its_own_test_images(tmp_path, capsys):
     run_dir = train(load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=1", "train.sanity=false"]))
     assert main(["export", str(run_dir)]) == 0  # defaults: ONNX, batch fixed at 1
@@ -164,6 +167,7 @@ def test_cli_export_of_a_run_checks_on_its_own_test_images(tmp_path, capsys):
     assert entry["parity"]["atol"] > 1e-4 and entry["parity"]["min_agreement"] == 0.99 and entry["parity"]["passed"]
 
 
+@pytest.mark.slow
 def test_failed_check_reports_figures_and_changes_nothing(tmp_path):
     model = make_model("small-cnn")
     x, _ = real_images(8)
@@ -177,6 +181,7 @@ def test_failed_check_reports_figures_and_changes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left over
 
 
+@pytest.mark.slow
 def test_export_of_other_weights_replaces_stale_files(tmp_path):
     x, _ = real_images(4)
     export_dir = tmp_path / "export"

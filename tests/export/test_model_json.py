@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
 
 
+@pytest.mark.slow
 def test_shapes_per_file_and_the_batch_dimension_of_a_batch_1_export(tmp_path):
     torch.manual_seed(0)
     model = create_model("small-cnn", num_classes=4, in_channels=1, input_size=(12, 12), class_names=list("abcd"),

@@ -14,7 +14,8 @@ from cvrecipe.export.onnx import OnnxRunner, write_onnx
 from serve_helpers import one_torch_thread, train_shapes_run  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+              pytest.mark.slow]  # end to end: trains, exports and serves
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from torch import nn
 from cvrecipe.models import create_model, list_models, model_from_meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs, channels", [("unet", {"depth": 2, "width": 4}, 1),
                                                     ("unet-encoder", {"encoder": "small-cnn", "width": 4}, 1),
                                                     ("unet-encoder", {"pretrained": False}, 3)])

@@ -132,6 +132,7 @@ def test_where_filters_as_sqlite_evaluates_them(tmp_path):
             parse_where(bad)
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_loses_no_answered_row_or_acknowledged_feedback(served, tmp_path):
     export_dir, files = served
     db = tmp_path / "log.sqlite"
@@ -189,6 +190,7 @@ def test_sigkill_under_load_loses_no_answered_row_or_acknowledged_feedback(serve
     assert not unlabelled, f"{len(unlabelled)} of {len(acknowledged)} acknowledged labels are not stored"
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*ignored 1 files outside split")
 def test_exported_captures_form_a_dataset_that_trains(served, tmp_path):
     from cvrecipe.config import load_config

@@ -12,7 +12,7 @@ from postgres_helpers import postgres_cluster
 from serve_helpers import one_torch_thread, running_server  # noqa: F401 (fixture)
 from test_monitor_server import predict
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # slow: end to end
 
 
 def test_two_servers_share_a_postgres_log(served, tmp_path, capsys):

@@ -25,7 +25,7 @@ from serve_helpers import loopback_socket, one_torch_thread, running_server, tra
 from image_files import jpeg_declaring, png_declaring
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # slow: end to end
 
 
 @pytest.fixture(scope="module")

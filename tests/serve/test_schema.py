@@ -43,6 +43,7 @@ def server(tmp_path_factory):
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_answer_matches_the_schema_and_none_is_a_5xx(server, mode):
     """Requests that fit the schema (positive) and requests that break it (negative): schemathesis'

@@ -16,7 +16,8 @@ from cvrecipe.export import export_run
 from serve_helpers import metric_samples, one_torch_thread, running_server, train_shapes_run  # noqa: F401
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+              pytest.mark.slow]  # end to end: trains, exports and serves
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ ONNX Runtime / TorchScript / eager backends. Every load loop is bounded in count
 import asyncio
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -195,6 +196,7 @@ def test_concurrent_requests_share_forward_passes(stripes):
         assert metric_samples(url, "cvrecipe_in_flight_requests")[0].value == 1  # only /metrics itself
 
 
+@pytest.mark.slow
 def test_reload_under_load_swaps_models_without_failures(stripes, tmp_path):
     export_dir = tmp_path / "export"
     shutil.copytree(stripes.export, export_dir)
@@ -282,6 +284,15 @@ def test_cli_refuses_a_missing_model(tmp_path, capsys):
     assert "cvrecipe export" in capsys.readouterr().err
 
 
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.slow
 def test_sighup_reloads_and_sigterm_finishes_in_flight_requests(stripes):
     sock = loopback_socket()  # a free port, released just before the server binds it
     port = sock.getsockname()[1]
@@ -305,7 +316,8 @@ def test_sighup_reloads_and_sigterm_finishes_in_flight_requests(stripes):
             t.start()
         wait_until(lambda: metric_samples(url, "cvrecipe_queue_depth_images")[0].value == 3, 10, "queued requests")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # uvicorn has stopped accepting connections; these four are in flight
+        # once uvicorn has stopped accepting connections, these four are in flight
+        wait_until(lambda: _refuses_connections(port), 30, "the server to stop accepting connections")
         assert slow.release().json()["top"][0]["class"] == "cat"
         for t in senders:
             t.join(timeout=30)

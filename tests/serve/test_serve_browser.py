@@ -18,7 +18,7 @@ from cvrecipe.artifact.checkpoint import load_model
 from serve_helpers import CLASSES, one_torch_thread, running_server, train_stripes_run  # noqa: F401 (fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # slow: end to end
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]

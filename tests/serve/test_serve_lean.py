@@ -23,6 +23,7 @@ from cvrecipe.serve import state as state_module
 
 from serve_helpers import CLASSES, loopback_socket, running_server, train_stripes_run, wait_until
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports and serves in child processes
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r'''

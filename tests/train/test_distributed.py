@@ -28,6 +28,8 @@ from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
 from cvrecipe.train.launch import RanksFailed, _failure_line
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 ROOT = Path(__file__).resolve().parents[2]
 # digits, no augmentation, a constant lr (so 2 epochs then 1 more are 3 epochs), BatchNorm over the global batch
 SETTINGS = ["runs_dir={runs}", "data.cache_dir={runs}/cache", "name=r", "train.epochs=2", "train.sanity=false", "train.deterministic=true",
@@ -193,11 +195,9 @@ class _StopAfter:
 
 def test_a_callback_that_raises_stops_the_ranks(tmp_path):
     cfg = _config(tmp_path, ["train.epochs=200"])
-    t0 = time.monotonic()
     with pytest.raises(KeyError, match="pruned"):
         train(cfg, nproc=2, callbacks=[_StopAfter()])
-    assert time.monotonic() - t0 < 120  # 200 epochs would take minutes
-    assert len(_rows(tmp_path / "r")) < 200
+    assert len(_rows(tmp_path / "r")) < 200  # stopped after the callback raised, long before the last epoch
     assert not _children(os.getpid())  # no rank left running
 
 
@@ -271,7 +271,7 @@ def test_the_failure_line_names_the_cause_not_the_ranks_stopped_after_it(tmp_pat
 
 def _launch(tmp_path, extra):
     log = open(tmp_path / "out.txt", "w")
-    args = ["digits-quick"] + [s.format(runs=tmp_path) for s in SETTINGS] + ["train.epochs=60", "--nproc", "2", *extra]
+    args = ["digits-quick"] + [s.format(runs=tmp_path) for s in SETTINGS] + ["train.epochs=100000", "--nproc", "2", *extra]
     proc = subprocess.Popen([sys.executable, "-m", "cvrecipe", "train", *args], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     return proc, tmp_path / "out.txt"
@@ -306,10 +306,8 @@ def test_a_killed_rank_is_restarted_from_the_checkpoint_then_stops_the_job(tmp_p
         before = _epochs_written(tmp_path)
         _wait_for(lambda: "resuming" in out.read_text() and _epochs_written(tmp_path) >= before + 1
                   and 1 in _children(proc.pid), proc, 120, "an epoch after the restart")
-        pid = _kill_rank_1(proc)  # no restarts left: the job stops
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=60)
-        assert time.monotonic() - t0 < 20 and rc != 0
+        pid = _kill_rank_1(proc)  # no restarts left: the job stops (the time limit only catches a hang)
+        assert proc.wait(timeout=120) != 0
     finally:
         proc.kill()
     text = " ".join(out.read_text().split())
@@ -326,9 +324,7 @@ def test_a_hung_rank_stops_the_job_after_the_rank_timeout(tmp_path):
     try:
         _wait_for(lambda: _epochs_written(tmp_path) >= 1 and 1 in _children(proc.pid), proc, 120, "a first epoch")
         pid = _kill_rank_1(proc, signal.SIGSTOP)  # alive and silent, as a rank on a machine that lost its network
-        t0 = time.monotonic()
-        _wait_for(lambda: "lost the other ranks" in out.read_text(), proc, 60, "rank 0's timeout")
-        assert time.monotonic() - t0 < 4 + 15
+        _wait_for(lambda: "lost the other ranks" in out.read_text(), proc, 120, "rank 0's timeout")
         # the agent stops the stopped rank with SIGTERM, then SIGKILL after its 30 s grace: let SIGTERM through
         os.kill(pid, signal.SIGCONT)
         assert proc.wait(timeout=60) != 0

@@ -24,6 +24,8 @@ from cvrecipe.train.probe import backbone_features
 
 from conftest import SHARED_DATA, make_image_folder
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 CIFAR = SHARED_DATA / "cifar10-jpeg.tar.gz"
 IMAGENET_CLASSES = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]  # ships with torchvision, no download
 BOATS = {"yawl", "speedboat", "container ship", "liner", "fireboat", "schooner", "catamaran", "trimaran", "lifeboat",

@@ -18,6 +18,8 @@ from cvrecipe.config import load_config
 from cvrecipe.models.registry import register
 from cvrecipe.train.job import train
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -70,8 +72,9 @@ def test_a_crash_marks_the_mlflow_run_failed_with_the_error(tmp_path):
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_an_uninterrupted_one(tmp_path):
     # checkpoint.every_s=3600: last.ckpt is written only after the last epoch, so a kill before it leaves
-    # a folder with config.yaml and metrics.csv but nothing to resume from
-    overrides = ["name=r", "train.epochs=6", "train.num_threads=1", "checkpoint.every_s=3600"]
+    # a folder with config.yaml and metrics.csv but nothing to resume from. 30 epochs, killed as soon as
+    # the first is logged: the run is still going when the kill comes, however fast the machine is
+    overrides = ["name=r", "train.epochs=30", "train.num_threads=1", "checkpoint.every_s=3600"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, "-m", "cvrecipe", "train", "digits-quick", *overrides, "--deterministic", "--no-sanity"]
     straight = train(load_config("digits-quick", [*overrides, "train.deterministic=true", "train.sanity=false",
@@ -81,7 +84,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_an_un
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (killed / "metrics.csv").is_file() and len(rows(killed)) >= 2:
+        if (killed / "metrics.csv").is_file() and len(rows(killed)) >= 1:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed"
@@ -93,4 +96,4 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_an_un
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "has no last.ckpt (it stopped before its first checkpoint): starting it again" in " ".join(out.stdout.split())
-    assert rows(killed) == rows(straight) and len(rows(killed)) == 6
+    assert rows(killed) == rows(straight) and len(rows(killed)) == 30

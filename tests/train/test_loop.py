@@ -32,7 +32,7 @@ def read_metrics(run_dir):
 def test_early_stopping_stops_and_keeps_best(tmp_path):
     # lr=1e-9: the weights barely move and the val loss by less than min_delta, so patience 2 stops after epoch 3
     cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=20", "optim.lr=1e-9",
-                                       "stop.early=true", "stop.patience=2",
+                                       "train.sanity=false", "stop.early=true", "stop.patience=2",
                                        "checkpoint.monitor=val_loss", "checkpoint.mode=min", "stop.min_delta=0.05"])
     run_dir = train(cfg)
     assert len(read_metrics(run_dir)) == 3
@@ -92,9 +92,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
 def _train_cmd(run_dir_parent, extra=()):
     return [sys.executable, "-m", "cvrecipe", "train", "digits-quick", f"runs_dir={run_dir_parent}", "name=r",
-            "train.epochs=12", "train.num_threads=1", "--deterministic", "model.dropout=0.2", *extra]
+            "train.epochs=30", "train.num_threads=1", "--deterministic", "model.dropout=0.2", *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     straight = tmp_path / "straight"
@@ -105,14 +106,15 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "r" / "last.ckpt"
     deadline = time.time() + 240
+    # killed as soon as the first checkpoint exists, with 29 epochs to go: still running however fast the machine
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and load_resume(ckpt)["epoch"] >= 2:
+        if ckpt.is_file() and load_resume(ckpt)["epoch"] >= 1:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert load_resume(ckpt)["epoch"] < 12
+    assert load_resume(ckpt)["epoch"] < 30
 
     subprocess.run([sys.executable, "-m", "cvrecipe", "train", "--resume", str(killed / "r")], check=True,
                    env=env, capture_output=True, cwd=ROOT, timeout=300)

@@ -44,6 +44,7 @@ def identity_inputs(x, y, gen):
     return x
 
 
+@pytest.mark.slow
 def test_cli_doctor_passes_a_healthy_recipe_and_restores_the_rng(capsys):
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
@@ -124,6 +125,7 @@ def _metrics(run_dir):
     return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")} for row in rows]
 
 
+@pytest.mark.slow
 def test_training_is_identical_with_and_without_checks(tmp_path):
     runs = {}
     for flag in ("true", "false"):
@@ -157,6 +159,7 @@ class _HotLogits(nn.Module):
 register("test-hot-logits")(_HotLogits)
 
 
+@pytest.mark.slow
 def test_a_failed_check_stops_train_unless_skipped(tmp_path, capsys):
     args = ["digits-quick", f"runs_dir={tmp_path}", "name=hot", "model.name=test-hot-logits", "train.epochs=1"]
     assert main(["train", *args]) == 2

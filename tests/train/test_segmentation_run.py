@@ -15,7 +15,7 @@ from cvrecipe.train.sanity import run_checks
 
 from serve_helpers import one_torch_thread, train_shapes_run  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # slow: trains segmentation models
 
 
 @pytest.fixture(scope="module")

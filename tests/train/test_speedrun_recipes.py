@@ -121,6 +121,7 @@ def test_no_val_split_trains_on_everything_and_keeps_the_last_weights(tmp_path):
         fit(tiny_speedrun(tmp_path, ["stop.early=true"]), ds, tmp_path / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_JPEG.is_file(), reason=f"needs the CIFAR-10 JPEG archive at {CIFAR_JPEG}")
 def test_speedrun_recipe_learns_on_a_cifar_subset(tmp_path):
     """The real recipe (whitening from data, per-1024 units, Lookahead, alternating flip) on 2,000

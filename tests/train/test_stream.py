@@ -19,6 +19,8 @@ from cvrecipe.data import load_source
 from cvrecipe.train.job import train
 from conftest import make_image_folder
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 TRAIN_PER_CLASS = 4000  # 3 classes of 16×16 RGB: 12,000 training images, 9.2 MB of uint8
 BUDGET_GB = 2 * 2**20 / 2**30  # 2 MiB: under a quarter of the data
 

@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from postgres_helpers import postgres_cluster
 from tune_helpers import env, load, tune_command, write_space
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 
 @pytest.fixture(scope="module")
 def postgres_url():

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from cvrecipe.cli import main
-from cvrecipe.config import ConfigError, load_config, read_recipe
+from cvrecipe.config import SPACES_DIR, ConfigError, load_config, read_recipe
 from cvrecipe.tune.space import build_config, parse_space
 
 from tune_helpers import ROOT
@@ -58,7 +58,7 @@ def test_grid_needs_a_finite_space():
 def test_the_shipped_spaces_fit_their_recipes(recipe, space):
     from cvrecipe.tune.space import load_space
 
-    parsed = load_space(ROOT / "recipes" / "spaces" / f"{space}.yaml", read_recipe(recipe))
+    parsed = load_space(SPACES_DIR / f"{space}.yaml", read_recipe(recipe))
     assert parsed.params
 
 
@@ -68,7 +68,7 @@ def test_draws_stay_in_range_and_follow_conditions():
     from cvrecipe.tune.space import load_space
 
     base = read_recipe("fashion-mnist-cnn")
-    space = load_space(ROOT / "recipes" / "spaces" / "fashion-mnist-cnn.yaml", base)
+    space = load_space(SPACES_DIR / "fashion-mnist-cnn.yaml", base)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seen = set()

@@ -25,6 +25,8 @@ from cvrecipe.train.job import train
 
 from tune_helpers import env, load, run_tune, sqlite_url, tune_command, write_space
 
+pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
+
 GRID = """# lr 1e6 makes the loss NaN in the first epoch: those trials fail (TrainingDiverged)
 optim.lr: {choice: [0.05, 0.2, 1.0e6]}
 model.dropout: {choice: [0.0, 0.3]}
