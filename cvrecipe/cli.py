@@ -24,7 +24,7 @@ from rich.markup import escape
 from cvrecipe.monitor import commands as monitor_commands
 
 RECIPE_HELP = "a shipped recipe's name (`cvrecipe recipes` lists them; e.g. fashion-mnist) or a YAML file's path"
-OVERRIDE_HELP = "dotted config overrides, e.g. train.lr=0.01 train.epochs=5 data.subset=2000"
+OVERRIDE_HELP = "dotted config overrides, e.g. optim.lr=0.01 train.epochs=5 data.subset=2000"
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "fashion-mnist") -> None:
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the folder of a new run that fails before its first epoch ends (removed by default)")
 
     p = verbs.add_parser("eval", help="evaluate a run's best checkpoint",
-                         description="Accuracy, top-5, per-class precision/recall/F1 and confusion matrix "
-                                     "of RUN/best.safetensors, printed and written to RUN/eval.json.")
+                         description="The metrics of the run's task for RUN/best.safetensors (accuracy, top-5, "
+                                     "per-class precision/recall/F1 and confusion matrix; pixel accuracy, mIoU "
+                                     "and Dice for masks), printed and written to RUN/eval.json.")
     p.add_argument("run", type=Path, help="run folder (e.g. runs/fashion-mnist)")
     p.add_argument("--data", help="evaluate on this dataset instead of the run's own (name or folder:PATH)")
     p.add_argument("--split", choices=["train", "val", "test"],
@@ -207,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("CVRECIPE_DEBUG", "") not in ("", "0")
     argv = monitor_commands.expand([a for a in argv if a != "--debug"])
     parser = build_parser()
-    # overrides may come after options (`train --deterministic train.lr=0.1`): argparse leaves them over
+    # overrides may come after options (`train --deterministic optim.lr=0.1`): argparse leaves them over
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "recipe", None) and "=" in args.recipe and hasattr(args, "overrides"):
-        # `cvrecipe train train.lr=0.1`: no recipe named, only overrides of the default one
+        # `cvrecipe train optim.lr=0.1`: no recipe named, only overrides of the default one
         args.overrides.insert(0, args.recipe)
         args.recipe = "fashion-mnist"
     console = Console(soft_wrap=True)
@@ -393,7 +394,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         rebuild_report(args.report, args.storage, console)
         return 0
     if not args.recipe or not args.space:
-        raise ValueError("cvrecipe tune needs a RECIPE and --space SPACE.yaml (or --report STUDY)")
+        raise ValueError("cvrecipe tune needs a RECIPE and --space NAME_OR_FILE (or --report STUDY)")
     settings = prepare(args.recipe, args.overrides, args.space, args.trials, args.storage, args.study, args.sampler,
                        args.pruner, args.metric, args.direction, args.seed, args.heartbeat)
     try:
