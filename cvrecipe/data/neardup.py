@@ -1,0 +1,187 @@
+"""Near duplicates by embedding, confirmed on the pixels.
+
+Three steps, each cheap enough for tens of thousands of images on two CPU cores:
+
+1. Candidates: every image's K nearest neighbours by cosine similarity of its embedding, exact, by
+   blocked matrix products (after a PCA to at most PCA_DIMS dimensions, which keeps the search at
+   seconds for 60,000 images; candidates are then re-scored in the full space). Images of the
+   smaller splits are also searched with their mirrored embedding, so mirrored copies across
+   splits are candidates too.
+2. A pixel check for every candidate pair: the normalised cross-correlation of 32×32 grayscale
+   thumbnails, maximised over the mirror and shifts of up to ±SHIFT px. Correlation discards
+   brightness and contrast, the shifts absorb small crops and translations.
+3. A calibrated decision: the thresholds are not fixed numbers but quantiles of the dataset's
+   own "hard negatives" — each image and its K-th neighbour, a similar-looking but (nearly always)
+   different photograph. A pair is a duplicate when its pixel correlation is beyond what
+   NULL_QUANTILE of those pairs reach, and its embedding distance is a small fraction of the
+   images' distance to their K-th neighbours (a copy is far closer than the neighbourhood).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+K = 10  # neighbours searched per image (and the "neighbourhood" scale: the K-th one's distance)
+PCA_DIMS = 256  # search dimensions; candidates are re-scored with the full embedding
+BLOCK = 2048  # query rows per matrix product: (2048, N) float32 similarities at a time
+THUMB = 32  # px side of the grayscale thumbnails the pixel check compares
+SHIFT = 2  # px: the pixel check tries every translation up to this far, both ways
+NULL_QUANTILE = 0.995  # share of hard negatives whose pixel correlation a duplicate must exceed
+MIN_NCC = 0.8  # floor of the calibrated pixel threshold (images with little texture correlate easily)
+MAX_REL_DIST = 0.5  # a duplicate's embedding distance is at most this share of the K-th neighbour's
+STRONG_NCC = 0.97  # pixel correlation that is a copy whatever the embedding says (e.g. heavy re-toning)
+
+
+@dataclass
+class Candidates:
+    """Candidate pairs i < j (global image numbers) with their best embedding similarity."""
+    i: np.ndarray  # (P,) int64
+    j: np.ndarray  # (P,) int64
+    sim: np.ndarray  # (P,) float32 cosine similarity (max over the mirror where searched)
+    kth: np.ndarray  # (N,) float32 every image's similarity to its K-th neighbour
+
+
+def project(emb: np.ndarray, dims: int = PCA_DIMS) -> torch.Tensor:
+    """(N, D) unit vectors → (N, min(D, dims)) unit vectors in the top principal subspace."""
+    x = torch.from_numpy(emb)
+    if x.shape[1] <= dims:
+        return x
+    centred = x - x.mean(0)
+    cov = centred.T @ centred / max(len(x) - 1, 1)  # (D, D)
+    _, vecs = torch.linalg.eigh(cov)
+    return F.normalize(x @ vecs[:, -dims:], dim=1)
+
+
+def knn(queries: torch.Tensor, base: torch.Tensor, k: int, self_offset: int | None = None,
+        advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k cosine neighbours of every query row among `base` rows: (Q, k) similarities and
+    indices. `self_offset`: query row q is base row q + self_offset, excluded from its own list."""
+    k = min(k, len(base) - (self_offset is not None))
+    sims, idx = [], []
+    for start in range(0, len(queries), BLOCK):
+        s = queries[start:start + BLOCK] @ base.T  # (B, N)
+        if self_offset is not None:
+            rows = torch.arange(len(s))
+            s[rows, rows + start + self_offset] = -2.0
+        top = s.topk(k, dim=1)
+        sims.append(top.values)
+        idx.append(top.indices)
+        if advance is not None:
+            advance(len(s))
+    return torch.cat(sims), torch.cat(idx)
+
+
+def candidates(emb: np.ndarray, mirrored: dict[int, np.ndarray] | None = None, k: int = K,
+               advance: Callable[[int], None] | None = None) -> Candidates:
+    """Each image's k nearest neighbours (and, for the rows in `mirrored` {global row: mirrored
+    embedding}, the mirrored image's k nearest), as unique pairs i < j re-scored in full dimensions."""
+    base = project(emb)
+    sims, idx = knn(base, base, k, self_offset=0, advance=advance)
+    kth = sims[:, -1].numpy()
+    rows = [np.repeat(np.arange(len(emb)), idx.shape[1])]
+    cols = [idx.flatten().numpy()]
+    full = torch.from_numpy(emb)
+    mirror_sim: dict[tuple[int, int], float] = {}
+    if mirrored:
+        which = np.fromiter(mirrored, np.int64)
+        m = np.stack([mirrored[g] for g in which.tolist()])
+        mbase = project(np.concatenate([emb, m]))  # one projection for both, so they compare
+        _, midx = knn(mbase[len(emb):], mbase[:len(emb)], k, advance=advance)
+        mi, mj = np.repeat(which, midx.shape[1]), midx.flatten().numpy()
+        keep = mi != mj  # a symmetric image is its own mirror
+        ms = (torch.from_numpy(m)[np.repeat(np.arange(len(which)), midx.shape[1])[keep]]
+              * full[mj[keep]]).sum(1).numpy()
+        for a, b, s in zip(mi[keep].tolist(), mj[keep].tolist(), ms.tolist()):
+            key = (min(a, b), max(a, b))
+            mirror_sim[key] = max(mirror_sim.get(key, -1.0), s)
+        rows.append(mi[keep])
+        cols.append(mj[keep])
+    i, j = np.concatenate(rows), np.concatenate(cols)
+    pairs = np.unique(np.stack([np.minimum(i, j), np.maximum(i, j)], 1), axis=0)
+    sim = (full[pairs[:, 0]] * full[pairs[:, 1]]).sum(1).numpy()
+    if mirror_sim:
+        extra = np.array([mirror_sim.get((a, b), -1.0) for a, b in pairs.tolist()], np.float32)
+        sim = np.maximum(sim, extra)
+    return Candidates(pairs[:, 0], pairs[:, 1], sim.astype(np.float32), kth)
+
+
+def thumbnails(x, side: int = THUMB, batch: int = 4096) -> torch.Tensor:
+    """(N, side, side) float32 grayscale thumbnails (area-averaged), from uint8 (N, C, H, W) read a
+    batch at a time (x may be a ShardedArray on disk)."""
+    out = []
+    for start in range(0, len(x), batch):
+        b = torch.as_tensor(np.asarray(x[start:start + batch])).float()
+        gray = (0.299 * b[:, 0] + 0.587 * b[:, 1] + 0.114 * b[:, 2]) if b.shape[1] == 3 else b.mean(1)
+        if gray.shape[-2:] != (side, side):
+            gray = F.interpolate(gray[:, None], size=(side, side), mode="area")[:, 0]
+        out.append(gray)
+    return torch.cat(out) if out else torch.zeros(0, side, side)
+
+
+def _standardise(v: torch.Tensor, dim: int) -> torch.Tensor:
+    v = v - v.mean(dim, keepdim=True)
+    return v / v.norm(dim=dim, keepdim=True).clamp_min(1e-3)
+
+
+def pixel_correlation(thumbs: torch.Tensor, i: np.ndarray, j: np.ndarray, shift: int = SHIFT,
+                      chunk: int = 1024) -> np.ndarray:
+    """(P,) the largest normalised cross-correlation between image i's centre crop (side - 2·shift)²
+    and image j's same-size windows at every shift up to ±`shift` px, j plain or mirrored."""
+    side = thumbs.shape[-1]
+    inner = side - 2 * shift
+    out = []
+    for start in range(0, len(i), chunk):
+        a = thumbs[torch.as_tensor(i[start:start + chunk])]
+        b = thumbs[torch.as_tensor(j[start:start + chunk])]
+        centre = _standardise(a[:, shift:shift + inner, shift:shift + inner].flatten(1), 1)  # (B, inner²)
+        best = torch.full((len(a),), -1.0)
+        for view in (b, b.flip(-1)):
+            windows = _standardise(F.unfold(view[:, None], inner), 1)  # (B, inner², (2·shift+1)²)
+            best = torch.maximum(best, torch.einsum("bk,bkw->bw", centre, windows).amax(1))
+        out.append(best)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def calibrate(thumbs: torch.Tensor, emb: np.ndarray, c: Candidates, sample: int = 20000,
+              seed: int = 0) -> dict:
+    """Thresholds from the dataset's hard negatives: (image, its K-th neighbour) pairs."""
+    base = project(emb)
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(emb), min(sample, len(emb)), replace=False)
+    _, idx = knn(base[rows], base, K + 1)
+    kth = idx[:, -1].numpy()  # the K-th neighbour besides the image itself
+    keep = kth != rows
+    null = pixel_correlation(thumbs, rows[keep], kth[keep])
+    ncc = max(MIN_NCC, float(np.quantile(null, NULL_QUANTILE))) if len(null) else MIN_NCC
+    return {"ncc_threshold": round(ncc, 4), "null_pairs": int(keep.sum()), "null_quantile": NULL_QUANTILE,
+            "max_relative_distance": MAX_REL_DIST, "strong_ncc": STRONG_NCC, "k": K}
+
+
+def relative_distance(c: Candidates) -> np.ndarray:
+    """(P,) each pair's embedding distance (1 - cos) over its images' K-th-neighbour distance (the
+    larger of the two neighbourhoods, so a copy in a dense region is not penalised)."""
+    scale = np.maximum(1 - c.kth[c.i], 1 - c.kth[c.j])
+    return (1 - c.sim) / np.maximum(scale, 1e-6)
+
+
+def decide(c: Candidates, ncc: np.ndarray, rules: dict) -> np.ndarray:
+    """(P,) bool: which candidate pairs are duplicates under the calibrated `rules`."""
+    rel = relative_distance(c)
+    return ((ncc >= rules["ncc_threshold"]) & (rel <= rules["max_relative_distance"])) | (ncc >= rules["strong_ncc"])
+
+
+def find_near_duplicates(emb: np.ndarray, thumbs: torch.Tensor, mirrored: dict[int, np.ndarray] | None = None,
+                         advance: Callable[[int], None] | None = None) -> dict:
+    """Candidates, pixel check and calibrated decision for images numbered 0..N-1.
+    Returns {"pairs": (P, 2) duplicates i < j, "sim", "ncc", "rel": per pair, "rules": thresholds,
+    "candidates": how many pairs were checked}."""
+    c = candidates(emb, mirrored, advance=advance)
+    ncc = pixel_correlation(thumbs, c.i, c.j)
+    rules = calibrate(thumbs, emb, c)
+    keep = decide(c, ncc, rules)
+    return {"pairs": np.stack([c.i[keep], c.j[keep]], 1), "sim": c.sim[keep], "ncc": ncc[keep],
+            "rel": relative_distance(c)[keep], "rules": rules, "candidates": int(len(c.i))}
