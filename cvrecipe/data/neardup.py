@@ -52,7 +52,12 @@ def project(emb: np.ndarray, dims: int = PCA_DIMS) -> torch.Tensor:
         return x
     centred = x - x.mean(0)
     cov = centred.T @ centred / max(len(x) - 1, 1)  # (D, D)
-    _, vecs = torch.linalg.eigh(cov)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # multi-threaded eigh of 1280² takes 25-35 s on 2 busy cores, 1 s on one thread
+    try:
+        _, vecs = torch.linalg.eigh(cov)
+    finally:
+        torch.set_num_threads(threads)
     return F.normalize(x @ vecs[:, -dims:], dim=1)
 
 
