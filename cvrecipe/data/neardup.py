@@ -46,7 +46,8 @@ class Candidates:
 
 
 def project(emb: np.ndarray, dims: int = PCA_DIMS) -> torch.Tensor:
-    """(N, D) unit vectors → (N, min(D, dims)) unit vectors in the top principal subspace."""
+    """(N, D) unit vectors → (N, ≤ dims) unit vectors in the top principal subspace (directions
+    the images actually span: at most N - 1 of them)."""
     x = torch.from_numpy(emb)
     if x.shape[1] <= dims:
         return x
@@ -55,10 +56,11 @@ def project(emb: np.ndarray, dims: int = PCA_DIMS) -> torch.Tensor:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # multi-threaded eigh of 1280² takes 25-35 s on 2 busy cores, 1 s on one thread
     try:
-        _, vecs = torch.linalg.eigh(cov)
+        vals, vecs = torch.linalg.eigh(cov)  # ascending
     finally:
         torch.set_num_threads(threads)
-    return F.normalize(x @ vecs[:, -dims:], dim=1)
+    top = vecs[:, -dims:][:, vals[-dims:] > 1e-4 * vals[-1]]  # fewer images than dims: only the spanned ones
+    return F.normalize(x @ top, dim=1)
 
 
 def knn(queries: torch.Tensor, base: torch.Tensor, k: int, self_offset: int | None = None,
