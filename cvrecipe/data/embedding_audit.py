@@ -14,6 +14,7 @@ Image ids are file names for folder data (e.g. train/cat/0001.jpg), else SPLIT:I
 """
 from __future__ import annotations
 
+import csv
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -36,7 +37,8 @@ MIN_PROBE_IMAGES = 20  # fewer labelled images than this: no probe, no label-err
 def image_id(index: Index, g: int) -> str:
     """A stable name for image g: its file for folder data, else SPLIT:INDEX."""
     d = index.describe(g)
-    return d["file"] or f"{d['split']}:{d['index']}"
+    name = d["file"] or f"{d['split']}:{d['index']}"
+    return f"reference:{name}" if d["split"].startswith("reference ") else name
 
 
 @contextmanager
@@ -99,6 +101,8 @@ def summarise(pairs: list[tuple], index: Index) -> dict:
     counts, listed, exclude = Counter(), [], {}
     for i, j, sim, ncc, rel in pairs:
         a, b = index.describe(i), index.describe(j)
+        if source != "train" and b["split"].startswith("reference "):
+            continue  # against a reference, only pairs that involve the audited images count
         if a["split"] == b["split"]:
             within[a["split"]].update((i, j))
             counts[a["split"]] += 1
@@ -117,7 +121,7 @@ def summarise(pairs: list[tuple], index: Index) -> dict:
         listed.append({"a": {**a, "id": image_id(index, i)}, "b": {**b, "id": image_id(index, j)},
                        "similarity": round(sim, 4), "ncc": round(ncc, 4), "relative_distance": round(rel, 4)})
     listed.sort(key=lambda e: (_leak_order(e["a"], e["b"], source), -e["ncc"]))
-    return {"pairs": len(pairs),
+    return {"pairs": len(listed),
             "within": {s: {"images": len(v), "pairs": counts[s]} for s, v in within.items()},
             "across": {k: {"images": len(v), "pairs": counts[k]} for k, v in across.items()},
             "leaks": {s: sorted(v) for s, v in leaks.items()},
@@ -147,7 +151,10 @@ def label_errors(index: Index, emb: np.ndarray, console: Console, seconds: dict)
     exclude = {image_id(index, int(g)): f"label {index.describe(int(g))['label']}, probably "
                f"{index.classes[int(found['suggested'][g])]}"
                for g in found["flagged"].tolist() if index.locate(int(g))[0] == "train"}
-    return {"exclude": exclude, "flagged": int(len(found["flagged"])), "flagged_per_split": dict(per_split),
+    table = [(image_id(index, g), index.locate(g)[0], index.classes[int(labels[g])],
+              index.classes[int(found["suggested"][g])], round(float(found["quality"][g]), 5),
+              int(k < len(found["flagged"]))) for k, g in enumerate(found["rank"].tolist())]
+    return {"table": table, "exclude": exclude, "flagged": int(len(found["flagged"])), "flagged_per_split": dict(per_split),
             "probe_accuracy": round(float((found["suggested"] == labels).mean()), 4),
             "folds": L.FOLDS, "ranked": ranked}
 
@@ -169,6 +176,12 @@ def write_lists(result: dict, out_dir: Path) -> None:
     reasons = {**result["near_duplicates"]["exclude"], **(result["label_issues"] or {}).get("exclude", {})}
     lines = [f"{k}  # {v}" for k, v in reasons.items()]
     (out_dir / "exclude.txt").write_text("\n".join(["# images to train without: data.exclude=this file", *lines]) + "\n")
+    table = (result["label_issues"] or {}).pop("table", None)
+    if table is not None:  # the whole ranking, most likely label error first (audit.json lists the top)
+        with open(out_dir / "label_issues.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "split", "label", "suggested", "quality", "flagged"])
+            writer.writerows(table)
     leaks = [i for ids in result["near_duplicates"]["leak_ids"].values() for i in ids]
     (out_dir / "leaks.txt").write_text("\n".join(["# held-out images with a near copy in train", *leaks]) + "\n")
 

@@ -68,8 +68,10 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed:
         audit["model_input"] = {"image_shape": view["image_shape"], "augment": view["augment"]}
         audit["seconds"] = round(time.perf_counter() - t0, 2)
         return audit, {"ds": ds, "index": index, "view": view}
-    view = model_view(cfg, name)
-    audit["model_input"] = {k: v for k, v in view.items() if not isinstance(v, torch.Tensor)}
+    # against a reference (a monitor export: often a handful of images, no test split) the page is
+    # about the new images and their copies; the model's view is the reference's concern
+    view = model_view(cfg, name) if not reference else None
+    audit["model_input"] = {k: v for k, v in view.items() if not isinstance(v, torch.Tensor)} if view else None
     audit["seconds"] = round(time.perf_counter() - t0, 2)
     return audit, {"ds": ds, "index": index, "view": view}
 
@@ -170,7 +172,7 @@ def _examples(ds: ImageDataset, audit: dict, view: dict) -> list[str]:
         from cvrecipe.data import mask_report
 
         return [mask_report.samples(ds), mask_report.model_view_section(view)]
-    return [_samples(ds), _model_view(audit, view)]
+    return [_samples(ds), _model_view(audit, view)] if view is not None else [_samples(ds)]
 
 
 def _overview(audit: dict) -> str:

@@ -170,5 +170,6 @@ def test_export_folder_audited_against_a_reference(planted, tmp_path, monkeypatc
     audit = json.loads((out / "audit.json").read_text())
     pairs = {(e["a"]["id"], e["b"]["id"]) for e in audit["embedding"]["near_duplicates"]["examples"]
              if e["b"]["split"] == "train" and e["a"]["split"] == "reference train"}
-    assert pairs == {("train/red/001.jpg", "train/red/capture-0.jpg"), ("train/green/003.jpg", "train/green/capture-1.jpg")}
+    assert pairs == {("reference:train/red/001.jpg", "train/red/capture-0.jpg"),
+                     ("reference:train/green/003.jpg", "train/green/capture-1.jpg")}
     assert "new.jpg" not in (out / "exclude.txt").read_text() and "capture-0.jpg" in (out / "exclude.txt").read_text()
