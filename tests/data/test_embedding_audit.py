@@ -3,21 +3,15 @@ re-toned) are found and nothing else; planted label flips are ranked first; the 
 equals K separate sklearn fits; data.exclude keeps the listed images out of training; eval scores
 without the leaked test images; the report's pair and label-error grids render in Chromium."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from rich.console import Console
 
 from cvrecipe.cli import main
 from cvrecipe.config import DataConfig
 from cvrecipe.data import load_dataset, load_source
-from cvrecipe.data import embedding_audit as E
 from cvrecipe.data import label_issues as L
 from cvrecipe.data import neardup as N
-from cvrecipe.data.audit import Index, folder_files
-from cvrecipe.data.embed import lite0_embedder
 from cvrecipe.data.exclusions import apply_exclude, write_record
 
 from pagecheck import view_page
@@ -31,16 +25,18 @@ def planted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def audited(planted, tmp_path_factory):
+def inspected(planted, tmp_path_factory):
+    """`data inspect --embed` once: (its embedding section, the output folder, what was planted)."""
     root, truth = planted
-    cache = tmp_path_factory.mktemp("cache")
-    ds = load_source(f"folder:{root}", DataConfig(name=f"folder:{root}", cache_dir=str(cache)))
-    index = Index(ds, folder_files(root, ds)[0])
-    return E.run(index, lite0_embedder(), Console(quiet=True)), truth
+    out = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CVRECIPE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        assert main(["data", "inspect", f"folder:{root}", "--out", str(out), "--embed"]) == 0
+    return json.loads((out / "audit.json").read_text())["embedding"], out, truth
 
 
-def test_planted_copies_are_found_and_nothing_else(audited):
-    result, truth = audited
+def test_planted_copies_are_found_and_nothing_else(inspected):
+    result, _, truth = inspected
     found = {frozenset((e["a"]["file"], e["b"]["file"])) for e in result["near_duplicates"]["examples"]}
     planted = {frozenset(p) for p in (*truth["leaks"].items(), *truth["within"].items())}
     assert found == planted  # 5 copies in test (one per kind of change), 2 within train, no false pair
@@ -49,8 +45,8 @@ def test_planted_copies_are_found_and_nothing_else(audited):
     assert all({e["a"]["split"], e["b"]["split"]} == {"train", "test"} for e in first)  # leakage listed first
 
 
-def test_planted_label_flips_are_ranked_first(audited):
-    result, truth = audited
+def test_planted_label_flips_are_ranked_first(inspected):
+    result, _, truth = inspected
     ranked = result["label_issues"]["ranked"]
     assert {r["file"] for r in ranked[:len(truth["flips"])]} == set(truth["flips"])
     for r in ranked[:len(truth["flips"])]:
@@ -101,6 +97,7 @@ def test_exclude_file_keeps_images_out_of_training(planted, tmp_path):
         apply_exclude(load_source(cfg.name, cfg), listed)
 
 
+@pytest.mark.slow
 def test_training_without_excluded_digits(tmp_path):
     listed = tmp_path / "exclude.txt"
     listed.write_text("\n".join(f"train:{i}" for i in range(100)) + "\n")
@@ -115,6 +112,7 @@ def test_training_without_excluded_digits(tmp_path):
     assert np.array_equal(kept.train.x, full.train.x[100:])
 
 
+@pytest.mark.slow
 def test_eval_scores_without_leaked_test_images(tmp_path, capsys):
     common = ["train.epochs=1", "train.sanity=false", f"runs_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]
     assert main(["train", "digits-quick", *common, "name=r"]) == 0
@@ -134,13 +132,9 @@ def test_eval_scores_without_leaked_test_images(tmp_path, capsys):
     assert "without the" in capsys.readouterr().out
 
 
-def test_report_shows_pairs_and_label_errors_in_a_browser(planted, tmp_path, monkeypatch):
-    root, truth = planted
-    monkeypatch.setenv("CVRECIPE_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "report"
-    assert main(["data", "inspect", f"folder:{root}", "--out", str(out), "--embed"]) == 0
-    audit = json.loads((out / "audit.json").read_text())
-    assert audit["embedding"]["near_duplicates"]["pairs"] == len(truth["leaks"]) + len(truth["within"])
+def test_report_shows_pairs_and_label_errors_in_a_browser(inspected, tmp_path):
+    result, out, truth = inspected
+    assert result["near_duplicates"]["pairs"] == len(truth["leaks"]) + len(truth["within"])
     listed = [line.split("#")[0].strip() for line in (out / "leaks.txt").read_text().splitlines()[1:]]
     assert sorted(listed) == sorted(truth["leaks"])
     excluded = (out / "exclude.txt").read_text()
@@ -153,6 +147,7 @@ def test_report_shows_pairs_and_label_errors_in_a_browser(planted, tmp_path, mon
     assert all(i["width"] > 0 and i["shown"] > 0 for i in pairs + errors)
 
 
+@pytest.mark.slow
 def test_export_folder_audited_against_a_reference(planted, tmp_path, monkeypatch):
     root, truth = planted
     import shutil
