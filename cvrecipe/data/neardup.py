@@ -129,26 +129,31 @@ def thumbnails(x, side: int = THUMB, batch: int = 4096) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, side, side)
 
 
-def _standardise(v: torch.Tensor, dim: int) -> torch.Tensor:
-    v = v - v.mean(dim, keepdim=True)
-    return v / v.norm(dim=dim, keepdim=True).clamp_min(1e-3)
-
-
 def pixel_correlation(thumbs: torch.Tensor, i: np.ndarray, j: np.ndarray, shift: int = SHIFT,
-                      chunk: int = 1024) -> np.ndarray:
+                      chunk: int = 4096) -> np.ndarray:
     """(P,) the largest normalised cross-correlation between image i's centre crop (side - 2·shift)²
-    and image j's same-size windows at every shift up to ±`shift` px, j plain or mirrored."""
+    and image j's same-size windows at every shift up to ±`shift` px, j plain or mirrored.
+
+    One grouped convolution per chunk gives every window's dot product with the (zero-mean,
+    unit-norm) centre; box sums of the window pixels and their squares give each window's norm
+    about its mean: no copy of the windows is made."""
     side = thumbs.shape[-1]
     inner = side - 2 * shift
+    n = inner * inner
     out = []
     for start in range(0, len(i), chunk):
         a = thumbs[torch.as_tensor(i[start:start + chunk])]
         b = thumbs[torch.as_tensor(j[start:start + chunk])]
-        centre = _standardise(a[:, shift:shift + inner, shift:shift + inner].flatten(1), 1)  # (B, inner²)
+        centre = a[:, shift:shift + inner, shift:shift + inner]
+        centre = centre - centre.mean((1, 2), keepdim=True)
+        centre = centre / centre.flatten(1).norm(dim=1).clamp_min(1e-3)[:, None, None]  # (B, inner, inner)
         best = torch.full((len(a),), -1.0)
         for view in (b, b.flip(-1)):
-            windows = _standardise(F.unfold(view[:, None], inner), 1)  # (B, inner², (2·shift+1)²)
-            best = torch.maximum(best, torch.einsum("bk,bkw->bw", centre, windows).amax(1))
+            dots = F.conv2d(view[None], centre[:, None], groups=len(a))[0]  # (B, 2·shift+1, 2·shift+1)
+            sums = F.avg_pool2d(view[:, None], inner, stride=1)[:, 0] * n
+            squares = F.avg_pool2d(view[:, None].square(), inner, stride=1)[:, 0] * n
+            norms = (squares - sums.square() / n).clamp_min(0).sqrt().clamp_min(1e-3)
+            best = torch.maximum(best, (dots / norms).flatten(1).amax(1))
         out.append(best)
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
