@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cvrecipe.cli import main
 from cvrecipe.config import DataConfig
@@ -168,3 +169,17 @@ def test_export_folder_audited_against_a_reference(planted, tmp_path, monkeypatc
     assert pairs == {("reference:train/red/001.jpg", "train/red/capture-0.jpg"),
                      ("reference:train/green/003.jpg", "train/green/capture-1.jpg")}
     assert "new.jpg" not in (out / "exclude.txt").read_text() and "capture-0.jpg" in (out / "exclude.txt").read_text()
+
+
+def test_pixel_correlation_equals_the_explicit_loop():
+    rng = np.random.default_rng(5)
+    thumbs = torch.from_numpy(rng.uniform(0, 255, (12, 32, 32)).astype(np.float32))
+    i, j = rng.integers(0, 12, 20), rng.integers(0, 12, 20)
+
+    def loop(a, b):  # Pearson correlation of a's centre with each shifted window of b and its mirror
+        centre = a[2:30, 2:30].flatten().double()
+        return max(float(np.corrcoef(centre, view[dy:dy + 28, dx:dx + 28].flatten().double())[0, 1])
+                   for view in (b, b.flip(-1)) for dy in range(5) for dx in range(5))
+
+    expected = [loop(thumbs[a], thumbs[b]) for a, b in zip(i, j)]
+    np.testing.assert_allclose(N.pixel_correlation(thumbs, i, j), expected, atol=1e-5)
