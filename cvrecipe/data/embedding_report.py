@@ -25,10 +25,10 @@ def duplicates_section(info: dict, index: Index, embedder: str) -> str:
     how = (f"{pages.esc(embedder)} embeddings: each image's {rules['k']} nearest neighbours (mirror included "
            f"across splits), {info['candidates']:,} candidate pairs checked on 32×32 grayscale pixels "
            f"(normalised cross-correlation, best over the mirror and shifts up to ±2 px). A pair is a duplicate "
-           f"when the correlation is ≥ {rules['ncc_threshold']} (the {rules['null_quantile']:.1%} quantile of "
-           f"{rules['null_pairs']:,} image/{rules['k']}th-neighbour pairs of this dataset, at least 0.8) and its "
-           f"embedding distance is ≤ {rules['max_relative_distance']} of the distance to the {rules['k']}th "
-           f"neighbour, or when the correlation alone is ≥ {rules['strong_ncc']}.")
+           f"when its correlation less {rules['rel_weight']} × its embedding distance relative to the "
+           f"{rules['k']}th neighbour's is ≥ {rules['score_threshold']}: more than {rules['null_quantile']:.1%} of "
+           f"{rules['null_pairs']:,} image/{rules['k']}th-neighbour pairs of this dataset reach (at least "
+           f"{rules['min_score']}).")
     rows = [[f"{k} (leakage: images of the second split with a copy in the first)", v["images"], v["pairs"]]
             for k, v in info["across"].items()]
     rows += [[f"within {s}", v["images"], v["pairs"]] for s, v in info["within"].items()]

@@ -30,10 +30,9 @@ PCA_DIMS = 256  # search dimensions; candidates are re-scored with the full embe
 BLOCK = 2048  # query rows per matrix product: (2048, N) float32 similarities at a time
 THUMB = 32  # px side of the grayscale thumbnails the pixel check compares
 SHIFT = 2  # px: the pixel check tries every translation up to this far, both ways
-NULL_QUANTILE = 0.995  # share of hard negatives whose pixel correlation a duplicate must exceed
-MIN_NCC = 0.8  # floor of the calibrated pixel threshold (images with little texture correlate easily)
-MAX_REL_DIST = 0.5  # a duplicate's embedding distance is at most this share of the K-th neighbour's
-STRONG_NCC = 0.97  # pixel correlation that is a copy whatever the embedding says (e.g. heavy re-toning)
+NULL_QUANTILE = 0.999  # share of hard negatives whose score a duplicate must exceed
+REL_WEIGHT = 0.3  # score = pixel correlation - REL_WEIGHT x relative embedding distance
+MIN_SCORE = 0.5  # floor of the calibrated threshold (few images: a quantile of few pairs)
 
 
 @dataclass
@@ -158,19 +157,29 @@ def pixel_correlation(thumbs: torch.Tensor, i: np.ndarray, j: np.ndarray, shift:
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+def score(ncc: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """Duplicate score of a pair: pixel correlation, less REL_WEIGHT × its relative embedding
+    distance (measured on CIFAR-10: at 600 flagged test images this covers 230 of ciFAIR's 286,
+    against 223 for the pixel correlation alone and 117 for the relative distance alone)."""
+    return ncc - REL_WEIGHT * rel
+
+
 def calibrate(thumbs: torch.Tensor, emb: np.ndarray, c: Candidates, sample: int = 20000,
               seed: int = 0) -> dict:
-    """Thresholds from the dataset's hard negatives: (image, its K-th neighbour) pairs."""
+    """The score threshold from the dataset's hard negatives: (image, its K-th neighbour) pairs."""
     base = project(emb)
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(emb), min(sample, len(emb)), replace=False)
     _, idx = knn(base[rows], base, K + 1)
     kth = idx[:, -1].numpy()  # the K-th neighbour besides the image itself
     keep = kth != rows
-    null = pixel_correlation(thumbs, rows[keep], kth[keep])
-    ncc = max(MIN_NCC, float(np.quantile(null, NULL_QUANTILE))) if len(null) else MIN_NCC
-    return {"ncc_threshold": round(ncc, 4), "null_pairs": int(keep.sum()), "null_quantile": NULL_QUANTILE,
-            "max_relative_distance": MAX_REL_DIST, "strong_ncc": STRONG_NCC, "k": K}
+    a, b = rows[keep], kth[keep]
+    null_ncc = pixel_correlation(thumbs, a, b)
+    sim = (torch.from_numpy(emb[a]) * torch.from_numpy(emb[b])).sum(1).numpy()
+    null = score(null_ncc, relative_distance(Candidates(a, b, sim, c.kth)))
+    threshold = max(MIN_SCORE, float(np.quantile(null, NULL_QUANTILE))) if len(null) else MIN_SCORE
+    return {"score_threshold": round(threshold, 4), "rel_weight": REL_WEIGHT, "null_pairs": int(keep.sum()),
+            "null_quantile": NULL_QUANTILE, "min_score": MIN_SCORE, "k": K}
 
 
 def relative_distance(c: Candidates) -> np.ndarray:
@@ -182,8 +191,7 @@ def relative_distance(c: Candidates) -> np.ndarray:
 
 def decide(c: Candidates, ncc: np.ndarray, rules: dict) -> np.ndarray:
     """(P,) bool: which candidate pairs are duplicates under the calibrated `rules`."""
-    rel = relative_distance(c)
-    return ((ncc >= rules["ncc_threshold"]) & (rel <= rules["max_relative_distance"])) | (ncc >= rules["strong_ncc"])
+    return score(ncc, relative_distance(c)) >= rules["score_threshold"]
 
 
 def find_near_duplicates(emb: np.ndarray, thumbs: torch.Tensor, mirrored: dict[int, np.ndarray] | None = None,

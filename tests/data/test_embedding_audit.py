@@ -65,7 +65,7 @@ def test_pixel_check_sees_through_mirror_shift_and_tone():
     n_copies = len(copies) + 1
     ncc = N.pixel_correlation(thumbs, np.zeros(len(images) - 1, np.int64), np.arange(1, len(images)))
     assert (ncc[:n_copies] > 0.9).all(), ncc[:n_copies]
-    assert (ncc[n_copies:] < N.MIN_NCC).all(), ncc[n_copies:]
+    assert (ncc[n_copies:] < 0.8).all(), ncc[n_copies:]
 
 
 def test_fused_probe_equals_separate_sklearn_fits():
