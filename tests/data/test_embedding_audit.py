@@ -3,6 +3,7 @@ re-toned) are found and nothing else; planted label flips are ranked first; the 
 equals K separate sklearn fits; data.exclude keeps the listed images out of training; eval scores
 without the leaked test images; the report's pair and label-error grids render in Chromium."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,29 @@ def test_pixel_correlation_equals_the_explicit_loop():
 
     expected = [loop(thumbs[a], thumbs[b]) for a, b in zip(i, j)]
     np.testing.assert_allclose(N.pixel_correlation(thumbs, i, j), expected, atol=1e-5)
+
+
+def test_bench_scores_an_audit_against_public_style_lists(planted, inspected, tmp_path):
+    """bench/audit.py at its smallest: score the planted audit with lists in ciFAIR's and
+    cleanlab/label-errors' formats, written here for the planted folder."""
+    import subprocess
+    import sys
+
+    root, _ = planted
+    _, out, truth = inspected
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    number = {f: k for k, f in enumerate(files)}
+    (tmp_path / "index.csv").write_text("file,split,original_index\n" + "".join(
+        f"{f},{f.split('/')[0]},{number[f]}\n" for f in files))
+    (tmp_path / "dups.csv").write_text("TestID,TrainID,Distance,Judgment\n" + "".join(
+        f"{number[t]},{number[s]},0.1,1\n" for t, s in truth["leaks"].items()))
+    tests = [f for f in files if f.startswith("test/")][:3]
+    (tmp_path / "mturk.json").write_text(json.dumps([{"id": number[f], "mturk": {"given": g, "guessed": 5 - g}}
+                                                     for f, g in zip(tests, (0, 1, 4))]))
+    bench = Path(__file__).resolve().parents[2] / "bench" / "audit.py"
+    run = subprocess.run([sys.executable, str(bench), "--data", f"folder:{root}", "--index", str(tmp_path / "index.csv"),
+                          "--cifair", str(tmp_path / "dups.csv"), "--mturk", str(tmp_path / "mturk.json"),
+                          "--audit", str(out)], capture_output=True, text=True, check=True)
+    n = len(truth["leaks"])
+    assert f"of ciFAIR's test images                  {n} / {n} (100.0%)" in run.stdout, run.stdout
+    assert "confirmed errors in the top 275          2 / 2 (100.0%)" in run.stdout, run.stdout  # 41 test images < 275
