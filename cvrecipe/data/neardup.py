@@ -159,8 +159,8 @@ def pixel_correlation(thumbs: torch.Tensor, i: np.ndarray, j: np.ndarray, shift:
 
 def score(ncc: np.ndarray, rel: np.ndarray) -> np.ndarray:
     """Duplicate score of a pair: pixel correlation, less REL_WEIGHT × its relative embedding
-    distance (measured on CIFAR-10: at 600 flagged test images this covers 230 of ciFAIR's 286,
-    against 223 for the pixel correlation alone and 117 for the relative distance alone)."""
+    distance (measured on CIFAR-10, Lite0 at 64 px: the 600 test images scoring highest cover 230
+    of ciFAIR's 286; weights 0.1 / 0.2 / 0.4 cover 223 / 227 / 232)."""
     return ncc - REL_WEIGHT * rel
 
 
