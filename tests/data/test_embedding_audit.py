@@ -210,3 +210,20 @@ def test_bench_scores_an_audit_against_public_style_lists(planted, inspected, tm
     n = len(truth["leaks"])
     assert f"of ciFAIR's test images                  {n} / {n} (100.0%)" in run.stdout, run.stdout
     assert "confirmed errors in the top 275          2 / 2 (100.0%)" in run.stdout, run.stdout  # 41 test images < 275
+
+
+def test_sanity_checks_warn_on_test_leakage(tmp_path):
+    from cvrecipe.config import load_config
+    from cvrecipe.train.sanity import check_test_leakage
+
+    cfg = load_config("digits-quick", [f"data.cache_dir={tmp_path}"])
+    ds = load_dataset(cfg.data)
+    assert check_test_leakage(cfg, ds) == []  # no audit, no check
+    n = len(ds.test)
+    write_record(tmp_path, "digits", n, list(range(int(0.05 * n))), tmp_path)
+    (result,) = check_test_leakage(cfg, ds)
+    assert result.status == "warn" and result.values["leaked"] == int(0.05 * n)
+    write_record(tmp_path, "digits", n, [0], tmp_path)
+    assert check_test_leakage(cfg, ds)[0].status == "pass"
+    write_record(tmp_path, "digits", n + 1, list(range(n)), tmp_path)  # written for other data: ignored
+    assert check_test_leakage(cfg, ds) == []
