@@ -5,7 +5,7 @@ offline), or a trained run's own penultimate features (what its head layer recei
 read and converted to float a batch at a time — from numpy arrays or the cache's on-disk shards —
 so memory holds one float batch, never the whole dataset as floats.
 
-Speed (measured on 2 CPU cores, torch 2.14, batch 256, channels_last): Lite0 embeds ~360 CIFAR
+Speed (measured on 2 idle CPU cores, torch 2.14, batches of 128, channels_last): Lite0 embeds ~360 CIFAR
 images/s at 64-80 px, ~180/s at 96 px and ~110/s at 128 px. Upsampled 32-px images carry little
 detail beyond that, and the duplicate search checks every candidate on the pixels anyway, so the
 default is 64 px.

@@ -10,11 +10,11 @@ Three steps, each cheap enough for tens of thousands of images on two CPU cores:
 2. A pixel check for every candidate pair: the normalised cross-correlation of 32×32 grayscale
    thumbnails, maximised over the mirror and shifts of up to ±SHIFT px. Correlation discards
    brightness and contrast, the shifts absorb small crops and translations.
-3. A calibrated decision: the thresholds are not fixed numbers but quantiles of the dataset's
-   own "hard negatives" — each image and its K-th neighbour, a similar-looking but (nearly always)
-   different photograph. A pair is a duplicate when its pixel correlation is beyond what
-   NULL_QUANTILE of those pairs reach, and its embedding distance is a small fraction of the
-   images' distance to their K-th neighbours (a copy is far closer than the neighbourhood).
+3. A calibrated decision: a pair's score is its pixel correlation less REL_WEIGHT × its
+   embedding distance relative to its images' distance to their K-th neighbour (a copy is far
+   closer than the neighbourhood). The threshold is not a fixed number but a quantile of the
+   dataset's own "hard negatives" — each image and its K-th neighbour, a similar-looking but
+   (nearly always) different photograph: a duplicate scores more than NULL_QUANTILE of them.
 """
 from __future__ import annotations
 
