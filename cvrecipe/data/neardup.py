@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 K = 10  # neighbours searched per image (and the "neighbourhood" scale: the K-th one's distance)
 PCA_DIMS = 256  # search dimensions; candidates are re-scored with the full embedding
-BLOCK = 2048  # query rows per matrix product: (2048, N) float32 similarities at a time
+BLOCK = 2048  # query rows per matrix product: (2048, N) float32 similarities at a time...
+BLOCK_NUMBERS = 1 << 26  # ...or fewer rows, so that one block holds at most 64 Mi similarities (256 MiB)
 THUMB = 32  # px side of the grayscale thumbnails the pixel check compares
 SHIFT = 2  # px: the pixel check tries every translation up to this far, both ways
 NULL_QUANTILE = 0.999  # share of hard negatives whose score a duplicate must exceed
@@ -68,8 +69,9 @@ def knn(queries: torch.Tensor, base: torch.Tensor, k: int, self_offset: int | No
     indices. `self_offset`: query row q is base row q + self_offset, excluded from its own list."""
     k = min(k, len(base) - (self_offset is not None))
     sims, idx = [], []
-    for start in range(0, len(queries), BLOCK):
-        s = queries[start:start + BLOCK] @ base.T  # (B, N)
+    rows = max(16, min(BLOCK, BLOCK_NUMBERS // max(len(base), 1)))  # (rows, N) stays ≤ 256 MiB however large N
+    for start in range(0, len(queries), rows):
+        s = queries[start:start + rows] @ base.T  # (B, N)
         if self_offset is not None:
             rows = torch.arange(len(s))
             s[rows, rows + start + self_offset] = -2.0
