@@ -32,6 +32,16 @@ def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "fashion-
     p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
 
+def _embedding_audit_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--embed", nargs="?", const="lite0", metavar="RUN",
+                   help="also audit by embedding: near duplicates and train/test leakage confirmed on the pixels, "
+                        "and likely label errors (a K-fold probe + cleanlab); embeddings from the pretrained "
+                        "EfficientNet-Lite0 (--embed) or a trained run's features (--embed RUN)")
+    q.add_argument("--embed-size", type=int, default=64, help="px side the images are resized to for Lite0 (default 64)")
+    q.add_argument("--reference", metavar="DATA", help="with --embed: audit DATA against this dataset (e.g. a "
+                                                       "`monitor export` folder against the training data)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvrecipe", description="Train, evaluate, export and serve image models.")
     parser.add_argument("--debug", action="store_true",
@@ -97,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, default=Path("data-report"), help="output folder (default data-report)")
     q.add_argument("--recipe", help="recipe whose preprocessing and augmentation to show (default: none)")
     q.add_argument("overrides", nargs="*", help=f"{OVERRIDE_HELP}; applied to --recipe (e.g. augment.hflip=true)")
+    _embedding_audit_options(q)
 
     text = ("write a seeded synthetic detection set: Fashion-MNIST items alpha-composited at random scales and "
             "tints onto upsampled photos, 1-6 per image, in YOLO layout and COCO JSON (docs/detection.md)")
@@ -319,7 +330,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "data" and args.data_verb == "inspect":
         from cvrecipe.data.report import inspect_data
 
-        inspect_data(args.data, args.out, args.recipe, args.overrides, console=console)
+        inspect_data(args.data, args.out, args.recipe, args.overrides, console=console, embed=args.embed,
+                     reference=args.reference, embed_size=args.embed_size)
     elif args.verb == "data" and args.data_verb == "synth-detect":
         _synth_detect(args, console)
     elif args.verb == "data":

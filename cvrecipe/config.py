@@ -64,6 +64,9 @@ class DataConfig:
                            "fold data.fold as the val split (instead of data.val_fraction); 0 = off", ge=0)
     fold: int = option(0, "which of the data.folds folds is held out as val (0-based)", ge=0)
     subset: int | None = option(None, "train on only this many training images (stratified); for quick runs", ge=1)
+    exclude: str | None = option(None, "a file of image ids to train without (one per line, as `data inspect "
+                                       "--embed` writes into exclude.txt: file names, or SPLIT:INDEX); the "
+                                       "test split is never changed")
     normalize: bool = option(True, "standardise inputs with the training set's per-channel mean/std (inside "
                                    "the model, so export and serving do the same)")
     hflip_ok: bool | None = option(None, "may images be mirrored left-right and keep their label? null asks the "

@@ -66,6 +66,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0, device: torch.device | str | No
     read it into memory when it fits the budget (data.memory_gb, or half the memory free now on
     `device`, where training would keep it), else leave the images on disk to be streamed."""
     ds = load_source(cfg.name, cfg, lazy=True)
+    if cfg.exclude:  # the listed train images never reach training, nor the val carved from train
+        from cvrecipe.data.exclusions import apply_exclude
+
+        ds = apply_exclude(ds, cfg.exclude)
     ds = _conform(ds, cfg.image_size, cfg.channels)
     if cfg.folds:  # cross-validation: fold `cfg.fold` is the val split
         if ds.val is not None:

@@ -155,10 +155,11 @@ def near_duplicate_pairs(coarse: torch.Tensor, fine: torch.Tensor, min_corr: flo
 class Index:
     """Maps global image numbers (splits concatenated in order) to (split, index, label, file)."""
 
-    def __init__(self, ds: ImageDataset, names: dict[str, list[str]] | None):
-        self.parts = split_parts(ds)
+    def __init__(self, ds: ImageDataset | None, names: dict[str, list[str]] | None,
+                 parts: list[tuple[str, np.ndarray, np.ndarray]] | None = None, classes: list[str] | None = None):
+        self.parts = split_parts(ds) if ds is not None else parts  # or given: (split, x, y) of several datasets
         self.offsets = np.cumsum([0] + [len(y) for _, _, y in self.parts])
-        self.classes = ds.classes
+        self.classes = ds.classes if ds is not None else classes
         self.names = names
 
     def locate(self, g: int) -> tuple[str, int]:
@@ -168,7 +169,7 @@ class Index:
     def describe(self, g: int) -> dict:
         split, i = self.locate(g)
         y = self.parts[[p[0] for p in self.parts].index(split)][2]
-        file = self.names[split][i] if self.names else None
+        file = self.names[split][i] if self.names and split in self.names else None
         label = self.classes[int(y[i])] if y.ndim == 1 else "(mask)"  # a segmentation image has no one label
         return {"split": split, "index": i, "label": label, "file": file}
 

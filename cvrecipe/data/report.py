@@ -29,8 +29,11 @@ PAIRS_SHOWN = 12  # duplicate pairs with thumbnails per kind
 MAX_FILES_LISTED = 200  # unreadable files listed in the page (all are in audit.json)
 
 
-def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tuple[dict, dict]:
-    """(audit dict for audit.json, images for the page). `cfg` supplies preprocessing/augmentation."""
+def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed: str | None = None,
+                  reference: str | None = None, embed_size: int = 64) -> tuple[dict, dict]:
+    """(audit dict for audit.json, images for the page). `cfg` supplies preprocessing/augmentation.
+    `embed` ("lite0" or a run folder) adds the embedding audit (embedding_audit.py); `reference`
+    audits `name` against another dataset (e.g. a `monitor export` folder against the training set)."""
     console = console or Console(soft_wrap=True)
     t0 = time.perf_counter()
     ds = load_source(name, dataclasses.replace(cfg.data, name=name, image_size=None, channels=None))
@@ -41,6 +44,12 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tup
                       if ds.masks else (None, None))
     dups = A.find_duplicates(ds, names)
     index = dups.pop("index")
+    embedding = None
+    if embed:
+        from cvrecipe.data import embedding_audit as E
+
+        audit_index = E.reference_index(ds, names, reference, cfg) if reference else index
+        embedding = E.run(audit_index, E.embedder_for(embed, embed_size), console, labels=not ds.masks)
     audit = {
         "dataset": ds.name, "classes": ds.classes, "decoded_shape": list(ds.image_shape),
         "splits": A.class_balance(ds),
@@ -48,7 +57,10 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tup
         "channel_stats": {s: A.channel_stats(x) for s, x, _ in A.split_parts(ds)},
         "unreadable": [{"file": f, "reason": r} for f, r in ds.skipped],
         "exact_duplicates": dups["exact"], "near_duplicates": dups["near"],
+        "embedding": embedding, "reference": reference,
     }
+    if embedding is not None:
+        index = audit_index  # the page shows the embedding audit's images (with the reference's, if any)
     if ds.masks:  # segmentation: pairs through the paired augmentation
         from cvrecipe.data.mask_report import model_view as pair_view
 
@@ -56,8 +68,10 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None) -> tup
         audit["model_input"] = {"image_shape": view["image_shape"], "augment": view["augment"]}
         audit["seconds"] = round(time.perf_counter() - t0, 2)
         return audit, {"ds": ds, "index": index, "view": view}
-    view = model_view(cfg, name)
-    audit["model_input"] = {k: v for k, v in view.items() if not isinstance(v, torch.Tensor)}
+    # against a reference (a monitor export: often a handful of images, no test split) the page is
+    # about the new images and their copies; the model's view is the reference's concern
+    view = model_view(cfg, name) if not reference else None
+    audit["model_input"] = {k: v for k, v in view.items() if not isinstance(v, torch.Tensor)} if view else None
     audit["seconds"] = round(time.perf_counter() - t0, 2)
     return audit, {"ds": ds, "index": index, "view": view}
 
@@ -86,14 +100,22 @@ def model_view(cfg: Config, name: str, n: int = MODEL_VIEW) -> dict:
 
 
 def inspect_data(name: str, out_dir: Path, recipe: str | None = None, overrides: list[str] | None = None,
-                 console: Console | None = None) -> dict:
-    """Audit `name` and write out_dir/audit.json and out_dir/report.html. Returns the audit."""
+                 console: Console | None = None, embed: str | None = None, reference: str | None = None,
+                 embed_size: int = 64) -> dict:
+    """Audit `name` and write out_dir/audit.json and out_dir/report.html (with `embed`, also
+    exclude.txt and leaks.txt, and the leak record `eval` reads). Returns the audit."""
     console = console or Console(soft_wrap=True)
     cfg = load_config(recipe, overrides) if recipe or overrides else Config()
-    audit, images = audit_dataset(name, cfg, console)
+    audit, images = audit_dataset(name, cfg, console, embed, reference, embed_size)
     audit["recipe"] = recipe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if audit["embedding"] is not None:
+        from cvrecipe.data import embedding_audit as E
+
+        E.write_lists(audit["embedding"], out_dir)
+        if not reference:
+            E.record(name, cfg, images["ds"], audit["embedding"], out_dir)
     (out_dir / "audit.json").write_text(json.dumps(audit, indent=1))
     (out_dir / "report.html").write_text(render(audit, images))
     _print_summary(audit, out_dir, console)
@@ -108,6 +130,12 @@ def _print_summary(audit: dict, out_dir: Path, console: Console) -> None:
     console.print(f"  unreadable files: {len(audit['unreadable'])}   exact duplicate groups: {ex['groups']}"
                   f" (across splits: {leaks or 0})   near-duplicate pairs: {near['pairs']}"
                   f" (across splits: {({k: v['images'] for k, v in near['across'].items()}) or 0})")
+    emb = audit.get("embedding")
+    if emb is not None:
+        nd, li = emb["near_duplicates"], emb["label_issues"]
+        console.print(f"  by embedding: {nd['pairs']:,} near-duplicate pairs, across splits "
+                      f"{ {k: v['images'] for k, v in nd['across'].items()} or 0}; likely label errors: "
+                      f"{li['flagged'] if li else 'not ranked'}; wrote exclude.txt and leaks.txt")
     console.print(f"audit took {audit['seconds']:.1f}s; wrote {out_dir / 'report.html'} and {out_dir / 'audit.json'}")
 
 
@@ -123,10 +151,20 @@ def render(audit: dict, images: dict) -> str:
                         f"8×8 thumbnails correlate ≥ {audit['near_duplicates']['min_corr']} and up-to-32×32 "
                         f"thumbnails differ by ≤ {audit['near_duplicates']['max_rms']} RMS (brightness and "
                         "contrast removed): re-encoded, resized or re-toned copies"),
-            *_examples(ds, audit, view)]
+            *_embedding(audit, index), *_examples(ds, audit, view)]
     subtitle = (f"{len(audit['classes'])} classes, decoded (C, H, W) = {tuple(audit['decoded_shape'])}; "
                 f"audited in {audit['seconds']:.1f}s")
     return pages.page(f"Data report: {audit['dataset']}", subtitle, body)
+
+
+def _embedding(audit: dict, index: A.Index) -> list[str]:
+    info = audit.get("embedding")
+    if info is None:
+        return []
+    from cvrecipe.data import embedding_report as R
+
+    return [R.duplicates_section(info["near_duplicates"], index, info["embedder"]),
+            R.label_errors_section(info["label_issues"], index)]
 
 
 def _examples(ds: ImageDataset, audit: dict, view: dict) -> list[str]:
@@ -134,7 +172,7 @@ def _examples(ds: ImageDataset, audit: dict, view: dict) -> list[str]:
         from cvrecipe.data import mask_report
 
         return [mask_report.samples(ds), mask_report.model_view_section(view)]
-    return [_samples(ds), _model_view(audit, view)]
+    return [_samples(ds), _model_view(audit, view)] if view is not None else [_samples(ds)]
 
 
 def _overview(audit: dict) -> str:

@@ -15,6 +15,7 @@ from cvrecipe.artifact.inference import load_image_batches, predict_logits
 from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
+from cvrecipe.evaluate.leakfree import leak_free_scores
 from cvrecipe.imagefile import expand_image_paths
 from cvrecipe.tasks import get_task
 from cvrecipe.train.job import train
@@ -53,8 +54,15 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     _, extra = read_metadata(run_dir / "best.safetensors")
     result = {"task": task.name, "dataset": ds.name, "split": split_name, "checkpoint_epoch": extra.get("epoch"),
               "tta": cfg.eval.tta, **task.evaluate(logits, torch.from_numpy(part.y), meta["class_names"])}
+    leak_free = leak_free_scores(task, data_cfg.cache_dir, data_cfg.name, split_name, part.y, logits,
+                                 meta["class_names"])
+    if leak_free is not None:
+        result["leak_free"] = leak_free
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     console.print(task.table(result))
+    if leak_free is not None:
+        console.print(f"without the {leak_free['leaked']} test images with a near copy in train "
+                      f"({leak_free['num_images']} images): {leak_free['headline']}")
     return result, logits
 
 

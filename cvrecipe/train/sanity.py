@@ -168,6 +168,7 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
             check_overfit_batch(model, pool_x[:overfit], pool_y[:overfit], loss_fn, device, score),
             check_zero_input(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
             check_label_leak(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
+            *check_test_leakage(cfg, ds),
         ]
 
 
@@ -331,6 +332,24 @@ def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     message = (f"held-out accuracy on shuffled labels {acc:.3f} vs chance {chance:.3f}: {excess:+.1f} std "
                f"(warn above {LEAK_SIGMAS_WARN:.0f}, fail above {LEAK_SIGMAS_FAIL:.0f})")
     return CheckResult("label-leak", status, message, {"accuracy": acc, "chance": chance, "sigmas": excess})
+
+
+def check_test_leakage(cfg: Config, ds: ImageDataset) -> list[CheckResult]:
+    """test-leak: from the data audit's leak record (`data inspect --embed`), the share of test
+    images with a near copy in train; warns above LEAK_WARN. No record, no check."""
+    from cvrecipe.data.cache import cache_root
+    from cvrecipe.data.exclusions import LEAK_WARN, read_record
+
+    if ds.test is None:
+        return []
+    record = read_record(cache_root(cfg.data.cache_dir), cfg.data.name, len(ds.test))
+    if record is None:
+        return []
+    share = len(record["leaks"]) / max(len(ds.test), 1)
+    status = "warn" if share > LEAK_WARN else "pass"
+    return [CheckResult("test-leak", status, f"{len(record['leaks'])} of {len(ds.test)} test images ({share:.1%}) "
+                        f"have a near copy in train (warn above {LEAK_WARN:.0%}); `eval` also scores without them",
+                        {"leaked": len(record["leaks"]), "share": share, "audit": record["report"]})]
 
 
 STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}

@@ -1,0 +1,144 @@
+"""The embedding audit scored against the public audits of CIFAR-10.
+
+    python bench/audit.py --data folder:PATH --index cifar10-jpeg-original-index.csv \\
+        --cifair duplicates_cifar10.csv --mturk cifar10_mturk.json [--out DIR] [--size 64] \\
+        [--threads N] [--review DIR --review-n 60] [--audit DIR]
+
+Runs `cvrecipe data inspect DATA --embed` (or, with --audit, scores an audit folder written
+before) and prints every figure:
+
+- duplicates: test images flagged as having a near copy in train; of ciFAIR's test images with a
+  train duplicate (Barz & Denzler 2020, meta/duplicates_cifar10.csv of github.com/cvjena/cifair:
+  TestID,TrainID,Distance,Judgment; Judgment 1 = the same shot, 2 = very similar) how many are
+  flagged, overall and for the same-shot ones; how many flagged pairs name ciFAIR's train partner;
+- label errors: of Northcutt et al.'s (2021) 275 CIFAR-10 test candidates (mturk/cifar10_mturk.json
+  of github.com/cleanlab/label-errors), those confirmed by review (fewer than 3 of 5 workers chose
+  the given label: 54), how many are in the top 275 of the audit's ranking of the test images;
+- with --review, side-by-side PNGs (test | train partner) of a random sample of the flagged test
+  images outside ciFAIR's list, to count true copies by eye.
+
+File names map to CIFAR-10's original indices through --index (file,split,original_index). Neither
+public list ships with cvrecipe: pass their paths. Prints tables; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cvrecipe.data.report import inspect_data  # noqa: E402
+
+CANDIDATES = 275  # the size of Northcutt et al.'s candidate list for the CIFAR-10 test set
+
+
+def read_index(path: Path) -> dict[str, int]:
+    with open(path) as f:
+        return {row["file"]: int(row["original_index"]) for row in csv.DictReader(f)}
+
+
+def read_cifair(path: Path) -> dict[int, tuple[int, int]]:
+    """{test original index: (train original index, judgment)}."""
+    with open(path) as f:
+        return {int(r["TestID"]): (int(r["TrainID"]), int(r["Judgment"])) for r in csv.DictReader(f)}
+
+
+def read_mturk(path: Path) -> tuple[set[int], set[int]]:
+    """(all candidates, confirmed errors: fewer than 3 of 5 reviewers chose the given label)."""
+    rows = json.loads(Path(path).read_text())
+    return {r["id"] for r in rows}, {r["id"] for r in rows if r["mturk"]["given"] < 3}
+
+
+def score_duplicates(audit: dict, index: dict[str, int], cifair: dict[int, tuple[int, int]]) -> dict:
+    nd = audit["embedding"]["near_duplicates"]
+    flagged = {index[f] for f in nd["leak_ids"].get("test", [])}
+    partners = {(index[e["b"]["id"]], index[e["a"]["id"]]) for e in nd["examples"]
+                if e["a"]["split"] == "train" and e["b"]["split"] == "test"}
+    same = {t for t, (_, j) in cifair.items() if j == 1}
+    return {"test images flagged": len(flagged),
+            "of ciFAIR's test images": f"{len(flagged & set(cifair))} / {len(cifair)} "
+                                       f"({len(flagged & set(cifair)) / len(cifair):.1%})",
+            "of ciFAIR's same-shot": f"{len(flagged & same)} / {len(same)} ({len(flagged & same) / len(same):.1%})",
+            "with ciFAIR's train partner listed": sum((t, tr) in partners for t, (tr, _) in cifair.items()),
+            "flagged outside ciFAIR's list": len(flagged - set(cifair)),
+            "all pairs (any split)": nd["pairs"], "candidate pairs checked": nd["candidates"],
+            "rules": nd["rules"]}
+
+
+def score_labels(out: Path, index: dict[str, int], candidates: set[int], confirmed: set[int]) -> dict:
+    with open(out / "label_issues.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    top = [index[r["id"]] for r in rows[:CANDIDATES]]
+    flagged = sum(r["flagged"] == "1" for r in rows)
+    return {"test images flagged by cleanlab": flagged,
+            f"confirmed errors in the top {CANDIDATES}": f"{len(set(top) & confirmed)} / {len(confirmed)} "
+                                                         f"({len(set(top) & confirmed) / len(confirmed):.1%})",
+            f"Northcutt's candidates in the top {CANDIDATES}": f"{len(set(top) & candidates)} / {len(candidates)}"}
+
+
+def save_review(audit: dict, data: Path, cifair: dict, index: dict[str, int], out: Path, n: int, seed: int = 0) -> int:
+    """Side-by-side PNGs (test | train) of n random flagged test images outside ciFAIR's list."""
+    nd = audit["embedding"]["near_duplicates"]
+    extra = {}
+    for e in nd["examples"]:
+        if e["a"]["split"] == "train" and e["b"]["split"] == "test" and index[e["b"]["id"]] not in cifair:
+            extra.setdefault(e["b"]["id"], e)
+    keys = sorted(extra)
+    pick = np.random.default_rng(seed).permutation(len(keys))[:n]
+    out.mkdir(parents=True, exist_ok=True)
+    for k in pick.tolist():
+        e = extra[keys[k]]
+        a, b = (Image.open(data / e[s]["id"]).convert("RGB").resize((128, 128), Image.NEAREST) for s in ("b", "a"))
+        pair = Image.new("RGB", (262, 128), "white")
+        pair.paste(a, (0, 0))
+        pair.paste(b, (134, 0))
+        pair.save(out / f"{k:04d}_{Path(e['b']['id']).stem}_{e['ncc']:.3f}.png")
+    return len(pick)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder:PATH of the CIFAR-10 image folder")
+    p.add_argument("--index", type=Path, required=True, help="file,split,original_index CSV")
+    p.add_argument("--cifair", type=Path, required=True, help="ciFAIR's duplicates_cifar10.csv")
+    p.add_argument("--mturk", type=Path, required=True, help="cleanlab/label-errors' cifar10_mturk.json")
+    p.add_argument("--out", type=Path, default=Path("audit-bench"), help="where the audit is written")
+    p.add_argument("--audit", type=Path, help="score this audit folder instead of running a new audit")
+    p.add_argument("--size", type=int, default=64, help="px side the images are embedded at")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--review", type=Path, help="save side-by-side PNGs of flags outside ciFAIR's list here")
+    p.add_argument("--review-n", type=int, default=60)
+    args = p.parse_args()
+    out = args.audit or args.out
+    if args.audit is None:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        inspect_data(args.data, out, embed="lite0", embed_size=args.size)
+        print(f"audit: {time.perf_counter() - t0:.0f}s on {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+              f"load average {os.getloadavg()[0]:.1f}")
+    audit = json.loads((out / "audit.json").read_text())
+    print(f"stage seconds: {audit['embedding']['seconds']}")
+    index = read_index(args.index)
+    cifair = read_cifair(args.cifair)
+    for key, value in score_duplicates(audit, index, cifair).items():
+        print(f"  {key:40s} {value}")
+    for key, value in score_labels(out, index, *read_mturk(args.mturk)).items():
+        print(f"  {key:40s} {value}")
+    if args.review:
+        saved = save_review(audit, Path(args.data.split(":", 1)[1]), cifair, index, args.review, args.review_n)
+        print(f"saved {saved} pairs outside ciFAIR's list to {args.review}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The embedding audit: near duplicates, train/test leakage and likely label errors, in stages.
+
+    embed        every image through the embedder, a batch at a time (plus the mirrored images
+                 of every split but the largest, so mirrored copies across splits are found)
+    neighbours   exact K-nearest-neighbour search and the pixel check of each candidate pair
+                 (neardup.py), decided by thresholds calibrated on the dataset itself
+    probe        K-fold logistic-regression probe on the embeddings: out-of-sample probabilities
+    cleanlab     confident learning on those probabilities: likely label errors, ranked
+
+Each stage shows a progress bar. The result goes into audit.json; two plain-text files sit beside
+it for the rest of the loop: exclude.txt (images to train without: data.exclude=FILE) and
+leaks.txt (held-out images with a copy in train: `eval` scores without them too).
+Image ids are file names for folder data (e.g. train/cat/0001.jpg), else SPLIT:INDEX.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cvrecipe.data import label_issues as L
+from cvrecipe.data import neardup as N
+from cvrecipe.data.audit import Index
+from cvrecipe.data.embed import Embedder, embed
+
+MAX_LISTED = 1000  # pairs / label issues written into audit.json (counts are always complete)
+MIN_PROBE_IMAGES = 20  # fewer labelled images than this: no probe, no label-error ranking
+
+
+def image_id(index: Index, g: int) -> str:
+    """A stable name for image g: its file for folder data, else SPLIT:INDEX."""
+    d = index.describe(g)
+    name = d["file"] or f"{d['split']}:{d['index']}"
+    return f"reference:{name}" if d["split"].startswith("reference ") else name
+
+
+@contextmanager
+def stage_bar(console: Console, name: str, total: int, seconds: dict):
+    """A progress bar for one stage; yields advance(n); records the stage's seconds."""
+    columns = [TextColumn(f"{name:11s}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    t0 = time.perf_counter()
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(name, total=total)
+        yield lambda n=1: progress.advance(task, n)
+    seconds[name] = round(time.perf_counter() - t0, 1)
+    console.print(f"  {name}: {seconds[name]:.1f}s")
+
+
+def embed_parts(index: Index, embedder: Embedder, console: Console, seconds: dict
+                ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(N, D) embeddings of every image, and {global row: mirrored embedding} for the images of
+    every split except the largest (the mirror then covers every pair across splits)."""
+    sizes = [len(y) for _, _, y in index.parts]
+    largest = int(np.argmax(sizes)) if len(sizes) > 1 else -1
+    mirror_parts = [k for k in range(len(sizes)) if k != largest]
+    total = sum(sizes) + sum(sizes[k] for k in mirror_parts)
+    with stage_bar(console, "embed", total, seconds) as advance:
+        emb = np.concatenate([embed(embedder, x, advance=advance) for _, x, _ in index.parts])
+        mirrored = {}
+        for k in mirror_parts:
+            m = embed(embedder, index.parts[k][1], mirror=True, advance=advance)
+            mirrored.update(zip(range(int(index.offsets[k]), int(index.offsets[k + 1])), m))
+    return emb, mirrored
+
+
+def duplicates(index: Index, emb: np.ndarray, mirrored: dict, console: Console, seconds: dict) -> dict:
+    """Near duplicates by embedding + pixel check, summarised with leakage first."""
+    with stage_bar(console, "neighbours", len(emb) + len(mirrored), seconds) as advance:
+        c = N.candidates(emb, mirrored, advance=advance)
+    with stage_bar(console, "pixel check", 1, seconds) as advance:
+        thumbs = torch.cat([N.thumbnails(x) for _, x, _ in index.parts])
+        ncc = N.pixel_correlation(thumbs, c.i, c.j)
+        rules = N.calibrate(thumbs, emb, c)
+        keep = N.decide(c, ncc, rules)
+        advance()
+    rel = N.relative_distance(c)
+    pairs = [(int(i), int(j), float(s), float(p), float(r))
+             for i, j, s, p, r in zip(c.i[keep], c.j[keep], c.sim[keep], ncc[keep], rel[keep])]
+    return {**summarise(pairs, index), "rules": rules, "candidates": int(len(c.i))}
+
+
+def _leak_order(a: dict, b: dict, source: str) -> int:
+    """0: test↔train (leakage into the score), 1: other splits, 2: within one split."""
+    splits = {a["split"], b["split"]}
+    return 0 if splits == {source, "test"} else 1 if len(splits) == 2 else 2
+
+
+def summarise(pairs: list[tuple], index: Index) -> dict:
+    """Counts per split and split pair, the held-out images with a train copy, and the pairs
+    (test↔train first, then other splits, then within a split; closest pixels first). The first
+    split of the index is the source of leaks: train, or the reference's train split."""
+    source = index.parts[0][0]
+    within, across, leaks = defaultdict(set), defaultdict(set), defaultdict(set)
+    counts, listed, exclude = Counter(), [], {}
+    for i, j, sim, ncc, rel in pairs:
+        a, b = index.describe(i), index.describe(j)
+        if source != "train" and b["split"].startswith("reference "):
+            continue  # against a reference, only pairs that involve the audited images count
+        if a["split"] == b["split"]:
+            within[a["split"]].update((i, j))
+            counts[a["split"]] += 1
+        else:  # i < j: a is from the earlier split (train comes first)
+            key = f"{a['split']}-{b['split']}"
+            across[key].add(j)
+            counts[key] += 1
+            if a["split"] == source == "train":  # train without the copies of held-out images
+                exclude.setdefault(image_id(index, i), f"copy of {b['split']} image {image_id(index, j)}")
+            elif a["split"] == source:  # new images that the reference holds already
+                exclude.setdefault(image_id(index, j), f"copy of {a['split']} image {image_id(index, i)}")
+            if a["split"] == source:
+                leaks[b["split"]].add(b["index"])
+        if a["split"] == b["split"] == "train":
+            exclude.setdefault(image_id(index, j), f"duplicate of {image_id(index, i)}")
+        listed.append({"a": {**a, "id": image_id(index, i)}, "b": {**b, "id": image_id(index, j)},
+                       "similarity": round(sim, 4), "ncc": round(ncc, 4), "relative_distance": round(rel, 4)})
+    listed.sort(key=lambda e: (_leak_order(e["a"], e["b"], source), -e["ncc"]))
+    return {"pairs": len(listed),
+            "within": {s: {"images": len(v), "pairs": counts[s]} for s, v in within.items()},
+            "across": {k: {"images": len(v), "pairs": counts[k]} for k, v in across.items()},
+            "leaks": {s: sorted(v) for s, v in leaks.items()},
+            "leak_ids": {s: [image_id(index, index.number(s, i)) for i in sorted(v)] for s, v in leaks.items()},
+            "label_conflicts": sum(e["a"]["label"] != e["b"]["label"] for e in listed),
+            "examples": listed[:MAX_LISTED], "exclude": exclude}
+
+
+def label_errors(index: Index, emb: np.ndarray, console: Console, seconds: dict) -> dict | None:
+    """Out-of-sample probabilities from the K-fold probe, then cleanlab: the ranked list."""
+    labels = np.concatenate([y for _, _, y in index.parts])
+    counts = np.bincount(labels, minlength=len(index.classes))
+    if len(labels) < MIN_PROBE_IMAGES or (counts[counts > 0] < L.FOLDS).any():
+        return None  # too few images per class for K folds
+    x = L.standardise(N.project(emb).numpy())  # 256 PCA dimensions: 5x cheaper steps than 1280
+    with stage_bar(console, "probe", int(L.MAX_ITER * 1.25), seconds) as advance:
+        probs = L.oof_probabilities(x, labels, num_classes=len(index.classes), tick=advance)
+    with stage_bar(console, "cleanlab", 1, seconds) as advance:
+        found = L.label_issues(labels, probs)
+        advance()
+    rank = found["rank"][:MAX_LISTED]
+    ranked = [{**index.describe(int(g)), "id": image_id(index, int(g)),
+               "suggested": index.classes[int(found["suggested"][g])],
+               "quality": round(float(found["quality"][g]), 4),
+               "flagged": bool(k < len(found["flagged"]))} for k, g in enumerate(rank.tolist())]
+    per_split = Counter(index.locate(int(g))[0] for g in found["flagged"].tolist())
+    exclude = {image_id(index, int(g)): f"label {index.describe(int(g))['label']}, probably "
+               f"{index.classes[int(found['suggested'][g])]}"
+               for g in found["flagged"].tolist() if index.locate(int(g))[0] == "train"}
+    table = [(image_id(index, g), index.locate(g)[0], index.classes[int(labels[g])],
+              index.classes[int(found["suggested"][g])], round(float(found["quality"][g]), 5),
+              int(k < len(found["flagged"]))) for k, g in enumerate(found["rank"].tolist())]
+    return {"table": table, "exclude": exclude, "flagged": int(len(found["flagged"])), "flagged_per_split": dict(per_split),
+            "probe_accuracy": round(float((found["suggested"] == labels).mean()), 4),
+            "folds": L.FOLDS, "ranked": ranked}
+
+
+def run(index: Index, embedder: Embedder, console: Console, labels: bool = True) -> dict:
+    """All stages over the images of `index`; returns the audit.json section."""
+    seconds: dict[str, float] = {}
+    emb, mirrored = embed_parts(index, embedder, console, seconds)
+    out = {"embedder": embedder.name, "dimensions": int(emb.shape[1]), "mirrored": len(mirrored),
+           "near_duplicates": duplicates(index, emb, mirrored, console, seconds)}
+    out["label_issues"] = label_errors(index, emb, console, seconds) if labels else None
+    out["seconds"] = seconds
+    return out
+
+
+def write_lists(result: dict, out_dir: Path) -> None:
+    """exclude.txt: train copies of held-out images, the second image of each duplicate pair within
+    train, and flagged label errors in train; leaks.txt: held-out images with a copy in train."""
+    reasons = {**result["near_duplicates"]["exclude"], **(result["label_issues"] or {}).get("exclude", {})}
+    lines = [f"{k}  # {v}" for k, v in reasons.items()]
+    (out_dir / "exclude.txt").write_text("\n".join(["# images to train without: data.exclude=this file", *lines]) + "\n")
+    table = (result["label_issues"] or {}).pop("table", None)
+    if table is not None:  # the whole ranking, most likely label error first (audit.json lists the top)
+        with open(out_dir / "label_issues.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "split", "label", "suggested", "quality", "flagged"])
+            writer.writerows(table)
+    leaks = [i for ids in result["near_duplicates"]["leak_ids"].values() for i in ids]
+    (out_dir / "leaks.txt").write_text("\n".join(["# held-out images with a near copy in train", *leaks]) + "\n")
+
+
+def embedder_for(spec: str, size: int = 64) -> Embedder:
+    """`lite0` → the pretrained EfficientNet-Lite0 at `size` px; anything else → a run folder."""
+    from cvrecipe.data.embed import lite0_embedder, run_embedder
+
+    return lite0_embedder(size) if spec == "lite0" else run_embedder(spec)
+
+
+def reference_index(ds, names: dict | None, reference: str, cfg) -> Index:
+    """One index over a reference dataset's splits (named "reference SPLIT", first) and `ds`'s: pairs
+    across them are images of `ds` already in the reference. Labels are mapped by class name."""
+    import dataclasses
+
+    from cvrecipe.data import load_source
+    from cvrecipe.data.audit import split_parts
+    from cvrecipe.data.dataset import DataError
+    from cvrecipe.data.exclusions import folder_names
+
+    ref = load_source(reference, dataclasses.replace(cfg.data, name=reference, image_size=ds.image_shape[-1],
+                                                     channels=ds.image_shape[0]))
+    unknown = sorted(set(ds.classes) - set(ref.classes))
+    if unknown:
+        raise DataError(f"{ds.name}: classes {unknown} are not classes of the reference {reference}")
+    to_ref = np.array([ref.classes.index(c) for c in ds.classes], np.int64)
+    parts = [(f"reference {s}", x, y) for s, x, y in split_parts(ref)]
+    parts += [(s, x, to_ref[y]) for s, x, y in split_parts(ds)]
+    ref_names = (folder_names(Path(reference[len("folder:"):]), ref) if reference.startswith("folder:") else None) or {}
+    all_names = {**{f"reference {s}": v for s, v in ref_names.items()}, **(names or {})}
+    return Index(None, all_names or None, parts=parts, classes=ref.classes)
+
+
+def record(name: str, cfg, ds, result: dict, out_dir: Path) -> None:
+    """Store the test split's leaks in the cache, where `eval` and the sanity checks look."""
+    from cvrecipe.data.cache import cache_root
+    from cvrecipe.data.exclusions import write_record
+
+    if ds.test is None:
+        return
+    leaks = result["near_duplicates"]["leaks"].get("test", [])
+    write_record(cache_root(cfg.data.cache_dir), name, len(ds.test), leaks, out_dir.resolve())
