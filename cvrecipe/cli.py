@@ -289,10 +289,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _tune(args, console)
     elif args.verb == "models":
         from cvrecipe.models import list_models, list_pretrained
+        from cvrecipe.tasks import DEFAULT_TASK, task_names
 
-        console.print("\n".join(list_models()))
-        console.print("\nsegmentation (task=segmentation):")
-        console.print("\n".join(list_models("segmentation")))
+        console.print("\n".join(list_models(DEFAULT_TASK)))
+        for task in (t for t in task_names() if t != DEFAULT_TASK):
+            console.print(f"\n{task} (task={task}):")
+            console.print("\n".join(list_models(task)))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
     return 0

@@ -10,14 +10,17 @@ import torch
 from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
+from cvrecipe.tasks.registry import spec_of, task_of
 
 
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 
 
 def inference_batch_size(model: torch.nn.Module, batch_size: int) -> int:
-    """The images per batch iter_logits takes: `batch_size`, or at most TILED_BATCH for a model run in tiles."""
-    return min(batch_size, TILED_BATCH) if getattr(model, "meta", {}).get("tile") else batch_size
+    """The images per batch iter_logits takes: `batch_size`, or at most TILED_BATCH for a model its task runs
+    on whole images (in tiles)."""
+    meta = getattr(model, "meta", {})
+    return min(batch_size, TILED_BATCH) if spec_of(task_of(meta)).whole_images(meta) else batch_size
 
 
 @torch.no_grad()
@@ -100,9 +103,9 @@ def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None 
 def load_image_batches(paths: list[Path], meta: dict, max_pixels: int | None = None
                        ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
     """Image files as the model takes them: one batch resized to the input size, or, for a model run
-    in tiles (meta["tile"]), one batch per image at its own size (nothing is resized). Returns the
+    in tiles (its task says so), one batch per image at its own size (nothing is resized). Returns the
     batches (N_i, C, H_i, W_i) uint8, the files that decoded, in order, and (file, reason) for the rest."""
-    if not meta.get("tile"):
+    if not spec_of(task_of(meta)).whole_images(meta):
         x, good, skipped = load_images_for_model(paths, meta, max_pixels)
         return ([x] if len(x) else []), good, skipped
     from cvrecipe.data.images import MAX_PIXELS, decode_images

@@ -16,7 +16,7 @@ from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
 from cvrecipe.imagefile import expand_image_paths
-from cvrecipe.tasks import get_task
+from cvrecipe.tasks import get_task, task_of
 from cvrecipe.train.job import train
 
 
@@ -36,7 +36,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     device = resolve_device(cfg.train.device)
     model = load_model(run_dir / "best.safetensors", device)
     meta = model.meta
-    task = get_task(meta.get("task", "classification"), cfg)
+    task = get_task(task_of(meta), cfg)
     data_cfg = dataclasses.replace(cfg.data, subset=None)
     if data:  # another dataset: bring its images to the model's input shape
         height, width = meta["input_size"]
@@ -64,7 +64,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`) for image
     files (folders expanded). Unreadable files are reported, not fatal."""
     model = load_model(run_dir, "cpu")
-    task = get_task(model.meta.get("task", "classification"))
+    task = get_task(task_of(model.meta))
     files = expand_image_paths(paths)
     run_config = Path(run_dir) / "config.yaml"  # the run's own pixel limit, when it is a run folder
     max_pixels = load_run_config(run_dir).data.max_pixels if run_config.is_file() else None
@@ -74,7 +74,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     out_dir = Path(out_dir) if out_dir else run_folder / "predictions"
     files_left = iter(good)
     for x in batches:
-        answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)
+        answers = task.answers(predict_logits(model, x), model.meta, k)
         for image, answer in zip(x, answers):
             path = next(files_left)
             saved = task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)
@@ -85,7 +85,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
 def prediction_lines(run_dir: Path, results: list[dict]) -> list[str]:
     """predict()'s results as terminal lines, one per file, in the model's task's words."""
     model_path = Path(run_dir) / "best.safetensors" if Path(run_dir).is_dir() else Path(run_dir)
-    task = get_task(read_metadata(model_path)[0].get("task", "classification"))
+    task = get_task(task_of(read_metadata(model_path)[0]))
     return [f"{escape(r['file'])}: [red]unreadable[/] ({escape(r['error'])})" if "error" in r
             else f"{escape(r['file'])}: {escape(task.answer_text(r))}" for r in results]
 

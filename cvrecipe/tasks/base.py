@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from cvrecipe.config import TASK_METRICS, AugmentConfig
+from cvrecipe.config import AugmentConfig
+from cvrecipe.tasks.registry import answers_of, spec_of
 
 
 class Meter:
@@ -61,8 +62,8 @@ class Task:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """Metric names per split, loss first (metrics.csv has train_<m> and val_<m>)."""
-        return TASK_METRICS[self.name]
+        """Metric names per split, loss first (metrics.csv has train_<m> and val_<m>): the task's spec's."""
+        return spec_of(self.name).METRICS
 
     # -- the model -----------------------------------------------------------------------------
     def input_size(self, cfg, image_size: tuple[int, int]) -> tuple[int, int]:
@@ -123,9 +124,10 @@ class Task:
         """Compare an export's outputs with the eager model's on the same images."""
         raise NotImplementedError
 
-    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-        """Per image, the answer `cvrecipe predict` gives, as JSON-able fields (e.g. {"top": [...]})."""
-        raise NotImplementedError
+    def answers(self, outputs: torch.Tensor, meta: dict, k: int) -> list[dict]:
+        """Per image, the answer `cvrecipe predict` gives (e.g. {"top": [...]}): the task's torch-free
+        answer layer (tasks/answers/), the one the server and the monitor use too."""
+        return answers_of(self.name).answers(outputs.float().numpy(), meta, k)
 
     def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
                     overlay: bool = False) -> dict:
@@ -140,4 +142,4 @@ class Task:
 
     def answer_text(self, answer: dict) -> str:
         """One answer as one line for the terminal."""
-        raise NotImplementedError
+        return answers_of(self.name).text(answer)

@@ -63,14 +63,6 @@ def classification_metrics(logits: torch.Tensor, y_true: torch.Tensor, class_nam
     return result
 
 
-def topk(logits: torch.Tensor, class_names: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
-    """Per image, the k most probable (class, probability) pairs, most probable first."""
-    probs = logits.softmax(dim=1)
-    k = min(k, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [[(class_names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]
-
-
 class AccuracyMeter(Meter):
     """Correct top-1 predictions, counted on the device."""
 
@@ -136,9 +128,3 @@ class Classification(Task):
         agree = float((reference.argmax(1) == exported.argmax(1)).mean()) if n else 1.0
         return ParityReport(n, batch_sizes, diff, agree, default_atol if atol is None else atol,
                             default_agreement if min_agreement is None else min_agreement)
-
-    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-        return [{"top": [{"class": c, "probability": p} for c, p in row]} for row in topk(outputs, class_names, k)]
-
-    def answer_text(self, answer: dict) -> str:
-        return "  ".join(f"{t['class']} {t['probability']:.3f}" for t in answer["top"])

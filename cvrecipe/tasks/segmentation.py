@@ -137,13 +137,6 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "ce
     raise ValueError(f"segment.loss must be ce, dice or ce+dice, got '{kind}'")
 
 
-def class_areas(mask: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Pixels and share of the image per class for one (H, W) class-index mask."""
-    counts = np.bincount(mask.ravel(), minlength=len(class_names))[:len(class_names)]
-    total = max(mask.size, 1)
-    return [{"class": name, "pixels": int(n), "fraction": float(n / total)} for name, n in zip(class_names, counts)]
-
-
 class Segmentation(Task):
     name = "segmentation"
     section = "segment"
@@ -234,17 +227,6 @@ class Segmentation(Task):
                             default_agreement if min_agreement is None else min_agreement,
                             measure="pixel agreement")
 
-    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-        """Per image: its mask (H, W) uint8 class indices, the per-class areas and the mean confidence."""
-        out = []
-        for logits in outputs:
-            probs = logits.float().softmax(0)
-            confidence, mask = probs.max(0)
-            mask = mask.to(torch.uint8).numpy()
-            out.append({"mask": mask, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
-                        "areas": class_areas(mask, class_names), "mean_confidence": float(confidence.mean())})
-        return out
-
     def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
                     overlay: bool = False) -> dict:
         """Writes OUT/<stem>.mask.png (palette PNG: values = class indices) and, with `overlay`,
@@ -270,11 +252,6 @@ class Segmentation(Task):
                 "probabilities": "softmax over dimension 1, per pixel", "mask": "argmax over dimension 1",
                 "tiles": "images larger than input_size are run in overlapping tiles of it, blended with "
                          "Gaussian weights (see 'tile')"}
-
-    def answer_text(self, answer: dict) -> str:
-        areas = "  ".join(f"{a['class']} {a['fraction']:.1%}" for a in answer["areas"])
-        where = f"  → {answer['mask_file']}" if "mask_file" in answer else ""
-        return f"{answer['width']}x{answer['height']}: {areas}{where}"
 
 
 def _fmt(value: float | None) -> str:

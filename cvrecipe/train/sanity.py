@@ -36,7 +36,7 @@ from cvrecipe.data import ImageDataset, load_dataset
 from cvrecipe.device import resolve_device, seed_everything
 from cvrecipe.models import ImageModel
 from cvrecipe.models.head import class_prior
-from cvrecipe.tasks import Task, get_task
+from cvrecipe.tasks import DEFAULT_TASK, Task, get_task
 from cvrecipe.train.finetune import Finetune
 
 # Budgets, chosen so the four checks take seconds for small-cnn on Fashion-MNIST on 2 CPU cores
@@ -283,7 +283,7 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     `task` gives the input-free floor and the standard error of the accuracy (a classifier's items
     are right or wrong: binomial; a segmentation item's pixels are not independent: the spread of
     the per-item scores); default: classification's."""
-    task = task or get_task("classification")
+    task = task or get_task(DEFAULT_TASK)
     real = _train_copy(model, *train, loss_fn, make_inputs, gen, device, batch=batch)
     blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True, batch=batch)
     (real_ok, real_loss) = _held_out(real, *held, device, score)
@@ -315,7 +315,7 @@ def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     at chance unless the pipeline puts the label into the input. Held-out inputs go through the
     same pipeline (with their own shuffled labels), so a leak there shows too. For segmentation the
     masks are shuffled against the images (chance: always answering the commonest class)."""
-    task = task or get_task("classification")
+    task = task or get_task(DEFAULT_TASK)
     (x, y), (hx, hy) = train, held
     y_shuffled = y[torch.randperm(len(y), generator=gen)]
     hy_shuffled = hy[torch.randperm(len(hy), generator=gen)]
