@@ -49,7 +49,11 @@ class ParityReport:
 
 class Task:
     """What differs between tasks. Subclasses set `name` and implement the methods; the sanity-check
-    helpers below have a classifier's defaults (one label per item)."""
+    helpers below have a classifier's defaults (one label per item).
+
+    Three configs meet here, under three names: `self.settings` is the task's own section of the run's
+    config (segmentation: cfg.segment), `config` the whole run Config (input_size, model_meta), and
+    `policy` the augmentation section (augment)."""
 
     name: str = ""
     section: str | None = None  # the Config section that configures the task, where it has one
@@ -57,8 +61,8 @@ class Task:
     # the sanity checks' budgets, in items (cvrecipe/train/sanity.py)
     SANITY = {"init_batch": 256, "overfit_batch": 32, "train_batch": 32, "held_out": 512}
 
-    def __init__(self, cfg=None):
-        self.cfg = cfg  # the task's own config section, where it has one
+    def __init__(self, settings=None):
+        self.settings = settings  # the task's own config section (Config.<section>), where it has one
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -66,11 +70,11 @@ class Task:
         return spec_of(self.name).METRICS
 
     # -- the model -----------------------------------------------------------------------------
-    def input_size(self, cfg, image_size: tuple[int, int]) -> tuple[int, int]:
+    def input_size(self, config, image_size: tuple[int, int]) -> tuple[int, int]:
         """(H, W) the model is built for, given the dataset's image size."""
         return image_size
 
-    def model_meta(self, cfg, input_size: tuple[int, int]) -> dict:
+    def model_meta(self, config, input_size: tuple[int, int]) -> dict:
         """Entries the task adds to the model's metadata (stored with its weights and exports)."""
         return {}
 
@@ -79,7 +83,7 @@ class Task:
         """The mean training loss of a batch (a scalar)."""
         raise NotImplementedError
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+    def augment(self, x: torch.Tensor, y: torch.Tensor, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented (images, targets) of a training batch, drawn from `gen`."""
         raise NotImplementedError

@@ -84,9 +84,9 @@ class Classification(Task):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+    def augment(self, x: torch.Tensor, y: torch.Tensor, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment_batch(x, cfg, hflip_ok, gen, base_flip, epoch), y  # the label does not move
+        return augment_batch(x, policy, hflip_ok, gen, base_flip, epoch), y  # the label does not move
 
     def meter(self, num_classes: int, device: torch.device) -> Meter:
         return AccuracyMeter(device)

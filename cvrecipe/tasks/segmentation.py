@@ -143,23 +143,23 @@ class Segmentation(Task):
     PARITY_IMAGES = 16  # whole images, each many tiles
     SANITY = {"init_batch": 8, "overfit_batch": 4, "train_batch": 8, "held_out": 32, "crop": 64}
 
-    def __init__(self, cfg: SegmentConfig | None = None):
-        self.cfg = cfg or SegmentConfig()
+    def __init__(self, settings: SegmentConfig | None = None):
+        self.settings = settings or SegmentConfig()  # cfg.segment
 
-    def input_size(self, cfg, image_size: tuple[int, int]) -> tuple[int, int]:
-        size = cfg.augment.crop_size
+    def input_size(self, config, image_size: tuple[int, int]) -> tuple[int, int]:
+        size = config.augment.crop_size
         return (size, size) if size else image_size
 
-    def model_meta(self, cfg, input_size: tuple[int, int]) -> dict:
+    def model_meta(self, config, input_size: tuple[int, int]) -> dict:
         """Images of any size are segmented in overlapping tiles of the input size (artifact/tiling.py)."""
-        return {"tile": {"size": list(input_size), "overlap": self.cfg.tile_overlap, "batch": self.cfg.tile_batch}}
+        return {"tile": {"size": list(input_size), "overlap": self.settings.tile_overlap, "batch": self.settings.tile_batch}}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        return segmentation_loss(outputs, targets, self.cfg.loss)
+        return segmentation_loss(outputs, targets, self.settings.loss)
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+    def augment(self, x: torch.Tensor, y: torch.Tensor, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment_pairs(x, y, cfg, hflip_ok, gen)
+        return augment_pairs(x, y, policy, hflip_ok, gen)
 
     def meter(self, num_classes: int, device: torch.device) -> Meter:
         return ConfusionMeter(num_classes, device)
@@ -193,7 +193,7 @@ class Segmentation(Task):
         return crop_pairs(x[idx], y[idx], (side, side), gen)
 
     def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
-        return segmentation_metrics(outputs, targets, class_names, self.cfg.loss)
+        return segmentation_metrics(outputs, targets, class_names, self.settings.loss)
 
     def headline(self, result: dict) -> str:
         return (f"pixel accuracy {result['pixel_accuracy']:.4f} (error {result['pixel_error']:.4f}), "
