@@ -10,11 +10,12 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from cvrecipe.artifact.checkpoint import load_model, read_metadata
+from cvrecipe.artifact.checkpoint import load_model, read_metadata, save_weights
 from cvrecipe.artifact.inference import load_image_batches, predict_logits
 from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
+from cvrecipe.evaluate.calibration import halves, held_out_temperature
 from cvrecipe.imagefile import expand_image_paths
 from cvrecipe.tasks import get_task, task_of
 from cvrecipe.train.job import train
@@ -53,9 +54,39 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     _, extra = read_metadata(run_dir / "best.safetensors")
     result = {"task": task.name, "dataset": ds.name, "split": split_name, "checkpoint_epoch": extra.get("epoch"),
               "tta": cfg.eval.tta, **task.evaluate(logits, torch.from_numpy(part.y), meta["class_names"])}
+    if not data and not split:  # the run's own held-out data: fit the temperature its answers are scaled by
+        calibration = calibrate(model, task, ds, split_name, part, logits if not cfg.eval.tta else None, cfg, device)
+        if calibration is not None:
+            result["calibration"] = calibration
+            model.meta["temperature"] = calibration["temperature"]
+            save_weights(model, run_dir / "best.safetensors", {**extra, "calibration": calibration})
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     console.print(task.table(result))
+    if "calibration" in result:
+        c = result["calibration"]
+        console.print(f"calibration: temperature {c['temperature']:.3f} fitted on {c['fitted_on']}; ECE (15 bins) on "
+                      f"{c['measured_on']} {c['ece_before']:.4f} → {c['ece_after']:.4f}")
     return result, logits
+
+
+def calibrate(model, task, ds, split_name: str, part, plain_logits: torch.Tensor | None, cfg,
+              device: torch.device) -> dict | None:
+    """The temperature of the run's answers, fitted on held-out data the model never trained on: the
+    val split (measured on the evaluated split), or, when the evaluated split is the only held-out one,
+    a seeded half of it (measured on the other half). Fitted on plain outputs (no TTA), as answers
+    are given. None for a task whose answers carry no calibrated probability."""
+    if plain_logits is None:
+        plain_logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last)
+    check = task.calibration_pairs(plain_logits, torch.from_numpy(part.y))
+    if check is None or len(check[1]) < 2:
+        return None
+    if ds.val is not None and len(ds.val) and split_name != "val":
+        val_logits = predict_logits(model, ds.val.x, 512, device, channels_last=cfg.train.channels_last)
+        fit = task.calibration_pairs(val_logits, torch.from_numpy(ds.val.y))
+        return held_out_temperature(fit, check, "val", split_name)
+    first, second = halves(len(check[1]), cfg.train.seed)
+    return held_out_temperature((check[0][first], check[1][first]), (check[0][second], check[1][second]),
+                                f"{split_name} (a seeded half)", f"{split_name} (the other half)")
 
 
 def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None,

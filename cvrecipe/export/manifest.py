@@ -70,7 +70,7 @@ def build_manifest(meta: dict, source: dict) -> dict:
             "std": meta.get("std") or [1.0] * channels,
         },
         "output": get_task(task_of(meta)).output_spec(meta["num_classes"]),
-        **{key: meta[key] for key in ("tile", "class_colours") if meta.get(key)},
+        **{key: meta[key] for key in ("tile", "class_colours", "temperature") if meta.get(key)},
         "source": source,
         "files": {},
     }

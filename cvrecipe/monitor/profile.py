@@ -41,9 +41,10 @@ MAX_IMAGES = 3000  # held-out images used by default
 
 
 def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str], source: dict | None = None,
-                  seed: int = 0, features: np.ndarray | None = None) -> dict:
+                  seed: int = 0, features: np.ndarray | None = None, temperature: float = 1.0) -> dict:
     """The profile of uint8 images (N, C, H, W), the model's logits on them (N, K) and its penultimate
-    features (N, D), if it has them."""
+    features (N, D), if it has them. Confidences are softmax(logits / temperature), as the answers
+    the server gives (tasks/answers/)."""
     if len(images) != len(logits) or len(images) < 20:
         raise ValueError(f"a profile needs at least 20 images with one logit row each; got {len(images)} images "
                          f"and {len(logits)} logit rows")
@@ -52,7 +53,7 @@ def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str]
     images, logits = images[order], logits[order].astype(np.float64)
     features = None if features is None else features[order].astype(np.float64)
     n_ref = min(MAX_REFERENCE, len(images) // 2)
-    probs = stats.softmax(logits)
+    probs = stats.softmax(logits / temperature)
     inputs = stats.input_stats(images)
     inputs["size"] = np.full(len(images), float(np.sqrt(images.shape[2] * images.shape[3])))
     profile = {
@@ -183,7 +184,8 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
         profile = build_pixel_profile(np.stack(counts), np.asarray(confidence), class_names, source)
     else:
         logits, features = predict_features(model, images, batch_size=256, device=torch.device("cpu"))
-        profile = build_profile(np.asarray(images), logits, class_names, source, features=features)
+        profile = build_profile(np.asarray(images), logits, class_names, source, features=features,
+                                temperature=float(model.meta.get("temperature") or 1.0))
     out_dir = Path(out_dir or run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
     profile["task"] = task_of(model.meta)

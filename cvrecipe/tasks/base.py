@@ -139,10 +139,17 @@ class Task:
         PNG, and an overlay PNG when `overlay`) into `out_dir` named after `stem`."""
         return answer
 
+    def calibration_pairs(self, outputs: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits (N, K), labels (N,)) a temperature is fitted on and its ECE measured on, from a split's
+        outputs and targets; None for a task whose answers carry no calibrated probability."""
+        return None
+
     def output_spec(self, num_classes: int) -> dict:
         """What an exported model's output is (model.json's "output")."""
         return {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes],
-                "probabilities": "softmax over the logits"}
+                "probabilities": "softmax(logits / temperature), temperature from this file's 'temperature' "
+                                 "(fitted on held-out data; 1 when absent)"}
 
     def answer_text(self, answer: dict) -> str:
         """One answer as one line for the terminal."""

@@ -95,6 +95,9 @@ class Classification(Task):
         outputs = outputs.float()
         return (outputs.argmax(1) == targets).float(), F.cross_entropy(outputs, targets, reduction="none")
 
+    def calibration_pairs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return outputs.float(), targets.long()
+
     def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
         return classification_metrics(outputs, targets, class_names)
 
