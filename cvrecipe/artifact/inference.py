@@ -10,7 +10,7 @@ import torch
 from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
-from cvrecipe.tasks.registry import spec_of, task_of
+from cvrecipe.tasks.registry import get_task, spec_of, task_of
 
 
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
@@ -41,13 +41,14 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
     if channels_last:  # weights too: conv kernels then run without layout conversions (1.6x for EfficientNet on CPU)
         model.to(memory_format=torch.channels_last)
     meta = getattr(model, "meta", {})
+    task = _task(model)
     batch_size = inference_batch_size(model, batch_size)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            return tta_logits(model, batch, tta, tta_mirror).float()
+            return tta_logits(model, batch, tta, tta_mirror, task.merge_views).float()
 
     try:
         for start in range(0, len(x), batch_size):
@@ -63,7 +64,11 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_s
     """All of iter_logits' batches in one tensor: (N, K) float32 on the CPU for a classifier,
     (N, K, H, W) for a segmentation model."""
     out = list(iter_logits(model, x, batch_size, device, dtype, channels_last, tta, tta_mirror))
-    return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
+    return _task(model).merge_batches(out, model.meta)  # the task's outputs may be more than one tensor
+
+
+def _task(model: torch.nn.Module):
+    return get_task(task_of(getattr(model, "meta", {})))
 
 
 def head_layer(model: torch.nn.Module) -> torch.nn.Linear | None:

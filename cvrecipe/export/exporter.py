@@ -81,7 +81,8 @@ def export_model(model: ImageModel, images: np.ndarray, out_dir: Path, fmt: str 
         module = HalfPrecision(model) if half else model
         sample = input_sample(images, model.meta)
         try:
-            facts = write(module, sample, tmp / filename, dynamic_batch)
+            outputs = tuple(get_task(task_of(model.meta)).export_outputs())  # what the graph returns, named
+            facts = write(module, sample, tmp / filename, dynamic_batch, outputs)
         except Exception as err:  # noqa: BLE001 - the exporter's own errors are many and varied
             hint = "; install the export extra: pip install 'cvrecipe[export]'" if isinstance(err, ImportError) else ""
             message = f"{fmt} export of {model.meta['name']} failed: {type(err).__name__}: {err}"

@@ -193,6 +193,6 @@ def warm_up(backend: Backend, max_batch_size: int, passes: int) -> None:
         x = np.zeros((size, *backend.input_shape), np.uint8)
         for _ in range(passes):
             logits = backend.predict(x)
-        if logits.shape[:2] != (size, len(backend.info["class_names"])):
+        if not spec_of(backend.info["task"]).outputs_fit(logits.shape, size, len(backend.info["class_names"])):
             raise ValueError(f"{backend.source.path} gives logits of shape {logits.shape} for {size} images; "
                              f"expected ({size}, {len(backend.info['class_names'])}, ...)")

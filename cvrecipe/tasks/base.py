@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import math
+
 import numpy as np
 import torch
 from rich.table import Table
@@ -78,6 +80,34 @@ class Task:
         """Entries the task adds to the model's metadata (stored with its weights and exports)."""
         return {}
 
+    # -- targets -------------------------------------------------------------------------------
+    # Targets travel as the data source stores them ((N,) labels, (N, H, W) masks); a task whose
+    # targets are ragged (boxes per image) overrides these three.
+    def batch_targets(self, y, start: int, stop: int) -> torch.Tensor:
+        """Targets of items start..stop of a split's targets `y` (an array, or rows on disk), as one batch."""
+        return torch.from_numpy(np.asarray(y[start:stop]))
+
+    def count(self, targets) -> int:
+        """How many items a batch of targets holds (a loss mean is over these)."""
+        return len(targets)
+
+    def shuffle_targets(self, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The targets reassigned to other items at random (the sanity checks' label-leak test)."""
+        return targets[torch.randperm(len(targets), generator=gen)]
+
+    # -- outputs -------------------------------------------------------------------------------
+    def merge_batches(self, outputs: list[torch.Tensor], meta: dict) -> torch.Tensor:
+        """A split's outputs from its batches' outputs, in order (no batch: an empty (0, K) tensor)."""
+        return torch.cat(outputs) if outputs else torch.zeros(0, meta["num_classes"])
+
+    def merge_views(self, weighted: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """Test-time augmentation: one output from the outputs of (weight, view) pairs (weights sum to 1)."""
+        return sum(weight * out for weight, out in weighted)
+
+    def export_outputs(self) -> list[str]:
+        """The names of an exported graph's outputs, in the order the model returns them."""
+        return ["logits"]
+
     # -- training ------------------------------------------------------------------------------
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The mean training loss of a batch (a scalar)."""
@@ -96,6 +126,13 @@ class Task:
     def item_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per item (B,): (how right, in [0, 1]; the unreduced loss). The sanity checks compare these."""
         raise NotImplementedError
+
+    def initial_loss(self, targets: torch.Tensor, num_classes: int, prior=None) -> float:
+        """The loss expected at initialisation on `targets`: ln K for a uniform softmax, or, when the
+        head's bias is set to the class prior (an (K,) array), the cross-entropy of the prior."""
+        if prior is None:
+            return math.log(num_classes)
+        return float(-np.log(prior[targets.numpy()]).mean())
 
     def chance(self, targets: torch.Tensor) -> float:
         """The accuracy of always answering the commonest class on `targets` (the sanity checks' floor)."""

@@ -152,7 +152,8 @@ class Segmentation(Task):
 
     def model_meta(self, config, input_size: tuple[int, int]) -> dict:
         """Images of any size are segmented in overlapping tiles of the input size (artifact/tiling.py)."""
-        return {"tile": {"size": list(input_size), "overlap": self.settings.tile_overlap, "batch": self.settings.tile_batch}}
+        return {"tile": {"size": list(input_size), "overlap": self.settings.tile_overlap,
+                         "batch": self.settings.tile_batch}}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         return segmentation_loss(outputs, targets, self.settings.loss)

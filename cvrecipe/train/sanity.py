@@ -159,7 +159,8 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
         held_x, held_y = task.sanity_items(*_draw(held.x, held.y, budget["held_out"], gen), budget["held_out"], gen)
         num_classes = len(ds.classes)
         init_x, init_y = pool_x[:budget["init_batch"]], pool_y[:budget["init_batch"]]
-        expected = (_expected_init_loss(cfg, ds, init_y, num_classes) if cfg.model.init_bias_prior
+        expected = (task.initial_loss(init_y, num_classes, class_prior(ds.train.y, num_classes))
+                    if cfg.model.init_bias_prior  # the head starts at the class prior
                     else _uniform_loss(model, init_x, init_y, loss_fn, device))
         train, held_out, batch = (pool_x, pool_y), (held_x, held_y), budget["train_batch"]
         overfit = budget["overfit_batch"]
@@ -175,13 +176,6 @@ def _draw(x: np.ndarray, y: np.ndarray, n: int, gen: torch.Generator) -> tuple[t
     """n random images (all of them, shuffled, when there are fewer) as uint8 / int64 tensors on the CPU."""
     idx = torch.randperm(len(y), generator=gen)[:n].numpy()
     return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-
-
-def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_classes: int) -> float:
-    if not cfg.model.init_bias_prior:
-        return math.log(num_classes)  # uniform softmax
-    prior = class_prior(ds.train.y, num_classes)
-    return float(-np.log(prior[y.numpy()]).mean())  # softmax = prior: cross-entropy of these labels
 
 
 def _uniform_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, device: torch.device) -> float:
@@ -317,8 +311,7 @@ def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     masks are shuffled against the images (chance: always answering the commonest class)."""
     task = task or get_task(DEFAULT_TASK)
     (x, y), (hx, hy) = train, held
-    y_shuffled = y[torch.randperm(len(y), generator=gen)]
-    hy_shuffled = hy[torch.randperm(len(hy), generator=gen)]
+    y_shuffled, hy_shuffled = task.shuffle_targets(y, gen), task.shuffle_targets(hy, gen)
     trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device, batch=batch)
     with torch.no_grad():
         inputs, hy_moved = _through(make_inputs, hx.to(device), hy_shuffled.to(device), gen)

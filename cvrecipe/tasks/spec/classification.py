@@ -22,3 +22,8 @@ def check_config(cfg) -> None:
                           f"is a {cfg.task} run (task={cfg.task})")
     if cfg.data.name.startswith("masks:"):
         raise ConfigError(f"data.name={cfg.data.name}: a masks: dataset needs task=segmentation")
+
+
+def outputs_fit(shape: tuple[int, ...], batch: int, num_classes: int) -> bool:
+    """Is `shape` what this task's model returns for `batch` images? ((B, K))"""
+    return len(shape) == 2 and tuple(shape[:2]) == (batch, num_classes)

@@ -27,3 +27,8 @@ def check_config(cfg) -> None:
         raise ConfigError(f"augment.flip_mode={aug.flip_mode}: task=segmentation flips with random coins only")
     if aug.scale[0] > aug.scale[1]:
         raise ConfigError(f"augment.scale={show(aug.scale)}: expected [low, high] with low <= high")
+
+
+def outputs_fit(shape: tuple[int, ...], batch: int, num_classes: int) -> bool:
+    """Is `shape` what this task's model returns for `batch` images? ((B, K, H, W))"""
+    return len(shape) == 4 and tuple(shape[:2]) == (batch, num_classes)
