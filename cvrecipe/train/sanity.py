@@ -159,8 +159,7 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
         held_x, held_y = task.sanity_items(*_draw(held.x, held.y, budget["held_out"], gen), budget["held_out"], gen)
         num_classes = len(ds.classes)
         init_x, init_y = pool_x[:budget["init_batch"]], pool_y[:budget["init_batch"]]
-        expected = (task.initial_loss(init_y, num_classes, class_prior(ds.train.y, num_classes))
-                    if cfg.model.init_bias_prior  # the head starts at the class prior
+        expected = (_expected_init_loss(cfg, ds, init_y, num_classes, task) if cfg.model.init_bias_prior
                     else _uniform_loss(model, init_x, init_y, loss_fn, device))
         train, held_out, batch = (pool_x, pool_y), (held_x, held_y), budget["train_batch"]
         overfit = budget["overfit_batch"]
@@ -176,6 +175,15 @@ def _draw(x: np.ndarray, y: np.ndarray, n: int, gen: torch.Generator) -> tuple[t
     """n random images (all of them, shuffled, when there are fewer) as uint8 / int64 tensors on the CPU."""
     idx = torch.randperm(len(y), generator=gen)[:n].numpy()
     return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+
+
+def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_classes: int,
+                        task: Task | None = None) -> float:
+    """The task's expected initial loss on targets y, the head starting at the class prior when the
+    config says so."""
+    task = task or get_task(cfg.task, cfg)
+    prior = class_prior(ds.train.y, num_classes) if cfg.model.init_bias_prior else None
+    return task.initial_loss(y, num_classes, prior)
 
 
 def _uniform_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, device: torch.device) -> float:
