@@ -11,8 +11,8 @@ This module imports no torch: a bad recipe is refused in a fraction of a second.
 from __future__ import annotations
 
 import copy
-import importlib
 import dataclasses
+import importlib
 import re
 import types
 import typing
@@ -384,7 +384,8 @@ def allowed(hint: Any, meta: dict | None = None) -> str:
     """What a field accepts, in words: 'one of a, b, c', 'a number >= 0 and < 1', ..., 'or null'."""
     meta = meta or {}
     if meta.get("metric"):
-        return "one of " + ", ".join(dict.fromkeys(m for task in _tasks().task_names() for m in produced_metrics(task)))
+        names = _tasks().task_names()
+        return "one of " + ", ".join(dict.fromkeys(m for task in names for m in produced_metrics(task)))
     bounds = " and ".join(f"{sign} {meta[k]}" for k, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                           if k in meta)
     words, nullable = [], False
