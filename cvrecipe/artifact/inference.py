@@ -10,7 +10,7 @@ import torch
 from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
-from cvrecipe.tasks.registry import get_task, spec_of, task_of
+from cvrecipe.tasks import get_task, spec_of, task_of
 
 
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)

@@ -13,11 +13,27 @@ this file imports neither torch nor anything above it.
 """
 from __future__ import annotations
 
-from cvrecipe.tasks.registry import (DEFAULT_TASK, TASKS, TaskEntry, answers_of, entry, get_task, resolve, spec_of,
-                                     task_names, task_of)
+from cvrecipe.tasks.registry import (DEFAULT_TASK, TASKS, TaskEntry, answers_of, entry, resolve, spec_of, task_names,
+                                     task_of)
 
 __all__ = ["DEFAULT_TASK", "TASKS", "Meter", "ParityReport", "Task", "TaskEntry", "answers_of", "entry",
            "get_task", "resolve", "spec_of", "task_names", "task_of"]
+
+
+def _registry() -> dict[str, type]:
+    """Task name → its Task class (imported, with torch, on first use)."""
+    return {name: resolve(task.task) for name, task in TASKS.items()}
+
+
+def get_task(name: str | None, cfg=None):
+    """The task object of task `name` (None: the default task); `cfg` (a Config) configures it where
+    the task has a section of its own (segmentation: cfg.segment, its loss)."""
+    tasks = _registry()
+    name = DEFAULT_TASK if name is None else name
+    if name not in tasks:
+        raise ValueError(f"unknown task '{name}'; known: {', '.join(sorted(tasks))}")
+    cls = tasks[name]
+    return cls(getattr(cfg, cls.section) if cfg is not None and cls.section else None)
 
 
 def __getattr__(name: str):  # the task interface, imported (with torch) only when asked for

@@ -60,10 +60,3 @@ def spec_of(name: str | None) -> ModuleType:
 def answers_of(name: str | None) -> ModuleType:
     """The task's torch-free answer layer."""
     return resolve(entry(name).answers)
-
-
-def get_task(name: str | None, cfg=None):
-    """The task object; `cfg` (a Config) configures it where the task has a section of its own
-    (segmentation: cfg.segment, its loss)."""
-    cls = resolve(entry(name).task)
-    return cls(getattr(cfg, cls.section) if cfg is not None and cls.section else None)
