@@ -8,6 +8,7 @@ a server of an ONNX export needs no torch for this.
 from __future__ import annotations
 
 import time
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -52,10 +53,11 @@ ERRORS = schema.errors(400, 401, 409, 413, 415, 503, 504)
 
 def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
     """The routes, on `app`, of the task registered as `task` (the served model must be one)."""
+    answers = answers_of(task)  # imported now: a first request pays for no import
     @app.post("/v1/predict", dependencies=[Depends(require_token)], summary="classify one image",
               responses={200: {"model": Prediction}, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def predict(request: Request, k: int = Query(5, ge=1, le=1000)):
-        result = await _classify(request, task, max_files=1, k=k)
+        result = await _classify(request, task, answers, max_files=1, k=k)
         _, answer = result["entries"][0]
         if isinstance(answer, ServeError):
             raise answer
@@ -67,7 +69,8 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
               summary="classify several images sent as multipart file fields",
               responses={200: {"model": BatchPrediction}, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def predict_batch(request: Request, k: int = Query(5, ge=1, le=1000)):
-        result = await _classify(request, task, max_files=request.app.state.server.settings.max_files, k=k)
+        result = await _classify(request, task, answers, max_files=request.app.state.server.settings.max_files,
+                                 k=k)
         entries = result["entries"]
         if all(isinstance(answer, ServeError) for _, answer in entries):
             name, err = entries[0]
@@ -78,7 +81,7 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
                              "latency_ms": result["latency_ms"]})
 
 
-async def _classify(request: Request, task: str, max_files: int, k: int) -> dict:
+async def _classify(request: Request, task: str, layer: ModuleType, max_files: int, k: int) -> dict:
     """Read → refuse unsafe files by header → batcher (decode + forward on the inference
     thread) → top-k. 'entries' holds (file name, top-k list or ServeError) per file, in order."""
     start = time.perf_counter()
@@ -95,7 +98,7 @@ async def _classify(request: Request, task: str, max_files: int, k: int) -> dict
         outputs, used = await state.infer([items[i][1] for i in to_run], deadline=start + state.settings.timeout_s)
         answers.update(zip(to_run, outputs))  # logits (K,) or the ServeError of a file that did not decode
     good = [i for i, answer in answers.items() if isinstance(answer, np.ndarray)]
-    found = answers_of(task).answers(np.stack([answers[i] for i in good]), used.info, k) if good else []
+    found = layer.answers(np.stack([answers[i] for i in good]), used.info, k) if good else []
     ranked = {i: answer["top"] for i, answer in zip(good, found)}  # the task's answer layer, calibrated
     latency_ms = round((time.perf_counter() - start) * 1000, 3)
     if state.monitor is not None and good:  # the window, and the log row committed before the answer goes out

@@ -52,6 +52,7 @@ PNG_ANSWER = {"content": {"image/png": {"schema": {"type": "string", "format": "
 
 def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
     """The routes, on `app`, of the task registered as `task` (the served model must be one)."""
+    answers = answers_of(task)  # imported now: a first request pays for no import
     @app.post("/v1/segment", dependencies=[Depends(require_token)], summary="segment one image",
               responses={200: PNG_ANSWER, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def segment(request: Request, format: Literal["png", "json"] = Query("png"),
@@ -69,7 +70,7 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
         (logits,), used = await state.infer([items[0][1]], deadline=start + state.settings.timeout_s)
         if isinstance(logits, ServeError):
             raise logits
-        (answer,) = answers_of(task).answers(logits[None], used.info)  # the task's answer layer, as predict's
+        (answer,) = answers.answers(logits[None], used.info)  # the task's answer layer, as predict's
         classes, confidence = answer["mask"], answer["mean_confidence"]
         from cvrecipe.data.mask_images import class_colours, mask_png  # here: `cvrecipe.data` imports torch
 
