@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import importlib.resources
 import os
 import re
@@ -38,12 +39,14 @@ def option(default: Any, doc: str, **rules: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
-# What each task's runs produce, per split: train_<name> and val_<name> (loss first). The task
-# objects in cvrecipe.tasks compute exactly these; checkpoint.monitor must name one of them.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("loss", "acc"),
-    "segmentation": ("loss", "pixel_acc", "miou", "dice"),  # over labelled pixels; miou/dice: means over classes
-}
+# The task registry (cvrecipe.tasks) sits above config in the layering and names the tasks, their
+# metrics and the config rules each understands. It imports no torch and nothing from config when
+# loaded, so config reads it at check time, by name, as a plug-in.
+TASK_REGISTRY = "cvrecipe.tasks"
+
+
+def _tasks():
+    return importlib.import_module(TASK_REGISTRY)
 
 
 @dataclass
@@ -276,8 +279,8 @@ class Config:
     name: str = option("run", "run name: the folder under runs_dir (-2, -3, ... when taken)",
                        pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")
     runs_dir: str = option("runs", "parent folder of the run folders")
-    task: Literal["classification", "segmentation"] = option(
-        "classification", "what the model predicts: a class per image | a class per pixel")
+    task: str | None = option(None, "what the model predicts: a registered task (cvrecipe/tasks: classification, "
+                                    "a class per image; segmentation, a class per pixel); null = classification")
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -389,7 +392,8 @@ def allowed(hint: Any, meta: dict | None = None) -> str:
     """What a field accepts, in words: 'one of a, b, c', 'a number >= 0 and < 1', ..., 'or null'."""
     meta = meta or {}
     if meta.get("metric"):
-        return "one of " + ", ".join(dict.fromkeys(m for task in TASK_METRICS for m in produced_metrics(task)))
+        names = _tasks().task_names()
+        return "one of " + ", ".join(dict.fromkeys(m for task in names for m in produced_metrics(task)))
     bounds = " and ".join(f"{sign} {meta[k]}" for k, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                           if k in meta)
     words, nullable = [], False
@@ -461,7 +465,7 @@ def _convert(value: Any, option_: Any) -> Any:
 def _within(value: Any, meta: dict) -> bool:
     if "length" in meta and len(value) != meta["length"]:
         return False
-    if meta.get("metric") and not any(value in produced_metrics(task) for task in TASK_METRICS):
+    if meta.get("metric") and not any(value in produced_metrics(task) for task in _tasks().task_names()):
         return False
     if "pattern" in meta and isinstance(value, str) and not re.fullmatch(meta["pattern"], value):
         return False
@@ -477,11 +481,16 @@ def _within(value: Any, meta: dict) -> bool:
 
 def produced_metrics(task: str) -> list[str]:
     """The per-epoch metrics a run of `task` writes to metrics.csv (and may monitor)."""
-    return [f"{split}_{m}" for split in ("train", "val") for m in TASK_METRICS[task]]
+    return [f"{split}_{m}" for split in ("train", "val") for m in _tasks().spec_of(task).METRICS]
 
 
 def check_rules(cfg: Config) -> None:
-    """Rules across fields; each failure names the keys and values involved."""
+    """Rules across fields; each failure names the keys and values involved. A null task becomes the
+    registry's default; the task's own rules are its spec's check_config."""
+    tasks = _tasks()
+    cfg.task = cfg.task or tasks.DEFAULT_TASK
+    if cfg.task not in tasks.TASKS:
+        raise ConfigError(f"task={cfg.task}: expected one of {', '.join(tasks.task_names())}")
     metrics = produced_metrics(cfg.task)
     if cfg.checkpoint.monitor not in metrics:
         raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor}: expected one of {', '.join(metrics)} "
@@ -492,7 +501,7 @@ def check_rules(cfg: Config) -> None:
                           f"and data.val_fraction=0 on {cfg.data.name}, which has none: set data.val_fraction > 0, "
                           f"or monitor a train_ metric")
     _check_folds(cfg)
-    _check_task(cfg)
+    tasks.spec_of(cfg.task).check_config(cfg)
     tc = cfg.train
     if tc.batch_size % (tc.nproc * tc.grad_accum):
         raise ConfigError(f"train.batch_size={tc.batch_size} does not split into train.nproc={tc.nproc} x "
@@ -523,34 +532,6 @@ def _check_folds(cfg: Config) -> None:
         raise ConfigError(f"data.fold={data.fold}: expected 0 to data.folds - 1 ({data.folds - 1})")
     if not data.folds and data.fold:
         raise ConfigError(f"data.fold={data.fold} needs data.folds (the number of folds) >= 2")
-
-
-SEGMENTATION_AUGMENT = ("vflip", "rot90", "crop_size", "scale", "elastic_sigma")
-
-
-def _check_task(cfg: Config) -> None:
-    """Switches that only one task understands."""
-    aug, defaults = cfg.augment, AugmentConfig()
-    if cfg.task != "segmentation":
-        used = [f"augment.{k}={_show(getattr(aug, k))}" for k in SEGMENTATION_AUGMENT
-                if getattr(aug, k) != getattr(defaults, k)]
-        if used:
-            raise ConfigError(f"{', '.join(used)}: segmentation augmentation (moves image and mask together); this "
-                              f"is a {cfg.task} run (task={cfg.task})")
-        if not cfg.data.name.startswith("masks:"):
-            return
-        raise ConfigError(f"data.name={cfg.data.name}: a masks: dataset needs task=segmentation")
-    bad = {"augment.crop_padding": aug.crop_padding, "augment.cutout": aug.cutout, "eval.tta": cfg.eval.tta,
-           "model.init_bias_prior": cfg.model.init_bias_prior, "train.label_smoothing": cfg.train.label_smoothing,
-           "finetune.feature_cache": cfg.finetune.feature_cache}
-    used = [f"{k}={_show(v)}" for k, v in bad.items() if v]
-    if used:
-        raise ConfigError(f"{', '.join(used)}: classification only; task=segmentation (use augment.crop_size, "
-                          f"augment.scale, augment.elastic_sigma)")
-    if aug.flip_mode != "random":
-        raise ConfigError(f"augment.flip_mode={aug.flip_mode}: task=segmentation flips with random coins only")
-    if aug.scale[0] > aug.scale[1]:
-        raise ConfigError(f"augment.scale={_show(aug.scale)}: expected [low, high] with low <= high")
 
 
 def source_has_val(name: str) -> bool | None:

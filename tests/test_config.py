@@ -81,7 +81,7 @@ def test_extends_resolves_paths_next_to_the_file_and_names_loops(tmp_path):
 def test_every_choice_field_is_a_literal_checked_at_load():
     """Each str field that takes one of a few values is a Literal, so a typo stops the load."""
     choices = {"augment.flip_mode", "augment.pad_mode", "train.precision", "optim.name", "optim.units",
-               "schedule.name", "average.name", "checkpoint.mode", "eval.tta", "finetune.strategy", "task",
+               "schedule.name", "average.name", "checkpoint.mode", "eval.tta", "finetune.strategy",
                "data.channels"}
     for key in choices:
         section, _, name = key.rpartition(".")
@@ -92,6 +92,15 @@ def test_every_choice_field_is_a_literal_checked_at_load():
         bad = "no-such-choice"
         with pytest.raises(ConfigError, match=rf"{key}={bad}: expected one of " + ", ".join(map(str, typing.get_args(literal)))):
             load_config(None, [f"{key}={bad}"])
+
+
+def test_the_task_is_one_the_registry_knows_checked_at_load():
+    """`task` is a string checked against the task registry (not a Literal: the registry sits above config)."""
+    from cvrecipe.tasks import task_names
+
+    with pytest.raises(ConfigError, match="task=no-such-choice: expected one of " + ", ".join(task_names())):
+        load_config(None, ["task=no-such-choice"])
+    assert load_config(None, []).task == "classification"
 
 
 @pytest.mark.parametrize("override, allowed", [

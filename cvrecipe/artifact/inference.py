@@ -10,14 +10,17 @@ import torch
 from cvrecipe.artifact.tiling import run_outputs
 from cvrecipe.artifact.tta import tta_logits
 from cvrecipe.device import autocast
+from cvrecipe.tasks import get_task, spec_of, task_of
 
 
 TILED_BATCH = 4  # images per call for models run in tiles (their outputs are (B, K, H, W) at full size)
 
 
 def inference_batch_size(model: torch.nn.Module, batch_size: int) -> int:
-    """The images per batch iter_logits takes: `batch_size`, or at most TILED_BATCH for a model run in tiles."""
-    return min(batch_size, TILED_BATCH) if getattr(model, "meta", {}).get("tile") else batch_size
+    """The images per batch iter_logits takes: `batch_size`, or at most TILED_BATCH for a model its task runs
+    on whole images (in tiles)."""
+    meta = getattr(model, "meta", {})
+    return min(batch_size, TILED_BATCH) if spec_of(task_of(meta)).whole_images(meta) else batch_size
 
 
 @torch.no_grad()
@@ -38,13 +41,14 @@ def iter_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_size
     if channels_last:  # weights too: conv kernels then run without layout conversions (1.6x for EfficientNet on CPU)
         model.to(memory_format=torch.channels_last)
     meta = getattr(model, "meta", {})
+    task = _task(model)
     batch_size = inference_batch_size(model, batch_size)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            return tta_logits(model, batch, tta, tta_mirror).float()
+            return tta_logits(model, batch, tta, tta_mirror, task.merge_views).float()
 
     try:
         for start in range(0, len(x), batch_size):
@@ -60,7 +64,11 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, batch_s
     """All of iter_logits' batches in one tensor: (N, K) float32 on the CPU for a classifier,
     (N, K, H, W) for a segmentation model."""
     out = list(iter_logits(model, x, batch_size, device, dtype, channels_last, tta, tta_mirror))
-    return torch.cat(out) if out else torch.zeros(0, model.meta["num_classes"])
+    return _task(model).merge_batches(out, model.meta)  # the task's outputs may be more than one tensor
+
+
+def _task(model: torch.nn.Module):
+    return get_task(task_of(getattr(model, "meta", {})))
 
 
 def head_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -100,9 +108,9 @@ def load_images_for_model(paths: list[Path], meta: dict, max_pixels: int | None 
 def load_image_batches(paths: list[Path], meta: dict, max_pixels: int | None = None
                        ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
     """Image files as the model takes them: one batch resized to the input size, or, for a model run
-    in tiles (meta["tile"]), one batch per image at its own size (nothing is resized). Returns the
+    in tiles (its task says so), one batch per image at its own size (nothing is resized). Returns the
     batches (N_i, C, H_i, W_i) uint8, the files that decoded, in order, and (file, reason) for the rest."""
-    if not meta.get("tile"):
+    if not spec_of(task_of(meta)).whole_images(meta):
         x, good, skipped = load_images_for_model(paths, meta, max_pixels)
         return ([x] if len(x) else []), good, skipped
     from cvrecipe.data.images import MAX_PIXELS, decode_images

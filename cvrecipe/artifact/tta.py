@@ -1,6 +1,8 @@
 """Test-time augmentation: average the logits of flipped and 1-pixel-shifted views of each image."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,12 @@ def tta_views(x: torch.Tensor, level: int, mirror: bool = True) -> list[tuple[fl
     return [(0.25, x), (0.25, x.flip(-1))] + [(0.125, v) for v in shifted]
 
 
+def weighted_sum(weighted: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    return sum(weight * out for weight, out in weighted)
+
+
 @torch.no_grad()
-def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int, mirror: bool = True) -> torch.Tensor:
-    return sum(weight * model(view) for weight, view in tta_views(x, level, mirror))
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int, mirror: bool = True,
+               merge: Callable[[list[tuple[float, torch.Tensor]]], torch.Tensor] = weighted_sum) -> torch.Tensor:
+    """The model's outputs on x merged over its TTA views by `merge` (the task's: Task.merge_views)."""
+    return merge([(weight, model(view)) for weight, view in tta_views(x, level, mirror)])

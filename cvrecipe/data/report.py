@@ -64,7 +64,7 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed:
     if ds.masks:  # segmentation: pairs through the paired augmentation
         from cvrecipe.data.mask_report import model_view as pair_view
 
-        view = pair_view(dataclasses.replace(cfg, task="segmentation"), name)
+        view = pair_view(cfg, name)
         audit["model_input"] = {"image_shape": view["image_shape"], "augment": view["augment"]}
         audit["seconds"] = round(time.perf_counter() - t0, 2)
         return audit, {"ds": ds, "index": index, "view": view}

@@ -1,9 +1,10 @@
 """The classification sections of the run report: confusion matrix, per-class precision/recall/F1,
 calibration (ECE, reliability diagram, temperature scaling), top losses, Grad-CAM, first-layer filters.
 
-With `calibrate=True` a temperature is fitted on the validation split and stored in the
-checkpoint's metadata (`read_metadata(best.safetensors)[1]["calibration"]`), so whatever loads
-the weights can load the temperature with them.
+Evaluation fits a temperature on held-out data and stores it in the checkpoint's metadata
+(meta["temperature"], details in `read_metadata(best.safetensors)[1]["calibration"]`), where the
+answers of predict, the server and the monitor take it from; `calibrate=True` fits it again on the
+validation split.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def sections(ctx: ReportContext) -> tuple[list[tuple[str, str]], list[str]]:
     y = torch.from_numpy(ctx.part.y)
     temperature = _temperature(model, ctx.checkpoint, ctx.ds, ctx.device, ctx.calibrate, ctx.console)
     calibration = calibration_summary(ctx.outputs, y, temperature)
+    calibration["fitted_on"] = read_metadata(ctx.checkpoint)[1].get("calibration", {}).get("fitted_on", "val")
     cards = [(f"{m['accuracy']:.4f}", f"accuracy [{ctx.split}]"), (f"{m['macro_f1']:.4f}", "macro F1"),
              *([(f"{m['top5_accuracy']:.4f}", "top-5 accuracy")] if "top5_accuracy" in m else []),
              (f"{calibration['ece']:.4f}", "ECE (15 bins)")]
@@ -54,6 +56,7 @@ def _temperature(model, checkpoint: Path, ds, device, calibrate: bool, console: 
     summary = calibration_summary(logits, y, temperature)
     extra["calibration"] = {"temperature": temperature, "fitted_on": "val", "val_images": len(y),
                             "val_nll": summary["nll"], "val_nll_scaled": summary["nll_scaled"]}
+    model.meta["temperature"] = temperature  # what the answers are scaled by (tasks/answers/)
     save_weights(model, checkpoint, extra)
     console.print(f"calibration: temperature {temperature:.3f} fitted on {len(y)} val images "
                   f"(val NLL {summary['nll']:.4f} → {summary['nll_scaled']:.4f}); stored in {checkpoint}")
@@ -117,8 +120,10 @@ def _calibration(cal: dict, split: str, plots: Path) -> str:
     note = "no temperature fitted yet: run `cvrecipe report RUN --calibrate` to fit one on the validation split"
     if "temperature" in cal:
         rows.append([f"T = {cal['temperature']:.3f}", f"{cal['ece_scaled']:.4f}", f"{cal['nll_scaled']:.4f}"])
-        note = ("temperature fitted on the validation split, stored in best.safetensors' metadata"
-                + (" — this table is on that same split, so it flatters the scaling" if split == "val" else ""))
+        note = (f"temperature fitted on {cal['fitted_on']}, stored in best.safetensors' metadata and applied to "
+                f"every answer (predict, the server, the monitor)"
+                + (" — this table includes the images it was fitted on, so it flatters the scaling"
+                   if cal["fitted_on"].split(" ")[0] == split else ""))
     return (f"<h2>Calibration [{split}]</h2>" + pages.img(png, "reliability diagram")
             + pages.table(["", "ECE", "NLL"], rows) + f"<p class='note'>{pages.esc(note)}</p>")
 

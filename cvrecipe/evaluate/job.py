@@ -10,14 +10,15 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from cvrecipe.artifact.checkpoint import load_model, read_metadata
+from cvrecipe.artifact.checkpoint import load_model, read_metadata, save_weights
 from cvrecipe.artifact.inference import load_image_batches, predict_logits
 from cvrecipe.config import load_config, load_run_config
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
+from cvrecipe.evaluate.calibration import halves, held_out_temperature
 from cvrecipe.evaluate.leakfree import leak_free_scores
 from cvrecipe.imagefile import expand_image_paths
-from cvrecipe.tasks import get_task
+from cvrecipe.tasks import get_task, task_of
 from cvrecipe.train.job import train
 
 
@@ -37,7 +38,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
     device = resolve_device(cfg.train.device)
     model = load_model(run_dir / "best.safetensors", device)
     meta = model.meta
-    task = get_task(meta.get("task", "classification"), cfg)
+    task = get_task(task_of(meta), cfg)
     data_cfg = dataclasses.replace(cfg.data, subset=None)
     if data:  # another dataset: bring its images to the model's input shape
         height, width = meta["input_size"]
@@ -58,12 +59,42 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
                                  meta["class_names"])
     if leak_free is not None:
         result["leak_free"] = leak_free
+    if not data and not split:  # the run's own held-out data: fit the temperature its answers are scaled by
+        calibration = calibrate(model, task, ds, split_name, part, logits if not cfg.eval.tta else None, cfg, device)
+        if calibration is not None:
+            result["calibration"] = calibration
+            model.meta["temperature"] = calibration["temperature"]
+            save_weights(model, run_dir / "best.safetensors", {**extra, "calibration": calibration})
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     console.print(task.table(result))
     if leak_free is not None:
         console.print(f"without the {leak_free['leaked']} test images with a near copy in train "
                       f"({leak_free['num_images']} images): {leak_free['headline']}")
+    if "calibration" in result:
+        c = result["calibration"]
+        console.print(f"calibration: temperature {c['temperature']:.3f} fitted on {c['fitted_on']}; ECE (15 bins) on "
+                      f"{c['measured_on']} {c['ece_before']:.4f} → {c['ece_after']:.4f}")
     return result, logits
+
+
+def calibrate(model, task, ds, split_name: str, part, plain_logits: torch.Tensor | None, cfg,
+              device: torch.device) -> dict | None:
+    """The temperature of the run's answers, fitted on held-out data the model never trained on: the
+    val split (measured on the evaluated split), or, when the evaluated split is the only held-out one,
+    a seeded half of it (measured on the other half). Fitted on plain outputs (no TTA), as answers
+    are given. None for a task whose answers carry no calibrated probability."""
+    if plain_logits is None:
+        plain_logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last)
+    check = task.calibration_pairs(plain_logits, torch.from_numpy(part.y))
+    if check is None or len(check[1]) < 2:
+        return None
+    if ds.val is not None and len(ds.val) and split_name != "val":
+        val_logits = predict_logits(model, ds.val.x, 512, device, channels_last=cfg.train.channels_last)
+        fit = task.calibration_pairs(val_logits, torch.from_numpy(ds.val.y))
+        return held_out_temperature(fit, check, "val", split_name)
+    first, second = halves(len(check[1]), cfg.train.seed)
+    return held_out_temperature((check[0][first], check[1][first]), (check[0][second], check[1][second]),
+                                f"{split_name} (a seeded half)", f"{split_name} (the other half)")
 
 
 def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None,
@@ -72,7 +103,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`) for image
     files (folders expanded). Unreadable files are reported, not fatal."""
     model = load_model(run_dir, "cpu")
-    task = get_task(model.meta.get("task", "classification"))
+    task = get_task(task_of(model.meta))
     files = expand_image_paths(paths)
     run_config = Path(run_dir) / "config.yaml"  # the run's own pixel limit, when it is a run folder
     max_pixels = load_run_config(run_dir).data.max_pixels if run_config.is_file() else None
@@ -82,7 +113,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     out_dir = Path(out_dir) if out_dir else run_folder / "predictions"
     files_left = iter(good)
     for x in batches:
-        answers = task.answers(predict_logits(model, x), model.meta["class_names"], k)
+        answers = task.answers(predict_logits(model, x), model.meta, k)
         for image, answer in zip(x, answers):
             path = next(files_left)
             saved = task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)
@@ -93,7 +124,7 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
 def prediction_lines(run_dir: Path, results: list[dict]) -> list[str]:
     """predict()'s results as terminal lines, one per file, in the model's task's words."""
     model_path = Path(run_dir) / "best.safetensors" if Path(run_dir).is_dir() else Path(run_dir)
-    task = get_task(read_metadata(model_path)[0].get("task", "classification"))
+    task = get_task(task_of(read_metadata(model_path)[0]))
     return [f"{escape(r['file'])}: [red]unreadable[/] ({escape(r['error'])})" if "error" in r
             else f"{escape(r['file'])}: {escape(task.answer_text(r))}" for r in results]
 

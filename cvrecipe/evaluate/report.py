@@ -27,12 +27,9 @@ from cvrecipe.artifact.inference import predict_logits
 from cvrecipe.config import load_run_config, to_dict
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
-from cvrecipe.evaluate import classification_report, segmentation_report
 from cvrecipe.evaluate.context import ReportContext
-from cvrecipe.tasks import get_task
+from cvrecipe.tasks import entry, get_task, resolve, task_of
 
-# task name → module with sections(ctx) -> (summary cards, HTML sections)
-TASK_SECTIONS = {"classification": classification_report, "segmentation": segmentation_report}
 CURVE_TITLES = {"acc": "accuracy", "pixel_acc": "pixel accuracy", "miou": "mIoU", "dice": "Dice"}
 
 
@@ -49,7 +46,7 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     checkpoint = run_dir / "best.safetensors"
     device = resolve_device(cfg.train.device)
     model = load_model(checkpoint, device)
-    task = get_task(model.meta.get("task", "classification"), cfg)
+    task = get_task(task_of(model.meta), cfg)
     ds = load_dataset(dataclasses.replace(cfg.data, subset=None), seed=cfg.train.seed)
     split, part = ds.eval_split
     if eval_logits is None:
@@ -63,7 +60,7 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     metrics = task.evaluate(eval_logits, torch.from_numpy(part.y), model.meta["class_names"])
     ctx = ReportContext(run_dir, cfg, ds, split, part, model, checkpoint, eval_logits, metrics, device, plots,
                         calibrate, console)
-    cards, sections = TASK_SECTIONS[task.name].sections(ctx)
+    cards, sections = resolve(entry(task.name).report).sections(ctx)  # the task names its sections' module
     history = read_history(run_dir / "metrics.csv")
     body = [_header(ctx, cards, history, model_facts(model)), _curves(history, task.metrics, plots), *sections]
     title = f"Run report: {run_dir.name}"

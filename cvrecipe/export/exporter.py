@@ -23,7 +23,7 @@ from cvrecipe.export import parity
 from cvrecipe.export.onnx import OnnxRunner, write_onnx
 from cvrecipe.export.torchscript import TorchScriptRunner, write_torchscript
 from cvrecipe.models import ImageModel
-from cvrecipe.tasks import get_task
+from cvrecipe.tasks import get_task, task_of
 
 # format → (file name, writer, runner)
 FORMATS = {
@@ -81,7 +81,8 @@ def export_model(model: ImageModel, images: np.ndarray, out_dir: Path, fmt: str 
         module = HalfPrecision(model) if half else model
         sample = input_sample(images, model.meta)
         try:
-            facts = write(module, sample, tmp / filename, dynamic_batch)
+            outputs = tuple(get_task(task_of(model.meta)).export_outputs())  # what the graph returns, named
+            facts = write(module, sample, tmp / filename, dynamic_batch, outputs)
         except Exception as err:  # noqa: BLE001 - the exporter's own errors are many and varied
             hint = "; install the export extra: pip install 'cvrecipe[export]'" if isinstance(err, ImportError) else ""
             message = f"{fmt} export of {model.meta['name']} failed: {type(err).__name__}: {err}"
@@ -119,7 +120,7 @@ def check(model: ImageModel, runner, images: np.ndarray, half: bool, atol: float
         return run_outputs(tiles, torch.from_numpy(np.ascontiguousarray(x)), model.meta).numpy()
 
     exported = parity.run_in_batches(exported_outputs, images, sizes)
-    return get_task(model.meta.get("task", "classification")).parity(reference, exported, sizes, half, atol,
+    return get_task(task_of(model.meta)).parity(reference, exported, sizes, half, atol,
                                                                      min_agreement)
 
 
@@ -161,7 +162,7 @@ def export_run(run_dir: Path, fmt: str = "onnx", dynamic_batch: bool = False, ha
     cfg = load_run_config(run_dir)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     split_name, split = ds.eval_split
-    images = split.x[:min(max_images, get_task(model.meta.get("task", "classification")).PARITY_IMAGES)]
+    images = split.x[:min(max_images, get_task(task_of(model.meta)).PARITY_IMAGES)]
     source = {"run": str(run_dir), "checkpoint": checkpoint.name, "checkpoint_sha256": mf.sha256_file(checkpoint),
               "epoch": extra.get("epoch"), "check_images": f"{ds.name} {split_name}, first {len(images)}"}
     return export_model(model, images, out_dir or run_dir / "export", fmt, dynamic_batch, half, source)

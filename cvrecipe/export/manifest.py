@@ -46,12 +46,12 @@ def weights_sha256(model) -> str:
 
 def build_manifest(meta: dict, source: dict) -> dict:
     """The file-independent part of model.json, from the model's metadata and where it came from."""
-    from cvrecipe.tasks import get_task
+    from cvrecipe.tasks import get_task, task_of
 
     channels = meta["in_channels"]
     return {
         "format_version": FORMAT_VERSION,
-        "task": meta.get("task", "classification"),
+        "task": task_of(meta),
         "model": {"name": meta["name"], "num_classes": meta["num_classes"], "kwargs": meta.get("kwargs", {})},
         "class_names": list(meta["class_names"]),
         "preprocessing": {
@@ -69,8 +69,8 @@ def build_manifest(meta: dict, source: dict) -> dict:
             "mean": meta.get("mean") or [0.0] * channels,
             "std": meta.get("std") or [1.0] * channels,
         },
-        "output": get_task(meta.get("task", "classification")).output_spec(meta["num_classes"]),
-        **{key: meta[key] for key in ("tile", "class_colours") if meta.get(key)},
+        "output": get_task(task_of(meta)).output_spec(meta["num_classes"]),
+        **{key: meta[key] for key in ("tile", "class_colours", "temperature") if meta.get(key)},
         "source": source,
         "files": {},
     }

@@ -18,7 +18,7 @@ FEATURES_NAME = "features"  # (B, D) float32: the head's input
 MAX_DYNAMIC_BATCH = 4096  # upper bound declared for the dynamic batch dimension
 
 
-def write_onnx(module, sample, path: Path, dynamic_batch: bool) -> dict:
+def write_onnx(module, sample, path: Path, dynamic_batch: bool, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> dict:
     """Export `module` (eval mode) traced on `sample` (B, C, H, W) uint8; returns facts for model.json.
 
     Uses the torch.export-based exporter (torch's default since 2.9; needs onnxscript) with the
@@ -33,17 +33,20 @@ def write_onnx(module, sample, path: Path, dynamic_batch: bool) -> dict:
         # a sample batch of 2: torch.export specialises dimensions of size 1
         sample = sample[:1].expand(2, *sample.shape[1:]).contiguous()
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},)
-    torch.onnx.export(module.eval(), (sample,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+    torch.onnx.export(module.eval(), (sample,), str(path), input_names=[INPUT_NAME], output_names=list(outputs),
                       dynamo=True, external_data=False, verbose=False, **kwargs)
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    features = _add_features_output(proto) if len(proto.graph.output[0].type.tensor_type.shape.dim) == 2 else None
+    # one (B, K) output (a classifier's logits): its head's input is added as a second output
+    one_row_each = len(outputs) == 1 and len(proto.graph.output[0].type.tensor_type.shape.dim) == 2
+    features = _add_features_output(proto) if one_row_each else None
     if features:
         onnx.save(proto, str(path))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"opset": opset, "batch_size": None if dynamic_batch else int(sample.shape[0]),
-            "runtime": "onnxruntime", "input": INPUT_NAME, "output": OUTPUT_NAME, "features": features}
+            "runtime": "onnxruntime", "input": INPUT_NAME, "output": outputs[0], "outputs": list(outputs),
+            "features": features}
 
 
 def _add_features_output(proto) -> str | None:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 
-def write_torchscript(module: nn.Module, sample: torch.Tensor, path: Path, dynamic_batch: bool) -> dict:
+def write_torchscript(module: nn.Module, sample: torch.Tensor, path: Path, dynamic_batch: bool,
+                      outputs: tuple[str, ...] = ("logits",)) -> dict:
     """Trace `module` on `sample` (B, C, H, W) uint8 and save it; returns facts for model.json.
 
     A traced convolutional classifier accepts any batch size, so `dynamic_batch` changes nothing
@@ -24,7 +25,7 @@ def write_torchscript(module: nn.Module, sample: torch.Tensor, path: Path, dynam
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module.eval(), sample, check_trace=False)
         torch.jit.save(traced, str(path))
-    return {"batch_size": None, "runtime": "torch.jit.load", "torch": torch.__version__}
+    return {"batch_size": None, "runtime": "torch.jit.load", "torch": torch.__version__, "outputs": list(outputs)}
 
 
 class TorchScriptRunner:

@@ -1,6 +1,7 @@
 """Model registry. Importing this package registers every model family."""
 from cvrecipe.models import cnn, detectors, pretrained, resnet, speedrun, unet  # noqa: F401  (registration side effect)
 from cvrecipe.models.registry import (ImageModel, create_model, list_models, list_pretrained, model_from_meta,
-                                      model_task)
+                                      model_task, model_tasks)
 
-__all__ = ["ImageModel", "create_model", "list_models", "list_pretrained", "model_from_meta", "model_task"]
+__all__ = ["ImageModel", "create_model", "list_models", "list_pretrained", "model_from_meta", "model_task",
+           "model_tasks"]

@@ -13,13 +13,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cvrecipe.tasks.registry import DEFAULT_TASK, task_of
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED: dict[str, Callable[..., nn.Module]] = {}  # fixed preprocessing and RGB input: listed apart
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}  # "timm" → fn(arch, num_classes, ...) for "timm:arch"
-_TASKS: dict[str, str] = {}  # model name → the task its outputs answer (classification unless registered otherwise)
+_TASKS: dict[str, str] = {}  # model name → the task its outputs answer (the default task unless registered otherwise)
 
 
-def register(name: str, pretrained: bool = False, task: str = "classification"):
+def register(name: str, pretrained: bool = False, task: str = DEFAULT_TASK):
     """Decorator: `@register("seed-cnn")` on a function (num_classes, in_channels, **kw) → nn.Module.
     `pretrained=True`: the network loads pretrained weights and brings its own preprocessing.
     `task`: what its outputs are (classification: (B, K) logits; segmentation: (B, K, H, W))."""
@@ -32,7 +34,7 @@ def register(name: str, pretrained: bool = False, task: str = "classification"):
 
 def model_task(name: str) -> str:
     """The task a registered model serves (library families `prefix:arch` are classifiers)."""
-    return _TASKS.get(name, "classification")
+    return _TASKS.get(name, DEFAULT_TASK)
 
 
 def register_prefix(prefix: str):
@@ -43,9 +45,14 @@ def register_prefix(prefix: str):
     return wrap
 
 
-def list_models(task: str = "classification") -> list[str]:
+def list_models(task: str = DEFAULT_TASK) -> list[str]:
     """Models of `task` trained from scratch: any channel count, the dataset's own mean/std."""
     return sorted(name for name in _REGISTRY if _TASKS[name] == task)
+
+
+def model_tasks() -> set[str]:
+    """Every task some registered model declares, including tasks whose training is not wired yet."""
+    return set(_TASKS.values())
 
 
 def list_pretrained() -> list[str]:
@@ -102,7 +109,7 @@ def create_model(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     class_names: list[str] | None = None,
-    task: str = "classification",
+    task: str = DEFAULT_TASK,
     **kwargs,
 ) -> ImageModel:
     """Build a registered model wrapped with its preprocessing metadata.
@@ -139,7 +146,7 @@ def model_from_meta(meta: dict | str) -> ImageModel:
     if "backbone" in meta:
         kwargs["pretrained"] = False  # the checkpoint holds the weights; the original file is not needed
     model = create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
-                         meta["mean"], meta["std"], meta["class_names"], meta.get("task", "classification"), **kwargs)
+                         meta["mean"], meta["std"], meta["class_names"], task_of(meta), **kwargs)
     model.meta["kwargs"] = meta["kwargs"]  # keep the record as trained
     model.meta.update({k: v for k, v in meta.items() if k not in model.meta})  # e.g. "tile": how to run it
     return model

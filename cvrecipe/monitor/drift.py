@@ -36,7 +36,8 @@ def worst(states) -> str:
 
 def reference_for(profile: dict):
     """The detectors' reference of a profile: a segmentation model's pixels, or a classifier's images."""
-    return PixelReference(profile) if profile.get("task") == "segmentation" else Reference(profile)
+    signals = profile.get("signals") or ("pixels" if "pixel_counts" in profile else "images")  # older profiles
+    return PixelReference(profile) if signals == "pixels" else Reference(profile)
 
 
 class Reference:

@@ -16,7 +16,7 @@ not histograms, so the server can run two-sample tests:
 The held-out images are split in two: the first part is the reference the server compares with,
 the rest calibrates the MMD thresholds (windows drawn from images the reference does not hold).
 
-A segmentation model's profile ("task": "segmentation") holds what is cheap to follow per served
+A segmentation model's profile ("signals": "pixels") holds what is cheap to follow per served
 image: its predicted pixels per class (pooled, the class mix is compared with) and its mean
 per-pixel confidence (the mean over pixels of the largest class probability).
 """
@@ -41,9 +41,10 @@ MAX_IMAGES = 3000  # held-out images used by default
 
 
 def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str], source: dict | None = None,
-                  seed: int = 0, features: np.ndarray | None = None) -> dict:
+                  seed: int = 0, features: np.ndarray | None = None, temperature: float = 1.0) -> dict:
     """The profile of uint8 images (N, C, H, W), the model's logits on them (N, K) and its penultimate
-    features (N, D), if it has them."""
+    features (N, D), if it has them. Confidences are softmax(logits / temperature), as the answers
+    the server gives (tasks/answers/)."""
     if len(images) != len(logits) or len(images) < 20:
         raise ValueError(f"a profile needs at least 20 images with one logit row each; got {len(images)} images "
                          f"and {len(logits)} logit rows")
@@ -52,7 +53,7 @@ def build_profile(images: np.ndarray, logits: np.ndarray, class_names: list[str]
     images, logits = images[order], logits[order].astype(np.float64)
     features = None if features is None else features[order].astype(np.float64)
     n_ref = min(MAX_REFERENCE, len(images) // 2)
-    probs = stats.softmax(logits)
+    probs = stats.softmax(logits / temperature)
     inputs = stats.input_stats(images)
     inputs["size"] = np.full(len(images), float(np.sqrt(images.shape[2] * images.shape[3])))
     profile = {
@@ -79,7 +80,7 @@ def build_pixel_profile(pixel_counts: np.ndarray, confidence: np.ndarray, class_
     if pixel_counts.ndim != 2 or len(pixel_counts) != len(confidence) or len(pixel_counts) < 1:
         raise ValueError(f"a segmentation profile needs one row of pixel counts and one confidence per image; got "
                          f"{pixel_counts.shape} counts and {len(confidence)} confidences")
-    return {"format_version": FORMAT_VERSION, "task": "segmentation", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return {"format_version": FORMAT_VERSION, "signals": "pixels", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source": source or {}, "images": len(pixel_counts), "class_names": list(class_names),
             "pixel_counts": pixel_counts.sum(0).tolist(), "confidence": _rounded(confidence)}
 
@@ -161,6 +162,7 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     from cvrecipe.config import load_run_config
     from cvrecipe.data import load_dataset
     from cvrecipe.export import manifest as mf
+    from cvrecipe.tasks import spec_of, task_of
 
     run_dir = Path(run_dir)
     checkpoint = run_dir / "best.safetensors"
@@ -174,7 +176,7 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     source = {"run": str(run_dir), "checkpoint_sha256": mf.sha256_file(checkpoint),
               "images": f"{ds.name} {split_name}, first {len(images)}", "held_out_used": len(images)}
     class_names = list(model.meta["class_names"])
-    if model.meta.get("task", "classification") == "segmentation":
+    if spec_of(task_of(model.meta)).MONITOR == "pixels":
         counts, confidence = [], []
         for outputs in iter_logits(model, images, batch_size=8, device=torch.device("cpu")):  # (B, K, H, W)
             counts += [torch.bincount(o.argmax(0).flatten(), minlength=len(class_names)).numpy() for o in outputs]
@@ -182,7 +184,9 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
         profile = build_pixel_profile(np.stack(counts), np.asarray(confidence), class_names, source)
     else:
         logits, features = predict_features(model, images, batch_size=256, device=torch.device("cpu"))
-        profile = build_profile(np.asarray(images), logits, class_names, source, features=features)
+        profile = build_profile(np.asarray(images), logits, class_names, source, features=features,
+                                temperature=float(model.meta.get("temperature") or 1.0))
     out_dir = Path(out_dir or run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
+    profile["task"] = task_of(model.meta)
     return write_profile(profile, out_dir)

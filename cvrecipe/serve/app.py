@@ -4,8 +4,8 @@ A thin adapter over the model code: read the request and refuse unsafe files by 
 (cvrecipe.serve.inputs) → queue them for a batched decode and forward pass (cvrecipe.serve.state,
 cvrecipe.serve.batching) → the task's answer → JSON. The routes that answer with a task's
 outputs (for a classifier: /v1/predict and /v1/predict/batch, classification.py; for segmentation:
-/v1/segment, segmentation.py) come from the task's own module in TASK_ROUTES; this file holds what
-every server has.
+/v1/segment, segmentation.py) come from the module each task names in the task registry
+(cvrecipe/tasks); this file holds what every server has.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvrecipe import __version__
 from cvrecipe.monitor import routes as monitor_routes
-from cvrecipe.serve import classification, schema, segmentation
+from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response
 from cvrecipe.serve.privacy import for_caller, has_token
 from cvrecipe.serve.settings import ServeSettings
 from cvrecipe.serve.state import ServerState, log
+from cvrecipe.tasks import TASKS, resolve
 
 
 async def require_token(request: Request) -> None:
@@ -113,8 +114,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", for_caller(request, f"{type(err).__name__}: {err}"), rid(request))
 
 
-# task name → add_routes(app, require_token): the routes that serve that task's answers
-TASK_ROUTES = {"classification": classification.add_routes, "segmentation": segmentation.add_routes}
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -159,8 +158,8 @@ def _add_routes(app: FastAPI) -> None:
     async def metrics(request: Request):
         return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    for add_task_routes in TASK_ROUTES.values():
-        add_task_routes(app, require_token)
+    for task in TASKS.values():  # each task names the module of its routes: add_routes(app, require_token, task)
+        resolve(task.routes).add_routes(app, require_token, task.name)
     monitor_routes.add_routes(app, require_token)
 
     @app.post("/admin/reload", dependencies=[Depends(require_token)], summary="load the model file again and swap it in",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cvrecipe.export import manifest as mf
+from cvrecipe.tasks.registry import spec_of, task_of
 
 KINDS = {".onnx": "onnx", ".pt": "torchscript", ".safetensors": "safetensors"}
 
@@ -97,7 +98,7 @@ class EagerRunner:
 class Backend:
     """A loaded model: `predict(uint8 (B, C, H, W)) → float32 logits (B, K)` (or (B, K, H, W) for a
     segmentation model) plus what describes it; `decode` and `outputs` run it the way it must be run
-    (a model with info["tile"] on each image at its own size, in overlapping tiles: tiling.py)."""
+    (a model whose task runs whole images: on each image at its own size, in overlapping tiles: tiling.py)."""
 
     runner: Any
     source: ModelSource
@@ -111,17 +112,22 @@ class Backend:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.info["in_channels"], *self.info["input_size"])  # (C, H, W)
 
+    @property
+    def whole_images(self) -> bool:
+        """Does the model's task run each image at its own size (in tiles) rather than resized?"""
+        return spec_of(self.info["task"]).whole_images(self.info)
+
     def decode(self, blobs: list[bytes], max_pixels: int) -> list:
         """Per file, the image as this model takes it (resized to the input size, or at its own size for a
         tiled model), or the ServeError that refused it."""
         from cvrecipe.serve.inputs import decode_batch
 
-        return decode_batch(blobs, self.input_shape, max_pixels, keep_size=bool(self.info.get("tile")))
+        return decode_batch(blobs, self.input_shape, max_pixels, keep_size=self.whole_images)
 
     def outputs(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Per decoded image (C, H, W), the model's outputs: logits (K,), or (K, H, W) for a tiled model
         (each image alone, in tiles of the input size)."""
-        if not self.info.get("tile"):
+        if not self.whole_images:
             return list(self.predict(np.stack(images)))  # one forward pass for the whole batch
         import torch
 
@@ -135,7 +141,7 @@ class Backend:
     def outputs_and_features(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
         """outputs(images), and for a classifier whose runner gives them, the penultimate features
         (N, D) from the same forward pass (else None: a TorchScript file, a tiled model)."""
-        if self.info.get("tile") or not hasattr(self.runner, "predict_features"):
+        if self.whole_images or not hasattr(self.runner, "predict_features"):
             return self.outputs(images), None
         logits, features = self.runner.predict_features(np.stack(images))
         return list(logits), features
@@ -155,19 +161,19 @@ def load_backend(source: ModelSource, ort_options: dict | None = None) -> Backen
 
         meta, _ = read_metadata(source.path)
         version = mf.sha256_file(source.path)[:12]
-        info = {"task": meta.get("task", "classification"), "name": meta["name"], "class_names": meta["class_names"],
+        info = {"task": task_of(meta), "name": meta["name"], "class_names": meta["class_names"],
                 "in_channels": meta["in_channels"],
                 "input_size": list(meta["input_size"]), "precision": "fp32", "run": str(source.path.parent),
-                **{key: meta[key] for key in ("tile", "class_colours") if meta.get(key)}}
+                **{key: meta[key] for key in ("tile", "class_colours", "temperature") if meta.get(key)}}
         return Backend(EagerRunner(source.path, resolve_device("auto")), source, version, info)
     entry = mf.verify_file(source.path.parent, source.path.name)
     manifest = mf.read_manifest(source.path.parent)
     pre = manifest["preprocessing"]
-    info = {"task": manifest.get("task", "classification"), "name": manifest["model"]["name"],
+    info = {"task": task_of(manifest), "name": manifest["model"]["name"],
             "class_names": manifest["class_names"], "in_channels": pre["channels"],
             "input_size": list(pre["input_size"]), "precision": entry["precision"],
             "run": manifest["source"].get("run"),
-            **{key: manifest[key] for key in ("tile", "class_colours") if manifest.get(key)}}
+            **{key: manifest[key] for key in ("tile", "class_colours", "temperature") if manifest.get(key)}}
     if source.kind == "onnx":
         from cvrecipe.export.onnx import OnnxRunner
 
@@ -187,6 +193,6 @@ def warm_up(backend: Backend, max_batch_size: int, passes: int) -> None:
         x = np.zeros((size, *backend.input_shape), np.uint8)
         for _ in range(passes):
             logits = backend.predict(x)
-        if logits.shape[:2] != (size, len(backend.info["class_names"])):
+        if not spec_of(backend.info["task"]).outputs_fit(logits.shape, size, len(backend.info["class_names"])):
             raise ValueError(f"{backend.source.path} gives logits of shape {logits.shape} for {size} images; "
                              f"expected ({size}, {len(backend.info['class_names'])}, ...)")

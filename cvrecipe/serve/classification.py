@@ -2,11 +2,13 @@
 
 Response schema: {"request_id", "model": {"name", "version"}, "top": [{"class", "probability"}, ...],
 "latency_ms"}; the batch route answers {"results": [{"file", "top"} or {"file", "error"}, ...]}.
-NumPy only: a server of an ONNX export needs no torch for this.
+The answers come from the task's torch-free answer layer (cvrecipe/tasks/answers/), as `predict`'s do:
+a server of an ONNX export needs no torch for this.
 """
 from __future__ import annotations
 
 import time
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -17,9 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError, read_images, screen
 from cvrecipe.serve.state import ServerState
-
-TASK = "classification"
-
+from cvrecipe.tasks import answers_of
 
 class ClassProbability(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
@@ -51,19 +51,13 @@ class BatchPrediction(BaseModel):
 ERRORS = schema.errors(400, 401, 409, 413, 415, 503, 504)
 
 
-def top_k(logits: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
-    """Per image, the k most probable classes (softmax over the logits), most probable first."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
-    return [[{"class": class_names[i], "probability": float(p[i])} for i in row] for p, row in zip(probs, order)]
-
-
-def add_routes(app: FastAPI, require_token: Callable) -> None:
+def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
+    """The routes, on `app`, of the task registered as `task` (the served model must be one)."""
+    answers = answers_of(task)  # imported now: a first request pays for no import
     @app.post("/v1/predict", dependencies=[Depends(require_token)], summary="classify one image",
               responses={200: {"model": Prediction}, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def predict(request: Request, k: int = Query(5, ge=1, le=1000)):
-        result = await _classify(request, max_files=1, k=k)
+        result = await _classify(request, task, answers, max_files=1, k=k)
         _, answer = result["entries"][0]
         if isinstance(answer, ServeError):
             raise answer
@@ -75,7 +69,8 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
               summary="classify several images sent as multipart file fields",
               responses={200: {"model": BatchPrediction}, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def predict_batch(request: Request, k: int = Query(5, ge=1, le=1000)):
-        result = await _classify(request, max_files=request.app.state.server.settings.max_files, k=k)
+        result = await _classify(request, task, answers, max_files=request.app.state.server.settings.max_files,
+                                 k=k)
         entries = result["entries"]
         if all(isinstance(answer, ServeError) for _, answer in entries):
             name, err = entries[0]
@@ -86,12 +81,12 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
                              "latency_ms": result["latency_ms"]})
 
 
-async def _classify(request: Request, max_files: int, k: int) -> dict:
+async def _classify(request: Request, task: str, layer: ModuleType, max_files: int, k: int) -> dict:
     """Read → refuse unsafe files by header → batcher (decode + forward on the inference
     thread) → top-k. 'entries' holds (file name, top-k list or ServeError) per file, in order."""
     start = time.perf_counter()
     state: ServerState = request.app.state.server
-    used = state.require_task(TASK)
+    used = state.require_task(task)
     with state.arrival():
         items = await read_images(request, max_files)
         if len(items) > max_files:
@@ -103,7 +98,8 @@ async def _classify(request: Request, max_files: int, k: int) -> dict:
         outputs, used = await state.infer([items[i][1] for i in to_run], deadline=start + state.settings.timeout_s)
         answers.update(zip(to_run, outputs))  # logits (K,) or the ServeError of a file that did not decode
     good = [i for i, answer in answers.items() if isinstance(answer, np.ndarray)]
-    ranked = dict(zip(good, top_k(np.stack([answers[i] for i in good]), used.info["class_names"], k))) if good else {}
+    found = layer.answers(np.stack([answers[i] for i in good]), used.info, k) if good else []
+    ranked = {i: answer["top"] for i, answer in zip(good, found)}  # the task's answer layer, calibrated
     latency_ms = round((time.perf_counter() - start) * 1000, 3)
     if state.monitor is not None and good:  # the window, and the log row committed before the answer goes out
         await state.monitor.record(request.state.request_id, items, {i: answers[i] for i in good}, ranked, latency_ms,

@@ -22,9 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError, read_images, refusal
 from cvrecipe.serve.state import ServerState
-
-TASK = "segmentation"
-
+from cvrecipe.tasks import answers_of
 
 class ClassArea(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
@@ -52,26 +50,16 @@ PNG_ANSWER = {"content": {"image/png": {"schema": {"type": "string", "format": "
                              "indices; format=json: per-class areas"}
 
 
-def mask_and_confidence(logits: np.ndarray) -> tuple[np.ndarray, float]:
-    """(K, H, W) logits → (H, W) uint8 class indices and the mean per-pixel max probability."""
-    z = logits - logits.max(axis=0, keepdims=True)
-    e = np.exp(z)
-    return logits.argmax(axis=0).astype(np.uint8), float((1 / e.sum(axis=0)).mean())  # max prob = e^0 / Σ e
-
-
-def areas(mask: np.ndarray, class_names: list[str]) -> list[dict]:
-    counts = np.bincount(mask.ravel(), minlength=len(class_names))[:len(class_names)]
-    return [{"class": c, "pixels": int(n), "fraction": float(n / mask.size)} for c, n in zip(class_names, counts)]
-
-
-def add_routes(app: FastAPI, require_token: Callable) -> None:
+def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
+    """The routes, on `app`, of the task registered as `task` (the served model must be one)."""
+    answers = answers_of(task)  # imported now: a first request pays for no import
     @app.post("/v1/segment", dependencies=[Depends(require_token)], summary="segment one image",
               responses={200: PNG_ANSWER, **ERRORS}, openapi_extra=schema.IMAGE_REQUEST)
     async def segment(request: Request, format: Literal["png", "json"] = Query("png"),
                       mask: bool = Query(False, description="json: include the mask PNG as a data URI")):
         start = time.perf_counter()
         state: ServerState = request.app.state.server
-        used = state.require_task(TASK)
+        used = state.require_task(task)
         with state.arrival():
             items = await read_images(request, max_files=1)
             if len(items) > 1:
@@ -82,7 +70,8 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
         (logits,), used = await state.infer([items[0][1]], deadline=start + state.settings.timeout_s)
         if isinstance(logits, ServeError):
             raise logits
-        classes, confidence = mask_and_confidence(logits)
+        (answer,) = answers.answers(logits[None], used.info)  # the task's answer layer, as predict's
+        classes, confidence = answer["mask"], answer["mean_confidence"]
         from cvrecipe.data.mask_images import class_colours, mask_png  # here: `cvrecipe.data` imports torch
 
         png = mask_png(classes, class_colours(len(used.info["class_names"]), used.info.get("class_colours")))
@@ -95,7 +84,7 @@ def add_routes(app: FastAPI, require_token: Callable) -> None:
             return Response(png, media_type="image/png",
                             headers={"X-Model-Version": used.version, "X-Latency-Ms": str(latency)})
         body = {"request_id": request.state.request_id, "model": model, "width": int(classes.shape[1]),
-                "height": int(classes.shape[0]), "areas": areas(classes, used.info["class_names"]),
+                "height": int(classes.shape[0]), "areas": answer["areas"],
                 "mean_confidence": confidence, "latency_ms": latency}
         if mask:
             body["mask"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")

@@ -124,7 +124,7 @@ class ServerState:
         if good:
             images = [outputs[i] for i in good]  # (C, H, W) uint8 each
             decoded = time.perf_counter()
-            if self.monitor is not None and not backend.info.get("tile"):
+            if self.monitor is not None and not backend.whole_images:
                 results, features = backend.outputs_and_features(images)  # + what drift embeds
                 self.monitor.inspect([blobs[i] for i in good], np.stack(images), decoded - start,
                                      time.perf_counter() - decoded, features)
@@ -153,7 +153,7 @@ class ServerState:
     def require_task(self, task: str) -> Backend:
         """The served model, when it is ready and answers `task`; otherwise the error to send."""
         backend = self.require_ready()
-        if backend.info.get("task", "classification") != task:
+        if backend.info["task"] != task:
             raise ServeError(409, "wrong_task", f"this route serves {task} models; the served model is a "
                                                 f"{backend.info['task']} model")
         return backend
@@ -197,10 +197,10 @@ class ServerState:
                 self.metrics.reloads.labels("failed").inc()
                 message = f"could not load {self.settings.source}: {type(err).__name__}: {err}"
                 raise ServeError(500, "reload_failed", f"{message}; still serving {old.version}") from err
-            if new.info.get("task") != old.info.get("task"):
+            if new.info["task"] != old.info["task"]:
                 self.metrics.reloads.labels("failed").inc()
-                raise ServeError(409, "task_changed", f"the new model is a {new.info.get('task')} model, the served "
-                                                      f"one a {old.info.get('task')} model; restart the server instead")
+                raise ServeError(409, "task_changed", f"the new model is a {new.info['task']} model, the served "
+                                                      f"one a {old.info['task']} model; restart the server instead")
             if new.input_shape != old.input_shape:
                 self.metrics.reloads.labels("failed").inc()
                 message = f"the new model takes {new.input_shape} images, the served one {old.input_shape}"

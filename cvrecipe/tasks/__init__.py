@@ -1,35 +1,44 @@
 """Tasks: what a model's outputs mean, and everything that follows from it.
 
-A task owns its loss, its augmentation of (image, target) pairs, its metrics accumulated over a
-whole split, what `eval.json` holds and prints, its items' scores for the sanity checks and its
-parity measure for exports. The training loop, evaluation, export and serving talk to a task
-object; the report sections and the serving routes of a task live in the evaluate and serve
-packages (a file per task, looked up by the task's name). A new task is a new file here plus
-those, a data source, models and a recipe: the loop's body does not change.
+The registry (registry.py) is the one place task names are written. A task is its files plus one entry here:
+- `task`: its Task class (torch: loss, augmentation, metrics, outputs, parity; tasks/base.py);
+- `spec`: its torch-free facts (metric names, the config rules only it understands, how images
+  reach its model), read by the config checks and the server without importing torch;
+- `answers`: its torch-free answer layer (top-k, mask, ...), shared by `predict`, the server and
+  the monitor;
+- `report`: the evaluate-layer module with its report sections (`sections(ctx)`);
+- `routes`: the serve-layer module with its serving routes (`add_routes(app, require_token, task)`).
+Modules are named, not imported, here: each layer imports the ones it uses (tasks.resolve), so
+this file imports neither torch nor anything above it.
 """
 from __future__ import annotations
 
-from cvrecipe.tasks.base import Meter, ParityReport, Task
+from cvrecipe.tasks.registry import (DEFAULT_TASK, TASKS, TaskEntry, answers_of, entry, resolve, spec_of, task_names,
+                                     task_of)
 
-__all__ = ["Meter", "ParityReport", "Task", "get_task", "task_names"]
-
-
-def _registry() -> dict[str, type[Task]]:
-    from cvrecipe.tasks.classification import Classification
-    from cvrecipe.tasks.segmentation import Segmentation
-
-    return {"classification": Classification, "segmentation": Segmentation}
+__all__ = ["DEFAULT_TASK", "TASKS", "Meter", "ParityReport", "Task", "TaskEntry", "answers_of", "entry",
+           "get_task", "resolve", "spec_of", "task_names", "task_of"]
 
 
-def task_names() -> list[str]:
-    return sorted(_registry())
+def _registry() -> dict[str, type]:
+    """Task name → its Task class (imported, with torch, on first use)."""
+    return {name: resolve(task.task) for name, task in TASKS.items()}
 
 
-def get_task(name: str, cfg=None) -> Task:
-    """The task object; `cfg` (a Config) configures it where the task has a section of its own
-    (segmentation: cfg.segment, its loss)."""
+def get_task(name: str | None, cfg=None):
+    """The task object of task `name` (None: the default task); `cfg` (a Config) configures it where
+    the task has a section of its own (segmentation: cfg.segment, its loss)."""
     tasks = _registry()
+    name = DEFAULT_TASK if name is None else name
     if name not in tasks:
         raise ValueError(f"unknown task '{name}'; known: {', '.join(sorted(tasks))}")
     cls = tasks[name]
     return cls(getattr(cfg, cls.section) if cfg is not None and cls.section else None)
+
+
+def __getattr__(name: str):  # the task interface, imported (with torch) only when asked for
+    if name in ("Meter", "ParityReport", "Task"):
+        from cvrecipe.tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'cvrecipe.tasks' has no attribute '{name}'")

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import math
+
 import numpy as np
 import torch
 from rich.table import Table
 
-from cvrecipe.config import TASK_METRICS, AugmentConfig
+from cvrecipe.config import AugmentConfig
+from cvrecipe.tasks.registry import answers_of, spec_of
 
 
 class Meter:
@@ -48,7 +51,11 @@ class ParityReport:
 
 class Task:
     """What differs between tasks. Subclasses set `name` and implement the methods; the sanity-check
-    helpers below have a classifier's defaults (one label per item)."""
+    helpers below have a classifier's defaults (one label per item).
+
+    Three configs meet here, under three names: `self.settings` is the task's own section of the run's
+    config (segmentation: cfg.segment), `config` the whole run Config (input_size, model_meta), and
+    `policy` the augmentation section (augment)."""
 
     name: str = ""
     section: str | None = None  # the Config section that configures the task, where it has one
@@ -56,29 +63,57 @@ class Task:
     # the sanity checks' budgets, in items (cvrecipe/train/sanity.py)
     SANITY = {"init_batch": 256, "overfit_batch": 32, "train_batch": 32, "held_out": 512}
 
-    def __init__(self, cfg=None):
-        self.cfg = cfg  # the task's own config section, where it has one
+    def __init__(self, settings=None):
+        self.settings = settings  # the task's own config section (Config.<section>), where it has one
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """Metric names per split, loss first (metrics.csv has train_<m> and val_<m>)."""
-        return TASK_METRICS[self.name]
+        """Metric names per split, loss first (metrics.csv has train_<m> and val_<m>): the task's spec's."""
+        return spec_of(self.name).METRICS
 
     # -- the model -----------------------------------------------------------------------------
-    def input_size(self, cfg, image_size: tuple[int, int]) -> tuple[int, int]:
+    def input_size(self, config, image_size: tuple[int, int]) -> tuple[int, int]:
         """(H, W) the model is built for, given the dataset's image size."""
         return image_size
 
-    def model_meta(self, cfg, input_size: tuple[int, int]) -> dict:
+    def model_meta(self, config, input_size: tuple[int, int]) -> dict:
         """Entries the task adds to the model's metadata (stored with its weights and exports)."""
         return {}
+
+    # -- targets -------------------------------------------------------------------------------
+    # Targets travel as the data source stores them ((N,) labels, (N, H, W) masks); a task whose
+    # targets are ragged (boxes per image) overrides these three.
+    def batch_targets(self, y, start: int, stop: int) -> torch.Tensor:
+        """Targets of items start..stop of a split's targets `y` (an array, or rows on disk), as one batch."""
+        return torch.from_numpy(np.asarray(y[start:stop]))
+
+    def count(self, targets) -> int:
+        """How many items a batch of targets holds (a loss mean is over these)."""
+        return len(targets)
+
+    def shuffle_targets(self, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The targets reassigned to other items at random (the sanity checks' label-leak test)."""
+        return targets[torch.randperm(len(targets), generator=gen)]
+
+    # -- outputs -------------------------------------------------------------------------------
+    def merge_batches(self, outputs: list[torch.Tensor], meta: dict) -> torch.Tensor:
+        """A split's outputs from its batches' outputs, in order (no batch: an empty (0, K) tensor)."""
+        return torch.cat(outputs) if outputs else torch.zeros(0, meta["num_classes"])
+
+    def merge_views(self, weighted: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """Test-time augmentation: one output from the outputs of (weight, view) pairs (weights sum to 1)."""
+        return sum(weight * out for weight, out in weighted)
+
+    def export_outputs(self) -> list[str]:
+        """The names of an exported graph's outputs, in the order the model returns them."""
+        return ["logits"]
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The mean training loss of a batch (a scalar)."""
         raise NotImplementedError
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+    def augment(self, x: torch.Tensor, y: torch.Tensor, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented (images, targets) of a training batch, drawn from `gen`."""
         raise NotImplementedError
@@ -91,6 +126,13 @@ class Task:
     def item_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per item (B,): (how right, in [0, 1]; the unreduced loss). The sanity checks compare these."""
         raise NotImplementedError
+
+    def initial_loss(self, targets: torch.Tensor, num_classes: int, prior=None) -> float:
+        """The loss expected at initialisation on `targets`: ln K for a uniform softmax, or, when the
+        head's bias is set to the class prior (an (K,) array), the cross-entropy of the prior."""
+        if prior is None:
+            return math.log(num_classes)
+        return float(-np.log(prior[targets.numpy()]).mean())
 
     def chance(self, targets: torch.Tensor) -> float:
         """The accuracy of always answering the commonest class on `targets` (the sanity checks' floor)."""
@@ -123,9 +165,10 @@ class Task:
         """Compare an export's outputs with the eager model's on the same images."""
         raise NotImplementedError
 
-    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-        """Per image, the answer `cvrecipe predict` gives, as JSON-able fields (e.g. {"top": [...]})."""
-        raise NotImplementedError
+    def answers(self, outputs: torch.Tensor, meta: dict, k: int) -> list[dict]:
+        """Per image, the answer `cvrecipe predict` gives (e.g. {"top": [...]}): the task's torch-free
+        answer layer (tasks/answers/), the one the server and the monitor use too."""
+        return answers_of(self.name).answers(outputs.float().numpy(), meta, k)
 
     def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
                     overlay: bool = False) -> dict:
@@ -133,11 +176,18 @@ class Task:
         PNG, and an overlay PNG when `overlay`) into `out_dir` named after `stem`."""
         return answer
 
+    def calibration_pairs(self, outputs: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits (N, K), labels (N,)) a temperature is fitted on and its ECE measured on, from a split's
+        outputs and targets; None for a task whose answers carry no calibrated probability."""
+        return None
+
     def output_spec(self, num_classes: int) -> dict:
         """What an exported model's output is (model.json's "output")."""
         return {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes],
-                "probabilities": "softmax over the logits"}
+                "probabilities": "softmax(logits / temperature), temperature from this file's 'temperature' "
+                                 "(fitted on held-out data; 1 when absent)"}
 
     def answer_text(self, answer: dict) -> str:
         """One answer as one line for the terminal."""
-        raise NotImplementedError
+        return answers_of(self.name).text(answer)

@@ -63,14 +63,6 @@ def classification_metrics(logits: torch.Tensor, y_true: torch.Tensor, class_nam
     return result
 
 
-def topk(logits: torch.Tensor, class_names: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
-    """Per image, the k most probable (class, probability) pairs, most probable first."""
-    probs = logits.softmax(dim=1)
-    k = min(k, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [[(class_names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]
-
-
 class AccuracyMeter(Meter):
     """Correct top-1 predictions, counted on the device."""
 
@@ -92,9 +84,9 @@ class Classification(Task):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+    def augment(self, x: torch.Tensor, y: torch.Tensor, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment_batch(x, cfg, hflip_ok, gen, base_flip, epoch), y  # the label does not move
+        return augment_batch(x, policy, hflip_ok, gen, base_flip, epoch), y  # the label does not move
 
     def meter(self, num_classes: int, device: torch.device) -> Meter:
         return AccuracyMeter(device)
@@ -102,6 +94,9 @@ class Classification(Task):
     def item_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = outputs.float()
         return (outputs.argmax(1) == targets).float(), F.cross_entropy(outputs, targets, reduction="none")
+
+    def calibration_pairs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return outputs.float(), targets.long()
 
     def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
         return classification_metrics(outputs, targets, class_names)
@@ -136,9 +131,3 @@ class Classification(Task):
         agree = float((reference.argmax(1) == exported.argmax(1)).mean()) if n else 1.0
         return ParityReport(n, batch_sizes, diff, agree, default_atol if atol is None else atol,
                             default_agreement if min_agreement is None else min_agreement)
-
-    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-        return [{"top": [{"class": c, "probability": p} for c, p in row]} for row in topk(outputs, class_names, k)]
-
-    def answer_text(self, answer: dict) -> str:
-        return "  ".join(f"{t['class']} {t['probability']:.3f}" for t in answer["top"])

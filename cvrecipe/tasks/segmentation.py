@@ -137,36 +137,30 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str = "ce
     raise ValueError(f"segment.loss must be ce, dice or ce+dice, got '{kind}'")
 
 
-def class_areas(mask: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Pixels and share of the image per class for one (H, W) class-index mask."""
-    counts = np.bincount(mask.ravel(), minlength=len(class_names))[:len(class_names)]
-    total = max(mask.size, 1)
-    return [{"class": name, "pixels": int(n), "fraction": float(n / total)} for name, n in zip(class_names, counts)]
-
-
 class Segmentation(Task):
     name = "segmentation"
     section = "segment"
     PARITY_IMAGES = 16  # whole images, each many tiles
     SANITY = {"init_batch": 8, "overfit_batch": 4, "train_batch": 8, "held_out": 32, "crop": 64}
 
-    def __init__(self, cfg: SegmentConfig | None = None):
-        self.cfg = cfg or SegmentConfig()
+    def __init__(self, settings: SegmentConfig | None = None):
+        self.settings = settings or SegmentConfig()  # cfg.segment
 
-    def input_size(self, cfg, image_size: tuple[int, int]) -> tuple[int, int]:
-        size = cfg.augment.crop_size
+    def input_size(self, config, image_size: tuple[int, int]) -> tuple[int, int]:
+        size = config.augment.crop_size
         return (size, size) if size else image_size
 
-    def model_meta(self, cfg, input_size: tuple[int, int]) -> dict:
+    def model_meta(self, config, input_size: tuple[int, int]) -> dict:
         """Images of any size are segmented in overlapping tiles of the input size (artifact/tiling.py)."""
-        return {"tile": {"size": list(input_size), "overlap": self.cfg.tile_overlap, "batch": self.cfg.tile_batch}}
+        return {"tile": {"size": list(input_size), "overlap": self.settings.tile_overlap,
+                         "batch": self.settings.tile_batch}}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        return segmentation_loss(outputs, targets, self.cfg.loss)
+        return segmentation_loss(outputs, targets, self.settings.loss)
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
+    def augment(self, x: torch.Tensor, y: torch.Tensor, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment_pairs(x, y, cfg, hflip_ok, gen)
+        return augment_pairs(x, y, policy, hflip_ok, gen)
 
     def meter(self, num_classes: int, device: torch.device) -> Meter:
         return ConfusionMeter(num_classes, device)
@@ -200,7 +194,7 @@ class Segmentation(Task):
         return crop_pairs(x[idx], y[idx], (side, side), gen)
 
     def evaluate(self, outputs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict:
-        return segmentation_metrics(outputs, targets, class_names, self.cfg.loss)
+        return segmentation_metrics(outputs, targets, class_names, self.settings.loss)
 
     def headline(self, result: dict) -> str:
         return (f"pixel accuracy {result['pixel_accuracy']:.4f} (error {result['pixel_error']:.4f}), "
@@ -234,17 +228,6 @@ class Segmentation(Task):
                             default_agreement if min_agreement is None else min_agreement,
                             measure="pixel agreement")
 
-    def answers(self, outputs: torch.Tensor, class_names: list[str], k: int) -> list[dict]:
-        """Per image: its mask (H, W) uint8 class indices, the per-class areas and the mean confidence."""
-        out = []
-        for logits in outputs:
-            probs = logits.float().softmax(0)
-            confidence, mask = probs.max(0)
-            mask = mask.to(torch.uint8).numpy()
-            out.append({"mask": mask, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
-                        "areas": class_areas(mask, class_names), "mean_confidence": float(confidence.mean())})
-        return out
-
     def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
                     overlay: bool = False) -> dict:
         """Writes OUT/<stem>.mask.png (palette PNG: values = class indices) and, with `overlay`,
@@ -270,11 +253,6 @@ class Segmentation(Task):
                 "probabilities": "softmax over dimension 1, per pixel", "mask": "argmax over dimension 1",
                 "tiles": "images larger than input_size are run in overlapping tiles of it, blended with "
                          "Gaussian weights (see 'tile')"}
-
-    def answer_text(self, answer: dict) -> str:
-        areas = "  ".join(f"{a['class']} {a['fraction']:.1%}" for a in answer["areas"])
-        where = f"  → {answer['mask_file']}" if "mask_file" in answer else ""
-        return f"{answer['width']}x{answer['height']}: {areas}{where}"
 
 
 def _fmt(value: float | None) -> str:

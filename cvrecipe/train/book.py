@@ -34,8 +34,9 @@ def split_metrics(task: Task, batches, num_classes: int) -> dict[str, float]:
     meter = task.meter(num_classes, torch.device("cpu"))
     loss_sum, count = 0.0, 0
     for outputs, targets in batches:
-        loss_sum += task.loss(outputs, targets).item() * len(targets)
-        count += len(targets)
+        n = task.count(targets)
+        loss_sum += task.loss(outputs, targets).item() * n
+        count += n
         meter.update(outputs, targets)
     if count == 0:
         return {m: math.nan for m in task.metrics}

@@ -260,7 +260,7 @@ def _validate(task: Task, model: ImageModel, ds: ImageDataset, step: Step) -> di
     start, stop = world.part(len(ds.val))
     x, y = slice_rows(ds.val.x, start, stop), slice_rows(ds.val.y, start, stop)
     batches = iter_logits(model, x, size, step.device, step.dtype, step.memory_format == torch.channels_last)
-    targets = (torch.from_numpy(np.asarray(y[first:first + size])) for first in range(0, len(y), size))
+    targets = (task.batch_targets(y, first, first + size) for first in range(0, len(y), size))
     pairs = world.gather_to_main(zip(batches, targets), world.rounds(len(ds.val), size))
     return split_metrics(task, pairs, len(ds.classes)) if world.is_main else None
 

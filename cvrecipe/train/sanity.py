@@ -36,7 +36,7 @@ from cvrecipe.data import ImageDataset, load_dataset
 from cvrecipe.device import resolve_device, seed_everything
 from cvrecipe.models import ImageModel
 from cvrecipe.models.head import class_prior
-from cvrecipe.tasks import Task, get_task
+from cvrecipe.tasks import DEFAULT_TASK, Task, get_task
 from cvrecipe.train.finetune import Finetune
 
 # Budgets, chosen so the four checks take seconds for small-cnn on Fashion-MNIST on 2 CPU cores
@@ -159,7 +159,7 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
         held_x, held_y = task.sanity_items(*_draw(held.x, held.y, budget["held_out"], gen), budget["held_out"], gen)
         num_classes = len(ds.classes)
         init_x, init_y = pool_x[:budget["init_batch"]], pool_y[:budget["init_batch"]]
-        expected = (_expected_init_loss(cfg, ds, init_y, num_classes) if cfg.model.init_bias_prior
+        expected = (_expected_init_loss(cfg, ds, init_y, num_classes, task) if cfg.model.init_bias_prior
                     else _uniform_loss(model, init_x, init_y, loss_fn, device))
         train, held_out, batch = (pool_x, pool_y), (held_x, held_y), budget["train_batch"]
         overfit = budget["overfit_batch"]
@@ -178,11 +178,13 @@ def _draw(x: np.ndarray, y: np.ndarray, n: int, gen: torch.Generator) -> tuple[t
     return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
 
-def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_classes: int) -> float:
-    if not cfg.model.init_bias_prior:
-        return math.log(num_classes)  # uniform softmax
-    prior = class_prior(ds.train.y, num_classes)
-    return float(-np.log(prior[y.numpy()]).mean())  # softmax = prior: cross-entropy of these labels
+def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_classes: int,
+                        task: Task | None = None) -> float:
+    """The task's expected initial loss on targets y, the head starting at the class prior when the
+    config says so."""
+    task = task or get_task(cfg.task, cfg)
+    prior = class_prior(ds.train.y, num_classes) if cfg.model.init_bias_prior else None
+    return task.initial_loss(y, num_classes, prior)
 
 
 def _uniform_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, device: torch.device) -> float:
@@ -284,7 +286,7 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     `task` gives the input-free floor and the standard error of the accuracy (a classifier's items
     are right or wrong: binomial; a segmentation item's pixels are not independent: the spread of
     the per-item scores); default: classification's."""
-    task = task or get_task("classification")
+    task = task or get_task(DEFAULT_TASK)
     real = _train_copy(model, *train, loss_fn, make_inputs, gen, device, batch=batch)
     blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True, batch=batch)
     (real_ok, real_loss) = _held_out(real, *held, device, score)
@@ -316,10 +318,9 @@ def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     at chance unless the pipeline puts the label into the input. Held-out inputs go through the
     same pipeline (with their own shuffled labels), so a leak there shows too. For segmentation the
     masks are shuffled against the images (chance: always answering the commonest class)."""
-    task = task or get_task("classification")
+    task = task or get_task(DEFAULT_TASK)
     (x, y), (hx, hy) = train, held
-    y_shuffled = y[torch.randperm(len(y), generator=gen)]
-    hy_shuffled = hy[torch.randperm(len(hy), generator=gen)]
+    y_shuffled, hy_shuffled = task.shuffle_targets(y, gen), task.shuffle_targets(hy, gen)
     trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device, batch=batch)
     with torch.no_grad():
         inputs, hy_moved = _through(make_inputs, hx.to(device), hy_shuffled.to(device), gen)

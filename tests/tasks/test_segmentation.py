@@ -77,7 +77,7 @@ def test_losses_match_monai_dice_ce():
     logits, y = predictions(n=4, k=3, ignore=0.0, seed=5)
     logits.requires_grad_(True)
     ours = get_task("segmentation").__class__()
-    ours.cfg.loss = "ce+dice"
+    ours.settings.loss = "ce+dice"
     monai = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=DICE_EPS, smooth_dr=DICE_EPS)
     assert ours.loss(logits, y).item() == pytest.approx(monai(logits, y[:, None].long()).item(), rel=1e-5)
     dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=DICE_EPS, smooth_dr=DICE_EPS)
