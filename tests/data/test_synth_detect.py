@@ -73,8 +73,8 @@ def test_the_command_writes_yolo_and_coco_that_read_back_alike(tmp_path):
 
 def test_a_bad_size_range_is_one_error_line(tmp_path, capsys):
     code = main(["data", "synth-detect", str(tmp_path / "set"), "--size", "big", "--objects", "digits"])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert code == 2 and len(out) == 1 and "--size big" in out[0] and "MIN-MAX" in out[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--size big" in err[0] and "MIN-MAX" in err[0]
     assert not (tmp_path / "set").exists()
 
 
