@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvrecipe.data.box_targets import take  # noqa: F401  (a batch's boxes; lives beside the targets type)
 from cvrecipe.data.boxes import BoxImage
 from cvrecipe.data.cache import load_arrays, save_arrays
 from cvrecipe.data.images import decode_images
@@ -37,16 +38,6 @@ def unflatten(flat: np.ndarray, offsets: np.ndarray) -> tuple[list[np.ndarray], 
     """Inverse of `flatten`: per-image (n_i, 4) float32 boxes and (n_i,) int64 labels."""
     parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     return [p[:, :4].copy() for p in parts], [p[:, 4].astype(np.int64) for p in parts]
-
-
-def take(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The boxes of images `rows` (a batch), re-indexed 0..len(rows)-1: (m, 6) and (len(rows) + 1,)."""
-    rows = np.asarray(rows, np.int64)
-    counts = offsets[rows + 1] - offsets[rows]
-    index = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
-    out = flat[index.astype(np.int64)].copy()
-    out[:, 5] = np.repeat(np.arange(len(rows)), counts)
-    return out, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def collate(flat: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
