@@ -31,9 +31,10 @@ def check_config(cfg) -> None:
     if used:
         raise ConfigError(f"{', '.join(used)}: not supported by task=detection (its augmentation: "
                           f"{', '.join('augment.' + a for a in SUPPORTED_AUGMENT)})")
-    if cfg.checkpoint.monitor.endswith("loss"):
-        raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor}: a detector gives its losses in train mode "
-                          f"only, so val_loss is not measured; monitor val_map50")
+    if cfg.checkpoint.monitor != "val_map50":
+        raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor}: a detector gives losses in train mode and "
+                          f"boxes in eval mode, so only val_map50 is measured (val_loss and train_map50 are NaN); "
+                          f"monitor val_map50")
     if cfg.train.sanity:
         raise ConfigError("train.sanity=true: the sanity checks (initial loss, overfit a batch, zero input, "
                           "shuffled targets) are not written for task=detection yet; run with --no-sanity "
