@@ -14,6 +14,7 @@ from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
 from cvrecipe.data.sources import digits
 from cvrecipe.data.synth_detect import compose, write_split
+from cvrecipe.evaluate.job import predict
 from cvrecipe.tasks import get_task
 
 CLASSES = 3  # digits 0, 1, 2 as objects
@@ -51,6 +52,8 @@ def test_cvrecipe_run_trains_evaluates_and_reports_a_detector(tmp_path):
     assert rows[0].split(",")[3:7] == ["train_loss", "train_map50", "val_loss", "val_map50"] and len(rows) == 3
     html = (run / "report.html").read_text()
     assert "Per-class AP" in html and (run / "plots" / "boxes.png").is_file()
+    answers = predict(run, [str(path / "images" / "test")])  # the answer layer, through `predict`
+    assert len(answers) == 4 and all(isinstance(a["boxes"], list) for a in answers)
 
 
 @pytest.mark.slow
