@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cvrecipe.artifact.build import build_model
 from cvrecipe.artifact.inference import predict_logits
@@ -16,6 +17,17 @@ from cvrecipe.data.sources import digits
 from cvrecipe.data.synth_detect import compose, write_split
 from cvrecipe.evaluate.job import predict
 from cvrecipe.tasks import get_task
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Torch on one thread: these tiny detectors gain nothing from intra-op threads, and on a busy
+    2-core machine the threads' barriers stall (a 64 px FCOS step: 0.16 s on one thread, 0.4-13 s on two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 CLASSES = 3  # digits 0, 1, 2 as objects
 
@@ -33,7 +45,7 @@ def synth_set(out: Path, splits: dict[str, tuple[int, int]], size=(64, 64), max_
 
 def overrides(path: Path, tmp_path: Path, *more: str) -> list[str]:
     return [f"data.name=boxes:{path}", "data.image_size=64", f"data.cache_dir={tmp_path / 'cache'}",
-            f"runs_dir={tmp_path / 'runs'}", "model.kwargs={fpn_channels: 64}", *more]
+            f"runs_dir={tmp_path / 'runs'}", "model.kwargs={fpn_channels: 64}", "train.num_threads=1", *more]
 
 
 @pytest.mark.slow
