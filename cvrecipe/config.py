@@ -53,8 +53,9 @@ def _tasks():
 class DataConfig:
     name: str = option("fashion-mnist", "dataset: a registered name (fashion-mnist, mnist, cifar10, cifar100, "
                                         "digits), folder:PATH (a directory or a .tar/.tar.gz/.zip archive of "
-                                        "split/class/image) or masks:PATH (image/ + label/ or mask/ pairs, for "
-                                        "segmentation); a relative PATH is looked for in the current "
+                                        "split/class/image), masks:PATH (image/ + label/ or mask/ pairs, for "
+                                        "segmentation) or boxes:PATH (COCO JSON, YOLO txt or Pascal VOC XML, "
+                                        "for detection; needs data.image_size); a relative PATH is looked for in the current "
                                         "directory, then $CVRECIPE_DATA, then the source checkout (`cvrecipe "
                                         "config --explain paths`)")
     image_size: int | None = option(None, "resize every image to this square size in pixels; null keeps the "
@@ -538,7 +539,7 @@ def source_has_val(name: str) -> bool | None:
     """Does the data source bring its own val split? Registered datasets do not; for folder:PATH a
     directory is looked at (a val/ folder, also under one wrapping folder); an archive is not
     opened here (None: unknown until the data is loaded)."""
-    prefix = next((p for p in ("folder:", "masks:") if name.startswith(p)), None)
+    prefix = next((p for p in ("folder:", "masks:", "boxes:") if name.startswith(p)), None)
     if prefix is None:
         return False
     path = Path(name[len(prefix):]).expanduser()

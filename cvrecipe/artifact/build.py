@@ -35,7 +35,7 @@ def build_model(cfg: Config, ds: ImageDataset, train_x: torch.Tensor | None = No
         mean, std = pixel_mean_std(_stats_sample(pixels, cfg.train.seed) if on_disk else pixels)
         mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
     model = create_model(cfg.model.name, num_classes=len(ds.classes), in_channels=c, input_size=(h, w),
-                         mean=mean, std=std, class_names=ds.classes, task=task.name, dropout=cfg.model.dropout,
+                         mean=mean, std=std, class_names=ds.classes, task=task.name, **task.model_kwargs(config=cfg),
                          **cfg.model.kwargs)
     model.meta.update(task.model_meta(cfg, (h, w)))  # e.g. how images larger than the input are run (tiles)
     if ds.colours:  # the classes' colours, for mask overlays wherever the model is used

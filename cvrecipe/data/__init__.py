@@ -38,6 +38,10 @@ def load_source(name: str, cfg: DataConfig | None = None, lazy: bool = False) ->
 
         path = locate(name[len("masks:"):])
         return load_masks(path, cfg.image_size, cfg.channels, cache, cfg.mask_classes, cfg.max_pixels)
+    if name.startswith("boxes:"):
+        from cvrecipe.data.box_source import load_boxes
+
+        return load_boxes(locate(name[len("boxes:"):]), cfg.image_size, cfg.channels, cache)
     return load_named(name, cache, lazy)
 
 
@@ -140,6 +144,8 @@ def _conform(ds: ImageDataset, size: int | None, channels: int | None) -> ImageD
             x = resize(x, [size, size], antialias=True)
             if split.masks:  # class indices: nearest, never blended
                 y = resize(torch.from_numpy(y)[:, None], [size, size], InterpolationMode.NEAREST_EXACT)[:, 0].numpy()
-        return Split(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(y), split.names)
+            elif split.boxes:  # pixel corners follow the images
+                y = y.resized(split.x.shape[-2:], (size, size))
+        return Split(np.ascontiguousarray(x.numpy()), y if split.boxes else np.ascontiguousarray(y), split.names)
 
     return dataclasses.replace(ds, train=fix(ds.train), val=fix(ds.val), test=fix(ds.test))

@@ -1,6 +1,6 @@
 """Dataset types: every split is a uint8 array (N, C, H, W) plus its targets: int64 class labels
 (N,) for classification, uint8 class-index masks (N, H, W) for segmentation (IGNORE = not
-labelled). The images are a numpy array in memory, or a ShardedArray (shards.py) read from disk a
+labelled), or ragged boxes per image (BoxTargets, box_targets.py) for detection. The images are a numpy array in memory, or a ShardedArray (shards.py) read from disk a
 batch at a time when the dataset is larger than the memory budget."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cvrecipe.data.box_targets import BoxTargets
 from cvrecipe.data.shards import take_rows
 
 
@@ -27,7 +28,7 @@ class DataWarning(UserWarning):
 @dataclass
 class Split:
     x: np.ndarray  # (N, C, H, W) uint8 (or a ShardedArray of them)
-    y: np.ndarray  # (N,) int64 class indices, or (N, H, W) uint8 class-index masks
+    y: np.ndarray  # (N,) int64 class indices, (N, H, W) uint8 class-index masks, or BoxTargets
     names: list[str] | None = None  # the file of each image, where the source keeps them
 
     def __post_init__(self):
@@ -35,7 +36,9 @@ class Split:
             raise DataError(f"split images must be uint8 (N, C, H, W), got {self.x.dtype} {self.x.shape}")
         if len(self.x) != len(self.y):
             raise DataError(f"split has {len(self.x)} images but {len(self.y)} labels")
-        if self.y.ndim == 3:
+        if isinstance(self.y, BoxTargets):
+            pass  # its own checks ran when it was built
+        elif self.y.ndim == 3:
             if self.y.dtype != np.uint8 or self.y.shape[1:] != self.x.shape[2:]:
                 raise DataError(f"split masks must be uint8 (N, H, W) matching images {self.x.shape}, got "
                                 f"{self.y.dtype} {self.y.shape}")
@@ -47,7 +50,12 @@ class Split:
     @property
     def masks(self) -> bool:
         """Are the targets per-pixel masks (segmentation) rather than one label per image?"""
-        return self.y.ndim == 3
+        return not self.boxes and self.y.ndim == 3
+
+    @property
+    def boxes(self) -> bool:
+        """Are the targets boxes per image (detection)?"""
+        return isinstance(self.y, BoxTargets)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -96,7 +104,8 @@ class ImageDataset:
                 continue  # data.val_fraction=0: no validation, the test split still evaluates
             hint = " (data.val_fraction=0 needs a test split to evaluate on)" if split_name == "val" else ""
             raise DataError(f"dataset {self.name}: split '{split_name}' is empty{hint}")
-        present = np.unique(self.train.y)  # labels, or mask values (IGNORE among them)
+        # labels, mask values (IGNORE among them) or the boxes' classes
+        present = np.unique(self.train.y.labels if self.train.boxes else self.train.y)
         missing = [self.classes[i] for i in range(len(self.classes)) if i not in present]
         if missing:
             raise DataError(f"dataset {self.name}: classes with no training images: {missing}")
@@ -123,13 +132,18 @@ def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out): stratified by class for labels; for masks (one image holds many
-    classes) a seeded random `fraction` of the images, at least one."""
-    if y.ndim == 1:
+    """Indices (keep, held_out): stratified by class for labels; for masks and boxes (one image holds
+    many classes) a seeded random `fraction` of the images, at least one."""
+    if _labels(y):
         return stratified_split(y, fraction, seed)
     order = np.random.default_rng(seed).permutation(len(y))
     n_held = min(len(y) - 1, max(1, int(round(len(y) * fraction))))
     return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+def _labels(y) -> bool:
+    """Is `y` one class label per image (which a split can stratify by)?"""
+    return not isinstance(y, BoxTargets) and y.ndim == 1
 
 
 FOLD_SEED = 0  # folds do not move with train.seed: every seed of a fold sees the same images
@@ -137,12 +151,12 @@ FOLD_SEED = 0  # folds do not move with train.seed: every seed of a fold sees th
 
 def kfold_split(y: np.ndarray, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held-out fold) of fold `fold` of `folds` seeded folds (scikit-learn's
-    StratifiedKFold for labels, KFold for masks; shuffled with FOLD_SEED)."""
+    StratifiedKFold for labels, KFold for masks and boxes; shuffled with FOLD_SEED)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if folds > len(y):
         raise DataError(f"data.folds={folds}: only {len(y)} training images to cut into folds")
-    if y.ndim == 1:
+    if _labels(y):
         splitter = StratifiedKFold(folds, shuffle=True, random_state=FOLD_SEED)
         parts = list(splitter.split(np.zeros(len(y)), y))
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvrecipe.data.box_targets import take  # noqa: F401  (a batch's boxes; lives beside the targets type)
 from cvrecipe.data.boxes import BoxImage
 from cvrecipe.data.cache import load_arrays, save_arrays
 from cvrecipe.data.images import decode_images
@@ -37,16 +38,6 @@ def unflatten(flat: np.ndarray, offsets: np.ndarray) -> tuple[list[np.ndarray], 
     """Inverse of `flatten`: per-image (n_i, 4) float32 boxes and (n_i,) int64 labels."""
     parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     return [p[:, :4].copy() for p in parts], [p[:, 4].astype(np.int64) for p in parts]
-
-
-def take(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The boxes of images `rows` (a batch), re-indexed 0..len(rows)-1: (m, 6) and (len(rows) + 1,)."""
-    rows = np.asarray(rows, np.int64)
-    counts = offsets[rows + 1] - offsets[rows]
-    index = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
-    out = flat[index.astype(np.int64)].copy()
-    out[:, 5] = np.repeat(np.arange(len(rows)), counts)
-    return out, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def collate(flat: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -101,3 +92,56 @@ def boxes_from_cache(entry: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
     splits = {k[:-2]: (arrays[k], arrays[k[:-2] + "_boxes"], arrays[k[:-2] + "_offsets"])
               for k in arrays if k.endswith("_x")}
     return splits, meta
+
+
+# ---- on the training device ---------------------------------------------------------------------
+
+class DeviceBoxes:
+    """The boxes of N images as tensors (on any device): flat (M, 6) rows [x1, y1, x2, y2, class,
+    image] and offsets (N + 1,). Indexed like a batch of targets (an index tensor or a slice gives the
+    boxes of those images, their image column re-numbered), so the training feed gathers and slices
+    it as it does a label tensor."""
+
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def from_arrays(cls, flat: np.ndarray, offsets: np.ndarray, device: torch.device | str = "cpu") -> "DeviceBoxes":
+        return cls(torch.from_numpy(np.asarray(flat, np.float32)).to(device),
+                   torch.from_numpy(np.asarray(offsets, np.int64)).to(device))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    def __getitem__(self, index) -> "DeviceBoxes":
+        if isinstance(index, slice):
+            index = torch.arange(len(self), device=self.offsets.device)[index]
+        rows = torch.as_tensor(index, device=self.offsets.device).long().reshape(-1)
+        counts = self.offsets[rows + 1] - self.offsets[rows]
+        image = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), counts)  # (m,)
+        starts = torch.repeat_interleave(self.offsets[rows], counts)
+        within = torch.arange(len(image), device=rows.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        flat = self.flat[starts + within].clone()
+        flat[:, 5] = image.to(flat.dtype)
+        return DeviceBoxes(flat, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+    def to(self, device, non_blocking: bool = False) -> "DeviceBoxes":
+        return DeviceBoxes(self.flat.to(device, non_blocking=non_blocking),
+                           self.offsets.to(device, non_blocking=non_blocking))
+
+    def with_rows(self, flat: torch.Tensor) -> "DeviceBoxes":
+        """The same images with new box rows (after augmentation moved, clipped or dropped some)."""
+        counts = torch.bincount(flat[:, 5].long(), minlength=len(self))
+        order = torch.argsort(flat[:, 5], stable=True)
+        return DeviceBoxes(flat[order], torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+    def targets(self) -> list[dict[str, torch.Tensor]]:
+        """torchvision's detection targets: [{"boxes": (n, 4), "labels": (n,)}] per image."""
+        return to_targets(self.flat, len(self))
+
+    def per_image(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return collate(self.flat, len(self))

@@ -54,7 +54,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
                             tta_mirror=cfg.augment.hflip and ds.hflip_ok)
     _, extra = read_metadata(run_dir / "best.safetensors")
     result = {"task": task.name, "dataset": ds.name, "split": split_name, "checkpoint_epoch": extra.get("epoch"),
-              "tta": cfg.eval.tta, **task.evaluate(logits, torch.from_numpy(part.y), meta["class_names"])}
+              "tta": cfg.eval.tta, **task.evaluate(logits, task.batch_targets(part.y, 0, len(part.y)), meta["class_names"])}
     leak_free = leak_free_scores(task, data_cfg.cache_dir, data_cfg.name, split_name, part.y, logits,
                                  meta["class_names"])
     if leak_free is not None:
@@ -85,12 +85,12 @@ def calibrate(model, task, ds, split_name: str, part, plain_logits: torch.Tensor
     are given. None for a task whose answers carry no calibrated probability."""
     if plain_logits is None:
         plain_logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last)
-    check = task.calibration_pairs(plain_logits, torch.from_numpy(part.y))
+    check = task.calibration_pairs(plain_logits, task.batch_targets(part.y, 0, len(part.y)))
     if check is None or len(check[1]) < 2:
         return None
     if ds.val is not None and len(ds.val) and split_name != "val":
         val_logits = predict_logits(model, ds.val.x, 512, device, channels_last=cfg.train.channels_last)
-        fit = task.calibration_pairs(val_logits, torch.from_numpy(ds.val.y))
+        fit = task.calibration_pairs(val_logits, task.batch_targets(ds.val.y, 0, len(ds.val.y)))
         return held_out_temperature(fit, check, "val", split_name)
     first, second = halves(len(check[1]), cfg.train.seed)
     return held_out_temperature((check[0][first], check[1][first]), (check[0][second], check[1][second]),

@@ -23,6 +23,6 @@ def leak_free_scores(task, cache_dir: str | None, dataset: str, split: str, y: n
     if record is None:
         return None
     keep = np.setdiff1d(np.arange(len(y)), np.asarray(record["leaks"], np.int64))
-    metrics = task.evaluate(outputs[torch.from_numpy(keep)], torch.from_numpy(y[keep]), class_names)
+    metrics = task.evaluate(outputs[torch.from_numpy(keep)], task.batch_targets(y[keep], 0, len(keep)), class_names)
     return {"leaked": int(len(y) - len(keep)), "num_images": int(len(keep)), "audit": record["report"],
             "headline": task.headline(metrics), "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)}}

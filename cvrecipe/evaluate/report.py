@@ -28,9 +28,9 @@ from cvrecipe.config import load_run_config, to_dict
 from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
 from cvrecipe.evaluate.context import ReportContext
-from cvrecipe.tasks import entry, get_task, resolve, task_of
+from cvrecipe.tasks import entry, get_task, resolve, spec_of, task_of
 
-CURVE_TITLES = {"acc": "accuracy", "pixel_acc": "pixel accuracy", "miou": "mIoU", "dice": "Dice"}
+CURVE_TITLES = {"acc": "accuracy", "pixel_acc": "pixel accuracy", "miou": "mIoU", "dice": "Dice", "map50": "mAP@.5"}
 
 
 def write_report(run_dir: Path, calibrate: bool = False, console: Console | None = None,
@@ -52,12 +52,12 @@ def write_report(run_dir: Path, calibrate: bool = False, console: Console | None
     if eval_logits is None:
         eval_logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last,
                                      tta=cfg.eval.tta, tta_mirror=cfg.augment.hflip and ds.hflip_ok)
-    elif len(eval_logits) != len(part.y) or eval_logits.shape[1] != model.meta["num_classes"]:
-        raise ValueError(f"eval_logits have shape {tuple(eval_logits.shape)}; the {split} split needs "
-                         f"({len(part.y)}, {model.meta['num_classes']}, ...)")
+    elif not spec_of(task.name).outputs_fit(tuple(eval_logits.shape), len(part.y), model.meta["num_classes"]):
+        raise ValueError(f"eval_logits have shape {tuple(eval_logits.shape)}, not what a {task.name} model gives "
+                         f"for the {len(part.y)} images of the {split} split")
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    metrics = task.evaluate(eval_logits, torch.from_numpy(part.y), model.meta["class_names"])
+    metrics = task.evaluate(eval_logits, task.batch_targets(part.y, 0, len(part.y)), model.meta["class_names"])
     ctx = ReportContext(run_dir, cfg, ds, split, part, model, checkpoint, eval_logits, metrics, device, plots,
                         calibrate, console)
     cards, sections = resolve(entry(task.name).report).sections(ctx)  # the task names its sections' module

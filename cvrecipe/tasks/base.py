@@ -76,6 +76,10 @@ class Task:
         """(H, W) the model is built for, given the dataset's image size."""
         return image_size
 
+    def model_kwargs(self, config) -> dict:
+        """Keyword arguments every model of this task takes from the config (a classifier's dropout)."""
+        return {"dropout": config.model.dropout}
+
     def model_meta(self, config, input_size: tuple[int, int]) -> dict:
         """Entries the task adds to the model's metadata (stored with its weights and exports)."""
         return {}
@@ -83,6 +87,10 @@ class Task:
     # -- targets -------------------------------------------------------------------------------
     # Targets travel as the data source stores them ((N,) labels, (N, H, W) masks); a task whose
     # targets are ragged (boxes per image) overrides these three.
+    def device_targets(self, y, device: torch.device):
+        """A whole split's targets `y` on `device`, to be gathered by index tensors and sliced by batch."""
+        return torch.from_numpy(np.asarray(y)).to(device)
+
     def batch_targets(self, y, start: int, stop: int) -> torch.Tensor:
         """Targets of items start..stop of a split's targets `y` (an array, or rows on disk), as one batch."""
         return torch.from_numpy(np.asarray(y[start:stop]))
@@ -109,6 +117,10 @@ class Task:
         return ["logits"]
 
     # -- training ------------------------------------------------------------------------------
+    def forward(self, model: torch.nn.Module, x: torch.Tensor, targets):
+        """The model's outputs on a training batch (a detector takes the targets too, and returns its losses)."""
+        return model(x)
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The mean training loss of a batch (a scalar)."""
         raise NotImplementedError

@@ -24,6 +24,9 @@ TASKS: dict[str, TaskEntry] = {entry.name: entry for entry in (
     TaskEntry("segmentation", "cvrecipe.tasks.segmentation:Segmentation",
               "cvrecipe.tasks.spec.segmentation", "cvrecipe.tasks.answers.segmentation",
               "cvrecipe.evaluate.segmentation_report", "cvrecipe.serve.segmentation"),
+    TaskEntry("detection", "cvrecipe.tasks.detection:Detection",
+              "cvrecipe.tasks.spec.detection", "cvrecipe.tasks.answers.detection",
+              "cvrecipe.evaluate.detection_report", "cvrecipe.serve.detection"),
 )}
 DEFAULT_TASK = "classification"  # a config without `task`, and artifacts written before meta["task"] existed
 

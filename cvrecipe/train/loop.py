@@ -146,7 +146,7 @@ def _training_source(cfg: Config, ds: ImageDataset, device: torch.device) -> Dev
     if streamed(ds):
         batch = max(1, cfg.train.batch_size // cfg.train.grad_accum)
         return ShardStream(ds.train, device, batch, cfg.data.prefetch, cfg.data.read_threads)
-    return DeviceArrays(torch.from_numpy(ds.train.x).to(device), torch.from_numpy(ds.train.y).to(device))
+    return DeviceArrays(torch.from_numpy(ds.train.x).to(device), get_task(cfg.task, cfg).device_targets(ds.train.y, device))
 
 
 def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, source: DeviceArrays | ShardStream,
@@ -205,11 +205,11 @@ def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_clas
                 x, y = next(batches)
                 with world.accumulating(last=j == accum - 1):
                     with autocast(device, step.dtype):
-                        logits = step.train_model(x)
+                        logits = step.task.forward(step.train_model, x, y)
                     loss = step.task.loss(logits, y, tc.label_smoothing)
                     step.scaler.scale(loss / accum if accum > 1 else loss).backward()
                 loss_sum += loss.detach()
-                meter.update(logits.detach(), y)
+                meter.update(_detached(logits), y)
             if step.master is not None:
                 step.master.to_master()
             if tc.grad_clip:
@@ -231,6 +231,13 @@ def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_clas
                 rate = (i + 1) * step.batch_size / (time.perf_counter() - t0)
                 progress.update(bar, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
     return {"loss": world.sum(loss_sum).item() / items, **world.mean(meter.compute())}
+
+
+def _detached(outputs):
+    """The outputs without their graph: a tensor, or a dict of them (a detector's losses in train mode)."""
+    if isinstance(outputs, dict):
+        return {k: v.detach() for k, v in outputs.items()}
+    return outputs.detach()
 
 
 def _check_finite(mean_loss: float, cfg: Config, epoch: int, i: int, steps: int) -> None:
