@@ -679,26 +679,25 @@ paths: how cvrecipe finds the files a recipe names, whichever directory it runs 
 
 
 def resolve_recipe(recipe: str | Path) -> Path:
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    named = RECIPES_DIR / f"{recipe}.yaml"
-    if named.is_file():
-        return named
-    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"recipe '{recipe}' not found as a file or in {RECIPES_DIR} (known: {known})")
+    """A recipe: a YAML path, else the name of a shipped one (recipes/NAME.yaml)."""
+    return _file_or_shipped(recipe, RECIPES_DIR, "recipe")
 
 
 def resolve_space(space: str | Path) -> Path:
     """A search space: a YAML path, else the name of a shipped one (recipes/spaces/NAME.yaml)."""
-    path = Path(space)
+    return _file_or_shipped(space, SPACES_DIR, "search space")
+
+
+def _file_or_shipped(name: str | Path, folder: Path, what: str) -> Path:
+    """A file found as written wins over a shipped YAML of that name in `folder`."""
+    path = Path(name)
     if path.is_file():
         return path
-    named = SPACES_DIR / f"{space}.yaml"
+    named = folder / f"{name}.yaml"
     if named.is_file():
         return named
-    known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise ConfigError(f"search space '{space}' not found as a file or in {SPACES_DIR} (known: {known})")
+    known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise ConfigError(f"{what} '{name}' not found as a file or in {folder} (known: {known})")
 
 
 def shipped_recipes() -> list[tuple[str, str]]:

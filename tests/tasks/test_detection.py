@@ -13,16 +13,11 @@ from cvrecipe.data.ragged import DeviceBoxes
 from cvrecipe.models import create_model
 from cvrecipe.tasks import answers_of, get_task
 from cvrecipe.tasks.box_metrics import coco_metrics
+from serve_helpers import one_torch_thread  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Torch on one thread: these tiny detectors gain nothing from intra-op threads, and on a busy
-    2-core machine the threads' barriers stall (a 64 px FCOS step: 0.16 s on one thread, 0.4-13 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# torch on one thread: a 64 px FCOS step took 0.16 s on one thread and 0.4-13 s on two of a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FLAT = np.asarray([[1, 2, 11, 12, 0, 0], [5, 5, 20, 25, 2, 1], [0, 0, 8, 8, 1, 1], [30, 30, 40, 44, 1, 3]], np.float32)

@@ -17,16 +17,11 @@ from cvrecipe.data.sources import digits
 from cvrecipe.data.synth_detect import compose, write_split
 from cvrecipe.evaluate.job import predict
 from cvrecipe.tasks import get_task
+from serve_helpers import one_torch_thread  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Torch on one thread: these tiny detectors gain nothing from intra-op threads, and on a busy
-    2-core machine the threads' barriers stall (a 64 px FCOS step: 0.16 s on one thread, 0.4-13 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# torch on one thread: a 64 px FCOS step took 0.16 s on one thread and 0.4-13 s on two of a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CLASSES = 3  # digits 0, 1, 2 as objects

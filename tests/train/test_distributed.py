@@ -27,6 +27,7 @@ from cvrecipe.models.registry import register
 from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
 from cvrecipe.train.launch import RanksFailed, _failure_line
+from process_helpers import rank_children as _children
 
 pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
 
@@ -224,23 +225,6 @@ def test_callbacks_need_the_main_thread_and_a_job_without_them_runs_from_any_thr
 
 
 # -- failures -----------------------------------------------------------------------------------------
-def _children(pid: int) -> dict[int, int]:
-    """{rank: pid} of the rank processes a launcher process started (RANK in their environment)."""
-    ranks = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = [e[5:] for e in env if e.startswith(b"RANK=")]
-        if ppid == pid and rank:
-            ranks[int(rank[0])] = int(entry.name)
-    return ranks
-
-
 @pytest.mark.parametrize("keep_failed", [False, True])
 def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder_unless_kept(tmp_path, keep_failed):
     """As on one process: rank 0 removes the folder of a new run that failed before any results,

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from cvrecipe.train.runlock import LOCK_NAME, RunBusy, RunLock
+from process_helpers import rank_children as _ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 # digits, a constant lr and many epochs: the job is still running whatever the machine's speed when killed
@@ -54,23 +55,6 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def _ranks(pid: int) -> dict[int, int]:
-    """{rank: pid} of the rank processes that the process `pid` started (RANK in their environment)."""
-    ranks = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = [e[5:] for e in env if e.startswith(b"RANK=")]
-        if ppid == pid and rank:
-            ranks[int(rank[0])] = int(entry.name)
-    return ranks
 
 
 def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
