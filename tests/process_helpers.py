@@ -1,6 +1,7 @@
-"""Finding the rank processes a training launcher started, from /proc (Linux)."""
+"""Watching training jobs started as processes: their ranks (from /proc, Linux) and conditions."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -19,3 +20,15 @@ def rank_children(pid: int) -> dict[int, int]:
         if ppid == pid and rank:
             ranks[int(rank[0])] = int(entry.name)
     return ranks
+
+
+def wait_for_job(condition, proc, seconds: float, what: str) -> None:
+    """Poll `condition` every 50 ms until it holds; fail if the job `proc` ends first or `seconds`
+    pass (a generous limit that only catches hangs)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before {what}"
+        time.sleep(0.05)
+    raise AssertionError(f"no {what} within {seconds} s")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cvrecipe.artifact.build import build_model
 from cvrecipe.artifact.inference import predict_logits

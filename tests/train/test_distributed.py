@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from cvrecipe.train.distributed import CpuSyncBatchNorm
 from cvrecipe.train.job import train
 from cvrecipe.train.launch import RanksFailed, _failure_line
 from process_helpers import rank_children as _children
+from process_helpers import wait_for_job as _wait_for
 
 pytestmark = pytest.mark.slow  # end to end: trains, exports, serves or starts processes
 
@@ -259,16 +259,6 @@ def _launch(tmp_path, extra):
     proc = subprocess.Popen([sys.executable, "-m", "cvrecipe", "train", *args], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     return proc, tmp_path / "out.txt"
-
-
-def _wait_for(condition, proc, seconds, what):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before {what}"
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {seconds} s")
 
 
 def _epochs_written(tmp_path) -> int:

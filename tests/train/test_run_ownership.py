@@ -16,6 +16,7 @@ import yaml
 
 from cvrecipe.train.runlock import LOCK_NAME, RunBusy, RunLock
 from process_helpers import rank_children as _ranks
+from process_helpers import wait_for_job as _wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # digits, a constant lr and many epochs: the job is still running whatever the machine's speed when killed
@@ -36,16 +37,6 @@ def _rows(run_dir: Path) -> int:
         return 0
     with open(path, newline="") as f:
         return len(list(csv.DictReader(f)))
-
-
-def _wait_for(condition, proc, seconds, what):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before {what}"
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {seconds} s")
 
 
 def _alive(pid: int) -> bool:
