@@ -360,16 +360,13 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "tune":
         return _tune(args, console)
     elif args.verb == "models":
-        from cvrecipe.models import list_models, list_pretrained, model_tasks
-        from cvrecipe.tasks import DEFAULT_TASK, task_names
+        from cvrecipe.models import list_models, list_pretrained
+        from cvrecipe.tasks import DEFAULT_TASK, entry, task_names
 
-        console.print("\n".join(list_models(DEFAULT_TASK)))
+        console.print("\n".join(list_models(entry(DEFAULT_TASK).model_outputs)))
         for task in (t for t in task_names() if t != DEFAULT_TASK):
             console.print(f"\n{task} (task={task}):")
-            console.print("\n".join(list_models(task)))
-        for task in sorted(model_tasks() - set(task_names())):
-            console.print(f"\n{task} (models only, not yet a task that trains; see docs/{task}.md):")
-            console.print("\n".join(list_models(task)))
+            console.print("\n".join(list_models(entry(task).model_outputs)))
         console.print("\npretrained (RGB, bring their own preprocessing; see finetune.* in the config):")
         console.print("\n".join(list_pretrained()), markup=False)
     elif args.verb == "recipes":

@@ -10,7 +10,7 @@ from cvrecipe.data import ImageDataset
 from cvrecipe.data.dataset import pixel_mean_std
 from cvrecipe.models import ImageModel, create_model
 from cvrecipe.models.head import set_bias_to_prior
-from cvrecipe.tasks import get_task
+from cvrecipe.tasks import entry, get_task
 
 INIT_SAMPLE = 5000  # training images for data-dependent initialisation (the speedrun net's whitening)
 STATS_SAMPLE = 100_000  # images on disk whose pixel statistics normalise the input: reading them all costs a pass
@@ -35,8 +35,10 @@ def build_model(cfg: Config, ds: ImageDataset, train_x: torch.Tensor | None = No
         mean, std = pixel_mean_std(_stats_sample(pixels, cfg.train.seed) if on_disk else pixels)
         mean, std = mean.tolist(), np.maximum(std, 1e-3).tolist()
     model = create_model(cfg.model.name, num_classes=len(ds.classes), in_channels=c, input_size=(h, w),
-                         mean=mean, std=std, class_names=ds.classes, task=task.name, **task.model_kwargs(config=cfg),
+                         mean=mean, std=std, class_names=ds.classes, outputs=entry(task.name).model_outputs,
+                         **task.model_kwargs(config=cfg),
                          **cfg.model.kwargs)
+    model.meta = {"task": task.name, **model.meta}  # what the outputs mean, read back by task_of(meta)
     model.meta.update(task.model_meta(cfg, (h, w)))  # e.g. how images larger than the input are run (tiles)
     if ds.colours:  # the classes' colours, for mask overlays wherever the model is used
         model.meta["class_colours"] = ds.colours

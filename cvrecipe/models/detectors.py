@@ -266,7 +266,7 @@ def _fcos(num_classes: int, input_size, pretrained: bool, weights: str | None, f
     return FCOSDetector(model, num_classes, 0, lite0_preprocess(input_size) if pretrained else None)
 
 
-@register("fcos-lite0", task="detection")
+@register("fcos-lite0", outputs="boxes")
 def fcos_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], pretrained: bool = True,
                weights: str | None = None, fpn_channels: int = 128) -> nn.Module:
     """FCOS (anchor-free, one anchor point per location) on a Lite0 FPN. `fpn_channels`: width of
@@ -275,7 +275,7 @@ def fcos_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], 
     return _fcos(num_classes, input_size, pretrained, weights, fpn_channels)
 
 
-@register("fcos-lite0-scratch", task="detection")
+@register("fcos-lite0-scratch", outputs="boxes")
 def fcos_lite0_scratch(num_classes: int, in_channels: int, input_size: tuple[int, int],
                        fpn_channels: int = 128) -> nn.Module:
     """fcos-lite0 from random weights: nothing pretrained, the dataset's own mean/std."""
@@ -283,7 +283,7 @@ def fcos_lite0_scratch(num_classes: int, in_channels: int, input_size: tuple[int
     return _fcos(num_classes, input_size, False, None, fpn_channels)
 
 
-@register("retinanet-lite0", task="detection")
+@register("retinanet-lite0", outputs="boxes")
 def retinanet_lite0(num_classes: int, in_channels: int, input_size: tuple[int, int], pretrained: bool = True,
                     weights: str | None = None, fpn_channels: int = 128) -> nn.Module:
     """RetinaNet (9 anchors per location, focal loss) on a Lite0 FPN; anchors from 8 px at stride 8
@@ -299,7 +299,7 @@ def retinanet_lite0(num_classes: int, in_channels: int, input_size: tuple[int, i
     return RetinaNetDetector(model, num_classes, 0, lite0_preprocess(input_size) if pretrained else None)
 
 
-@register("ssdlite320", task="detection")
+@register("ssdlite320", outputs="boxes")
 def ssdlite320(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     """torchvision's SSDlite320 MobileNetV3-Large, from random weights (its pretrained backbone needs a
     download). Images keep the data's size; the default boxes scale with it."""
@@ -310,7 +310,7 @@ def ssdlite320(num_classes: int, in_channels: int, input_size: tuple[int, int]) 
     return SSDDetector(model, num_classes, 1)
 
 
-@register("fasterrcnn-mobilenet320", task="detection")
+@register("fasterrcnn-mobilenet320", outputs="boxes")
 def fasterrcnn_mobilenet320(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     """torchvision's Faster R-CNN MobileNetV3-Large 320 FPN, from random weights."""
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn

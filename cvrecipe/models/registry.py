@@ -13,28 +13,30 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cvrecipe.tasks.registry import DEFAULT_TASK, task_of
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED: dict[str, Callable[..., nn.Module]] = {}  # fixed preprocessing and RGB input: listed apart
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}  # "timm" → fn(arch, num_classes, ...) for "timm:arch"
-_TASKS: dict[str, str] = {}  # model name → the task its outputs answer (the default task unless registered otherwise)
+# model name → what its outputs are: "labels" (B, K) logits, "masks" (B, K, H, W) logits, "boxes" (a loss
+# dict in train mode, (B, 100, 6) detections in eval mode). A task names the kind of model it trains.
+_OUTPUTS: dict[str, str] = {}
+LABELS = "labels"
 
 
-def register(name: str, pretrained: bool = False, task: str = DEFAULT_TASK):
+def register(name: str, pretrained: bool = False, outputs: str = LABELS):
     """Decorator: `@register("seed-cnn")` on a function (num_classes, in_channels, **kw) → nn.Module.
     `pretrained=True`: the network loads pretrained weights and brings its own preprocessing.
-    `task`: what its outputs are (classification: (B, K) logits; segmentation: (B, K, H, W))."""
+    `outputs`: what its outputs are (see _OUTPUTS)."""
     def wrap(fn):
         (_PRETRAINED if pretrained else _REGISTRY)[name] = fn
-        _TASKS[name] = task
+        _OUTPUTS[name] = outputs
         return fn
     return wrap
 
 
-def model_task(name: str) -> str:
-    """The task a registered model serves (library families `prefix:arch` are classifiers)."""
-    return _TASKS.get(name, DEFAULT_TASK)
+def model_outputs(name: str) -> str:
+    """What a registered model outputs (library families `prefix:arch` are classifiers: labels)."""
+    return _OUTPUTS.get(name, LABELS)
 
 
 def register_prefix(prefix: str):
@@ -45,14 +47,9 @@ def register_prefix(prefix: str):
     return wrap
 
 
-def list_models(task: str = DEFAULT_TASK) -> list[str]:
-    """Models of `task` trained from scratch: any channel count, the dataset's own mean/std."""
-    return sorted(name for name in _REGISTRY if _TASKS[name] == task)
-
-
-def model_tasks() -> set[str]:
-    """Every task some registered model declares, including tasks whose training is not wired yet."""
-    return set(_TASKS.values())
+def list_models(outputs: str = LABELS) -> list[str]:
+    """Models with `outputs` trained from scratch: any channel count, the dataset's own mean/std."""
+    return sorted(name for name in _REGISTRY if _OUTPUTS[name] == outputs)
 
 
 def list_pretrained() -> list[str]:
@@ -109,7 +106,7 @@ def create_model(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     class_names: list[str] | None = None,
-    task: str = DEFAULT_TASK,
+    outputs: str = LABELS,
     **kwargs,
 ) -> ImageModel:
     """Build a registered model wrapped with its preprocessing metadata.
@@ -118,15 +115,14 @@ def create_model(
     A pretrained network brings its own (`net.preprocess`), which replaces them: its weights only
     make sense with the statistics it was trained with.
     """
-    if model_task(name) != task:
-        raise ValueError(f"model {name} is a {model_task(name)} model; a {task} run needs one of: "
-                         f"{', '.join(list_models(task))}")
+    if model_outputs(name) != outputs:
+        raise ValueError(f"model {name} outputs {model_outputs(name)}; this run needs a model that outputs {outputs}: "
+                         f"{', '.join(list_models(outputs))}")
     net = _factory(name)(num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **kwargs)
     backbone = getattr(net, "preprocess", None)  # {size, mean, std, interpolation} or None
     if backbone is not None:
         mean, std = backbone["mean"], backbone["std"]
     meta = {
-        "task": task,
         "name": name,
         "num_classes": num_classes,
         "in_channels": in_channels,
@@ -146,7 +142,7 @@ def model_from_meta(meta: dict | str) -> ImageModel:
     if "backbone" in meta:
         kwargs["pretrained"] = False  # the checkpoint holds the weights; the original file is not needed
     model = create_model(meta["name"], meta["num_classes"], meta["in_channels"], tuple(meta["input_size"]),
-                         meta["mean"], meta["std"], meta["class_names"], task_of(meta), **kwargs)
+                         meta["mean"], meta["std"], meta["class_names"], model_outputs(meta["name"]), **kwargs)
     model.meta["kwargs"] = meta["kwargs"]  # keep the record as trained
     model.meta.update({k: v for k, v in meta.items() if k not in model.meta})  # e.g. "tile": how to run it
     return model

@@ -92,7 +92,7 @@ class UNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
-@register("unet", task="segmentation")
+@register("unet", outputs="masks")
 def unet(num_classes: int, in_channels: int, input_size: tuple[int, int], depth: int = 4, width: int = 32,
          norm: str = "batch", dropout: float = 0.0) -> nn.Module:
     """The U-Net: depth 4 and width 64 is the paper's (31M parameters); width 32 has 7.8M, width 16
@@ -179,7 +179,7 @@ class EncoderUNet(nn.Module):
         return self.head(self.final(torch.cat([y, x], dim=1)))[..., :h, :w]
 
 
-@register("unet-encoder", task="segmentation")
+@register("unet-encoder", outputs="masks")
 def unet_encoder(num_classes: int, in_channels: int, input_size: tuple[int, int], encoder: str = "efficientnet-lite0",
                  decoder_width: int = 16, norm: str = "batch", dropout: float = 0.0, **encoder_kwargs) -> nn.Module:
     """The encoder is the registered classifier `encoder` (efficientnet-lite0: ImageNet weights, RGB

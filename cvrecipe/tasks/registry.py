@@ -15,18 +15,19 @@ class TaskEntry:
     answers: str
     report: str
     routes: str
+    model_outputs: str  # the kind of model it trains (cvrecipe.models.registry's `outputs`)
 
 
 TASKS: dict[str, TaskEntry] = {entry.name: entry for entry in (
     TaskEntry("classification", "cvrecipe.tasks.classification:Classification",
               "cvrecipe.tasks.spec.classification", "cvrecipe.tasks.answers.classification",
-              "cvrecipe.evaluate.classification_report", "cvrecipe.serve.classification"),
+              "cvrecipe.evaluate.classification_report", "cvrecipe.serve.classification", "labels"),
     TaskEntry("segmentation", "cvrecipe.tasks.segmentation:Segmentation",
               "cvrecipe.tasks.spec.segmentation", "cvrecipe.tasks.answers.segmentation",
-              "cvrecipe.evaluate.segmentation_report", "cvrecipe.serve.segmentation"),
+              "cvrecipe.evaluate.segmentation_report", "cvrecipe.serve.segmentation", "masks"),
     TaskEntry("detection", "cvrecipe.tasks.detection:Detection",
               "cvrecipe.tasks.spec.detection", "cvrecipe.tasks.answers.detection",
-              "cvrecipe.evaluate.detection_report", "cvrecipe.serve.detection"),
+              "cvrecipe.evaluate.detection_report", "cvrecipe.serve.detection", "boxes"),
 )}
 DEFAULT_TASK = "classification"  # a config without `task`, and artifacts written before meta["task"] existed
 

@@ -26,7 +26,7 @@ def test_a_pointwise_model_is_reproduced_exactly():
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    model = create_model("unet", 2, 1, (TILE, TILE), task="segmentation", depth=3, width=8).eval()
+    model = create_model("unet", 2, 1, (TILE, TILE), outputs="masks", depth=3, width=8).eval()
     model.meta["tile"] = {"size": [TILE, TILE], "overlap": OVERLAP, "batch": 8}
     x = (torch.rand(1, 1, 192, 160, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     with torch.no_grad():

@@ -26,14 +26,14 @@ def tiny_batch():
 
 
 def test_every_detector_is_listed():
-    assert set(list_models("detection")) == {"fcos-lite0", "fcos-lite0-scratch", "retinanet-lite0", "ssdlite320",
+    assert set(list_models("boxes")) == {"fcos-lite0", "fcos-lite0-scratch", "retinanet-lite0", "ssdlite320",
                                              "fasterrcnn-mobilenet320"}
 
 
-@pytest.mark.parametrize("name", list_models("detection"))
+@pytest.mark.parametrize("name", list_models("boxes"))
 def test_a_detector_trains_a_step_and_answers_fixed_shape_rows(name):
     torch.manual_seed(0)
-    model = create_model(name, 3, 3, (SIZE, SIZE), task="detection")
+    model = create_model(name, 3, 3, (SIZE, SIZE), outputs="boxes")
     x, targets = tiny_batch()
     model.train()
     losses = model(x, targets)
@@ -59,7 +59,7 @@ def test_a_detector_trains_a_step_and_answers_fixed_shape_rows(name):
 
 
 def test_a_rebuilt_detector_gives_the_same_detections():
-    model = create_model("fcos-lite0", 3, 3, (SIZE, SIZE), task="detection").eval()
+    model = create_model("fcos-lite0", 3, 3, (SIZE, SIZE), outputs="boxes").eval()
     assert model.meta["mean"] == [0.5] * 3  # Lite0's own preprocessing travels in the meta
     again = model_from_meta(model.meta).eval()
     again.load_state_dict(model.state_dict())
@@ -118,7 +118,7 @@ def test_fast_nms_keeps_a_subset_of_greedy_nms_and_agrees_on_the_best():
 def test_fcos_exports_to_onnx_with_a_dynamic_batch_and_onnxruntime_finds_the_same_detections(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = create_model("fcos-lite0", 3, 3, (SIZE, SIZE), task="detection")
+    model = create_model("fcos-lite0", 3, 3, (SIZE, SIZE), outputs="boxes")
     head = model.net.model.head
     with torch.no_grad():  # spread the initial near-uniform scores, as training does: ties would reorder
         for layer in (head.classification_head.cls_logits, head.regression_head.bbox_ctrness):
@@ -163,7 +163,7 @@ def test_decoding_matches_torchvisions_own_post_processing(name):
     finds 20 of 20 for both here (seed 0); an unseeded RetinaNet gave 18 of 20 (on a fresh,
     flat-scored model suppression reaches deep into the ranking): the test asks for 16."""
     torch.manual_seed(0)
-    model = create_model(name, 3, 3, (SIZE, SIZE), task="detection").eval()
+    model = create_model(name, 3, 3, (SIZE, SIZE), outputs="boxes").eval()
     spread(model)
     tv, ours = model.net.model, model.net
     tv.score_thresh, tv.nms_thresh, tv.detections_per_img = 0.05, 0.5, 100

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cvrecipe.models import create_model, list_models, model_from_meta
+from cvrecipe.models import create_model, list_models, model_from_meta, model_outputs
 
 
 @pytest.mark.slow
@@ -13,9 +13,9 @@ from cvrecipe.models import create_model, list_models, model_from_meta
                                                     ("unet-encoder", {"encoder": "small-cnn", "width": 4}, 1),
                                                     ("unet-encoder", {"pretrained": False}, 3)])
 def test_segmentation_models_forward_any_size_and_rebuild(name, kwargs, channels):
-    assert name in list_models("segmentation") and name not in list_models()
-    model = create_model(name, 3, channels, (32, 32), task="segmentation", **kwargs).eval()
-    assert model.meta["task"] == "segmentation"
+    assert name in list_models("masks") and name not in list_models()
+    model = create_model(name, 3, channels, (32, 32), outputs="masks", **kwargs).eval()
+    assert model_outputs(name) == "masks"  # the task is recorded by the artifact layer, not the model
     for h, w in ((32, 32), (45, 38)):  # sides that are no multiple of the stride are padded and cropped back
         x = torch.randint(0, 256, (2, channels, h, w), dtype=torch.uint8)
         with torch.no_grad():
@@ -30,24 +30,24 @@ def test_segmentation_models_forward_any_size_and_rebuild(name, kwargs, channels
 @pytest.mark.parametrize("norm, layer", [("batch", nn.BatchNorm2d), ("instance", nn.InstanceNorm2d),
                                          ("group", nn.GroupNorm)])
 def test_unet_switches(norm, layer):
-    net = create_model("unet", 2, 1, (64, 64), task="segmentation", depth=3, width=8, norm=norm).net
+    net = create_model("unet", 2, 1, (64, 64), outputs="masks", depth=3, width=8, norm=norm).net
     assert any(isinstance(m, layer) for m in net.modules())
     convs = [m for m in net.down.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [8, 8, 16, 16, 32, 32]  # width doubled per step, depth 3
     assert net.bottom[0].out_channels == 64
     with pytest.raises(ValueError, match="norm"):
-        create_model("unet", 2, 1, (64, 64), task="segmentation", norm="layer")
+        create_model("unet", 2, 1, (64, 64), outputs="masks", norm="layer")
 
 
 def test_a_classifier_is_refused_for_segmentation_and_back():
-    with pytest.raises(ValueError, match="segmentation model"):
+    with pytest.raises(ValueError, match="unet outputs masks"):
         create_model("unet", 2, 1, (32, 32))
-    with pytest.raises(ValueError, match="classification model"):
-        create_model("small-cnn", 2, 1, (32, 32), task="segmentation")
+    with pytest.raises(ValueError, match="small-cnn outputs labels"):
+        create_model("small-cnn", 2, 1, (32, 32), outputs="masks")
 
 
 def test_the_encoder_has_the_pretrained_efficientnet_weights():
-    seg = create_model("unet-encoder", 2, 3, (64, 64), task="segmentation")
+    seg = create_model("unet-encoder", 2, 3, (64, 64), outputs="masks")
     classifier = create_model("efficientnet-lite0", 2, 3, (64, 64))
     assert torch.equal(seg.net.encoder._conv_stem.weight, classifier.net.backbone._conv_stem.weight)
     assert torch.equal(seg.net.encoder._blocks[5]._project_conv.weight,

@@ -60,7 +60,7 @@ def test_the_batch_order_survives_augmentation_that_reorders_rows():
 def test_the_loss_is_the_detectors_loss_dict_summed_and_the_meter_counts_eval_batches_only():
     task = get_task("detection")
     torch.manual_seed(0)
-    model = create_model("fcos-lite0-scratch", 3, 3, (64, 64), task="detection", fpn_channels=32)
+    model = create_model("fcos-lite0-scratch", 3, 3, (64, 64), outputs="boxes", fpn_channels=32)
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     y = DeviceBoxes.from_arrays(FLAT, OFFSETS)[torch.tensor([0, 1])]
     model.train()
