@@ -32,6 +32,22 @@ def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "fashion-
     p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
 
+def _embedder(spec: str | None):
+    """--embed: None, "lite0" (the data layer builds it), or a run folder whose features embed."""
+    if spec in (None, "lite0"):
+        return spec
+    from cvrecipe.artifact.features import run_embedder
+
+    return run_embedder(spec)
+
+
+def _model_normalizer(cfg, ds):
+    """The Normalize of the model the recipe would build on `ds`: what the data page's model view shows."""
+    from cvrecipe.artifact.build import build_model
+
+    return build_model(cfg, ds).normalize
+
+
 def _embedding_audit_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--embed", nargs="?", const="lite0", metavar="RUN",
                    help="also audit by embedding: near duplicates and train/test leakage confirmed on the pixels, "
@@ -330,8 +346,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "data" and args.data_verb == "inspect":
         from cvrecipe.data.report import inspect_data
 
-        inspect_data(args.data, args.out, args.recipe, args.overrides, console=console, embed=args.embed,
-                     reference=args.reference, embed_size=args.embed_size)
+        inspect_data(args.data, args.out, args.recipe, args.overrides, console=console,
+                     embed=_embedder(args.embed), reference=args.reference, embed_size=args.embed_size,
+                     normalizer=_model_normalizer)
     elif args.verb == "data" and args.data_verb == "synth-detect":
         _synth_detect(args, console)
     elif args.verb == "data":

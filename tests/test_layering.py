@@ -9,11 +9,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cvrecipe"
 # lowest first; a module's layer is that of its first name under cvrecipe (cvrecipe.train.loop → train)
 LAYERS = [
     {"config", "device", "pages", "imagefile"},
-    {"data", "models", "artifact", "tasks"},
+    {"data", "models"},
+    {"tasks"},
+    {"artifact"},
     {"train"},
     {"evaluate"},
     {"tune", "export"},
-    {"serve", "monitor"},
+    {"monitor"},
+    {"serve"},
     {"cli", "__main__"},
 ]
 

@@ -186,11 +186,16 @@ def write_lists(result: dict, out_dir: Path) -> None:
     (out_dir / "leaks.txt").write_text("\n".join(["# held-out images with a near copy in train", *leaks]) + "\n")
 
 
-def embedder_for(spec: str, size: int = 64) -> Embedder:
-    """`lite0` → the pretrained EfficientNet-Lite0 at `size` px; anything else → a run folder."""
-    from cvrecipe.data.embed import lite0_embedder, run_embedder
+def embedder_for(spec: "str | Embedder", size: int = 64) -> Embedder:
+    """`lite0` → the pretrained EfficientNet-Lite0 at `size` px; an Embedder (e.g. a run's features,
+    cvrecipe.artifact.features.run_embedder, built by the caller) is used as given."""
+    from cvrecipe.data.embed import lite0_embedder
 
-    return lite0_embedder(size) if spec == "lite0" else run_embedder(spec)
+    if isinstance(spec, Embedder):
+        return spec
+    if spec != "lite0":
+        raise ValueError(f"embedder '{spec}': expected 'lite0' or an Embedder")
+    return lite0_embedder(size)
 
 
 def reference_index(ds, names: dict | None, reference: str, cfg) -> Index:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,12 +26,15 @@ from cvrecipe.data.augment import augment_batch
 
 SAMPLES_PER_CLASS = 10  # random training images shown per class
 MODEL_VIEW = 24  # training images shown as the model sees them
+# (config, dataset) → the Normalize module of the model the recipe would build (cvrecipe.artifact.build)
+Normalizer = Callable[[Config, ImageDataset], torch.nn.Module]
 PAIRS_SHOWN = 12  # duplicate pairs with thumbnails per kind
 MAX_FILES_LISTED = 200  # unreadable files listed in the page (all are in audit.json)
 
 
-def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed: str | None = None,
-                  reference: str | None = None, embed_size: int = 64) -> tuple[dict, dict]:
+def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed=None,
+                  reference: str | None = None, embed_size: int = 64,
+                  normalizer: Normalizer | None = None) -> tuple[dict, dict]:
     """(audit dict for audit.json, images for the page). `cfg` supplies preprocessing/augmentation.
     `embed` ("lite0" or a run folder) adds the embedding audit (embedding_audit.py); `reference`
     audits `name` against another dataset (e.g. a `monitor export` folder against the training set)."""
@@ -70,21 +74,20 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed:
         return audit, {"ds": ds, "index": index, "view": view}
     # against a reference (a monitor export: often a handful of images, no test split) the page is
     # about the new images and their copies; the model's view is the reference's concern
-    view = model_view(cfg, name) if not reference else None
+    view = model_view(cfg, name, normalizer=normalizer) if normalizer is not None and not reference else None
     audit["model_input"] = {k: v for k, v in view.items() if not isinstance(v, torch.Tensor)} if view else None
     audit["seconds"] = round(time.perf_counter() - t0, 2)
     return audit, {"ds": ds, "index": index, "view": view}
 
 
-def model_view(cfg: Config, name: str, n: int = MODEL_VIEW) -> dict:
+def model_view(cfg: Config, name: str, n: int = MODEL_VIEW, *, normalizer: Normalizer) -> dict:
     """A training batch through the real pipeline: load_dataset (resize, channels, val split) →
-    augmentation → the model's own Normalize; then de-normalised back to pixels for display."""
-    from cvrecipe.artifact.build import build_model
-
+    augmentation → the model's own Normalize (from `normalizer`, which builds the recipe's model: the
+    caller's, as models are built above this layer); then de-normalised back to pixels for display."""
     data_cfg = dataclasses.replace(cfg.data, name=name)
     ds = load_dataset(data_cfg, seed=cfg.train.seed)
     with torch.random.fork_rng():  # building the model draws weights; leave the caller's RNG alone
-        normalize = build_model(dataclasses.replace(cfg, data=data_cfg), ds).normalize
+        normalize = normalizer(dataclasses.replace(cfg, data=data_cfg), ds)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     x = torch.from_numpy(ds.train.x[torch.randperm(len(ds.train), generator=gen)[:n].numpy()])
     draws, stats = [], []
@@ -100,13 +103,15 @@ def model_view(cfg: Config, name: str, n: int = MODEL_VIEW) -> dict:
 
 
 def inspect_data(name: str, out_dir: Path, recipe: str | None = None, overrides: list[str] | None = None,
-                 console: Console | None = None, embed: str | None = None, reference: str | None = None,
-                 embed_size: int = 64) -> dict:
+                 console: Console | None = None, embed=None, reference: str | None = None,
+                 embed_size: int = 64, normalizer: Normalizer | None = None) -> dict:
     """Audit `name` and write out_dir/audit.json and out_dir/report.html (with `embed`, also
-    exclude.txt and leaks.txt, and the leak record `eval` reads). Returns the audit."""
+    exclude.txt and leaks.txt, and the leak record `eval` reads). `embed`: "lite0" or an Embedder;
+    `normalizer(cfg, ds)` → the recipe's model's Normalize, for the page's model-input view (none
+    without it). Returns the audit."""
     console = console or Console(soft_wrap=True)
     cfg = load_config(recipe, overrides) if recipe or overrides else Config()
-    audit, images = audit_dataset(name, cfg, console, embed, reference, embed_size)
+    audit, images = audit_dataset(name, cfg, console, embed, reference, embed_size, normalizer)
     audit["recipe"] = recipe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

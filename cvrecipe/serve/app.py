@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvrecipe import __version__
-from cvrecipe.monitor import routes as monitor_routes
+from cvrecipe.serve import monitor_routes
 from cvrecipe.serve import schema
 from cvrecipe.serve.inputs import ServeError
 from cvrecipe.serve.middleware import BodyLimit, Observe, error_response

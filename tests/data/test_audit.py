@@ -14,6 +14,7 @@ from cvrecipe.config import DataConfig, load_config
 from cvrecipe.data import load_dataset, load_source
 from cvrecipe.data import audit as A
 from cvrecipe.data.augment import augment_batch
+from cvrecipe.artifact.build import build_model
 from cvrecipe.data.report import model_view
 
 from pagecheck import view_page
@@ -99,7 +100,7 @@ def test_statistics_match_direct_computation(planted):
 def test_model_view_is_the_augmented_batch_denormalised(planted):
     cfg = load_config("digits-quick", ["augment.crop_padding=2", "augment.hflip=true", "augment.cutout=4"])
     name = f"folder:{planted}"
-    view = model_view(cfg, name, n=8)
+    view = model_view(cfg, name, n=8, normalizer=lambda c, ds: build_model(c, ds).normalize)
     train = load_dataset(DataConfig(name=name), seed=cfg.train.seed).train  # after the val carve-out
     gen = torch.Generator().manual_seed(cfg.train.seed)
     idx = torch.randperm(len(train), generator=gen)[:8].numpy()
