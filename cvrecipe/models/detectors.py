@@ -5,7 +5,7 @@ rescaled and standardised by `Normalize` (uint8 in, the model's own mean/std), s
 internal transform is told to neither normalise (mean 0, std 1) nor resize (`_skip_resize`).
 
     train mode   net(x (B, C, H, W), targets [{"boxes": (n, 4) x1y1x2y2 pixels, "labels": (n,) 0..K-1}])
-                 → {"classification": ..., "bbox_regression": ..., ...} losses (torchvision's own)
+                 → a dict of torchvision's own losses (class scores, box regression, ...)
     eval mode    net(x) → (B, MAX_DETECTIONS, 6) float [x1, y1, x2, y2, score, class], best first,
                  padded with score 0 and class -1
 
