@@ -38,6 +38,18 @@ def test_the_answer_layer_keeps_confident_rows_in_the_image_pixels():
         answers_of("detection").answers(rows, meta, score_threshold=1.5)
 
 
+def test_annotate_draws_each_box_in_its_class_colour_on_a_copy():
+    annotate = answers_of("detection").annotate
+    image = np.full((80, 100), 128, np.uint8)  # grey, one channel
+    found = [{"x1": 10.0, "y1": 30.0, "x2": 60.0, "y2": 70.0, "score": 0.9, "class": "b"}]
+    drawn = annotate(image, found, ["a", "b"])
+    colour = answers_of("detection").PALETTE[1]
+    assert drawn.shape == (80, 100, 3) and drawn.dtype == np.uint8
+    assert tuple(drawn[50, 10]) == colour and tuple(drawn[50, 60]) == colour  # left and right edges
+    assert tuple(drawn[50, 35]) == (128, 128, 128)  # inside the box: untouched
+    assert (image == 128).all()  # the input is not drawn on
+
+
 def test_device_boxes_gather_and_slice_as_the_host_targets_do():
     host, device = BoxTargets(FLAT, OFFSETS), DeviceBoxes.from_arrays(FLAT, OFFSETS)
     for index in (np.asarray([3, 1]), np.asarray([2]), np.asarray([1, 0, 3, 2])):

@@ -48,3 +48,34 @@ def text(answer: dict) -> str:
         return "no boxes"
     return "  ".join(f"{b['class']} {b['score']:.2f} [{b['x1']:.0f},{b['y1']:.0f},{b['x2']:.0f},{b['y2']:.0f}]"
                      for b in answer["boxes"])
+
+
+# one colour per class (cycled), chosen to stay readable on photos: class i gets PALETTE[i % len]
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
+
+
+def annotate(image: np.ndarray, found: list[dict], class_names: list[str]) -> np.ndarray:
+    """`image` ((H, W, 3) or (H, W) uint8) with each answer box of `found` drawn on it (a rectangle
+    and "class score" above it, coloured by class), as a new (H, W, 3) uint8 array. The boxes must be
+    in the image's own pixels (answers(..., image_sizes=...))."""
+    from PIL import Image, ImageDraw, ImageFont  # Pillow is a core dependency; imported here to keep this module NumPy-only to load
+
+    image = np.asarray(image, np.uint8)
+    canvas = Image.fromarray(np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    side = min(canvas.size)
+    font = ImageFont.load_default(size=max(9, side // 40))
+    width = max(1, side // 200)
+    index = {name: i for i, name in enumerate(class_names)}
+    for box in found:
+        colour = PALETTE[index.get(box["class"], 0) % len(PALETTE)]
+        x1, y1, x2, y2 = box["x1"], box["y1"], box["x2"], box["y2"]
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        label = f"{box['class']} {box['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), label, font=font, anchor="lb")
+        if top < 0:  # no room above the box: write inside it
+            left, top, right, bottom = draw.textbbox((x1, y1), label, font=font, anchor="lt")
+        draw.rectangle((left, top, right, bottom), fill=colour)
+        draw.text((left, top), label, fill=(0, 0, 0) if sum(colour) > 380 else (255, 255, 255), font=font, anchor="lt")
+    return np.asarray(canvas)
