@@ -6,7 +6,9 @@ Detections everywhere are the detectors' fixed-shape rows (B, D, 6) [x1, y1, x2,
 
 - `coco_metrics`: a thin adapter into pycocotools (the reference every detection paper reports):
   mAP@[.5:.95], mAP@.5, mAP@.75, AP by object size (COCO's small < 32², medium < 96², large, by box
-  area), AR@100, per-class AP and AP@.5.
+  area), AR@100, per-class AP and AP@.5; from the same evaluation, the precision-recall curves at
+  IoU 0.5 and each image's true positives, false positives and misses (its own matching, read at
+  a score threshold).
 - `APMeter`: mAP@0.5 accumulated batch by batch on the device for per-epoch validation. It follows
   COCO's rules at IoU 0.5 (per class; detections in score order each take the best-overlapping
   unmatched ground truth; 101-point interpolated precision), so it agrees with pycocotools' AP@.5
@@ -35,19 +37,31 @@ def _valid(rows) -> np.ndarray:
 
 # ---- pycocotools -----------------------------------------------------------------------------------
 
-def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_names: list[str]) -> dict:
+def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_names: list[str],
+                 score_threshold: float = 0.25) -> dict:
     """COCO box metrics over a split. truth_*: per image (n, 4) and (n,); detections: per image
     (d, 6) rows (padding ignored). Returns {map, map50, map75, map_small, map_medium, map_large, ar100,
-    per_class: {name: {ap, ap50, boxes}}}; a size or class without any object gives None (COCO's -1)."""
+    per_class: {name: {ap, ap50, boxes}}, pr_at_iou50, per_image}; a size or class without any object
+    gives None (COCO's -1). pr_at_iou50 and per_image come from the same pycocotools evaluation:
+    - pr_at_iou50: [{"class", "precision": 101 values at RECALL_POINTS}] per class (None for a class
+      without objects) and last {"class": "all classes"} (their mean): COCOeval's accumulated
+      interpolated precision at IoU 0.5, all sizes, 100 detections; its mean is the AP@.5;
+    - per_image: [{"index", "tp", "fp", "missed", "f1", "false": detection row indices, "missed_boxes":
+      object indices}] at IoU 0.5 for the detections scoring ≥ `score_threshold` (image_outcomes)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt, results = _coco_inputs(truth_boxes, truth_labels, detections, class_names)
+    gt, results, dt_rows = _coco_inputs(truth_boxes, truth_labels, detections, class_names)
     counts = np.bincount([a["category_id"] - 1 for a in gt["annotations"]], minlength=len(class_names))
     if not results or not gt["annotations"]:  # pycocotools cannot load an empty result list
+        per_image = image_outcomes(None, truth_labels, detections, dt_rows, score_threshold)
+        zeros = [0.0] * len(RECALL_POINTS)
+        pr = [{"class": n, "precision": zeros if c else None} for n, c in zip(class_names, counts)]
         return {"map": 0.0, "map50": 0.0, "map75": 0.0, "map_small": None, "map_medium": None, "map_large": None,
                 "ar100": 0.0, "per_class": {n: {"ap": 0.0 if c else None, "ap50": 0.0 if c else None, "boxes": int(c)}
-                                            for n, c in zip(class_names, counts)}}
+                                            for n, c in zip(class_names, counts)},
+                "pr_at_iou50": pr + [{"class": "all classes", "precision": zeros if counts.any() else None}],
+                "per_image": per_image}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
         coco = COCO()
         coco.dataset = gt
@@ -65,24 +79,84 @@ def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_
                            "ap50": float(p[0][p[0] > -1].mean()) if (p[0] > -1).any() else None,
                            "boxes": int(counts[k])}
     return {"map": stats[0], "map50": stats[1], "map75": stats[2], "map_small": stats[3], "map_medium": stats[4],
-            "map_large": stats[5], "ar100": stats[8], "per_class": per_class}
+            "map_large": stats[5], "ar100": stats[8], "per_class": per_class,
+            "pr_at_iou50": pr_curves(evaluation, class_names),
+            "per_image": image_outcomes(evaluation, truth_labels, detections, dt_rows, score_threshold)}
 
 
-def _coco_inputs(truth_boxes, truth_labels, detections, class_names) -> tuple[dict, list[dict]]:
-    """The ground truth as a COCO dataset dict and the detections as COCO results (bbox x, y, w, h;
-    category ids 1..K; area = box area, which COCO's size ranges read)."""
+def pr_curves(evaluation, class_names: list[str]) -> list[dict]:
+    """The precision-recall curves at IoU 0.5 that pycocotools accumulated: COCOeval.eval["precision"]
+    at IoU index 0 (params.iouThrs[0] = 0.5), all sizes, 100 detections per image; -1 (a class
+    without objects) becomes None. "all classes" averages the classes that have objects, point by
+    point, so its mean is pycocotools' mAP@.5."""
+    assert evaluation.params.iouThrs[0] == 0.5 and evaluation.params.areaRngLbl[0] == "all"
+    at50 = evaluation.eval["precision"][0, :, :, 0, -1]  # (101 recall points, classes)
+    curves = [{"class": name, "precision": at50[:, k].tolist() if (at50[:, k] > -1).all() else None}
+              for k, name in enumerate(class_names)]
+    present = (at50 > -1).all(0)
+    overall = at50[:, present].mean(1).tolist() if present.any() else None
+    return curves + [{"class": "all classes", "precision": overall}]
+
+
+def image_outcomes(evaluation, truth_labels: list, detections: list, dt_rows: list[tuple[int, int]],
+                   score_threshold: float) -> list[dict]:
+    """Per image, at IoU 0.5, pycocotools' own matching (COCOeval.evalImgs: per class, detections
+    best first each take the best unmatched object of their class) read at a score threshold:
+    a detection scoring ≥ `score_threshold` is a true positive when matched, else a false positive
+    (a right box of the wrong class is one, and its object a miss); an object is missed unless a
+    detection above the threshold matched it. Greedy matching in score order means the detections
+    above a threshold match as they would alone. `dt_rows`: (image, row) of each COCO result id − 1.
+    f1 = 2·tp / (2·tp + fp + missed), 1 for an image with nothing to find and nothing found."""
+    found = [set() for _ in detections]  # detection rows that matched, per image
+    matched = [set() for _ in detections]  # COCO annotation ids of the objects they matched
+    if evaluation is not None:
+        for e in evaluation.evalImgs:
+            if e is None or e["aRng"] != evaluation.params.areaRng[0]:  # the "all" size range only
+                continue
+            for dt_id, gt_id, score in zip(e["dtIds"], e["dtMatches"][0], e["dtScores"]):
+                if gt_id > 0 and score >= score_threshold:
+                    image, row = dt_rows[dt_id - 1]
+                    found[image].add(row)
+                    matched[image].add(int(gt_id))
+    out, first_id = [], 1  # annotation ids run 1.. over the images in order (_coco_inputs)
+    for i, (labels, rows) in enumerate(zip(truth_labels, detections)):
+        n, scores = len(np.asarray(labels).reshape(-1)), np.asarray(rows, np.float64).reshape(-1, 6)[:, 4]
+        above = [r for r in _valid_rows(rows) if scores[r] >= score_threshold]
+        false = [r for r in above if r not in found[i]]
+        missed = [t for t in range(n) if first_id + t not in matched[i]]
+        tp, fp = len(above) - len(false), len(false)
+        f1 = 2 * tp / (2 * tp + fp + len(missed)) if tp + fp + len(missed) else 1.0
+        out.append({"index": i, "tp": tp, "fp": fp, "missed": len(missed), "f1": f1, "false": false,
+                    "missed_boxes": missed})
+        first_id += n
+    return out
+
+
+def _coco_inputs(truth_boxes, truth_labels, detections, class_names) -> tuple[dict, list[dict], list[tuple[int, int]]]:
+    """The ground truth as a COCO dataset dict, the detections as COCO results (bbox x, y, w, h;
+    category ids 1..K; area = box area, which COCO's size ranges read), and the (image, row) of each
+    result: loadRes numbers results 1.. in list order."""
     gt = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
-    results = []
+    results, dt_rows = [], []
     for i, (boxes, labels, rows) in enumerate(zip(truth_boxes, truth_labels, detections)):
         gt["images"].append({"id": i + 1})
         for (x1, y1, x2, y2), label in zip(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels)):
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1,
                                       "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
                                       "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        for x1, y1, x2, y2, score, label in _valid(rows):
+        all_rows = np.asarray(rows, np.float64).reshape(-1, 6)
+        for r in _valid_rows(rows):
+            x1, y1, x2, y2, score, label = all_rows[r]
             results.append({"image_id": i + 1, "category_id": int(label) + 1,
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    return gt, results
+            dt_rows.append((i, int(r)))
+    return gt, results, dt_rows
+
+
+def _valid_rows(rows) -> list[int]:
+    """Indices of the real detections among an image's (D, 6) rows (not padding)."""
+    rows = np.asarray(rows, np.float64).reshape(-1, 6)
+    return np.flatnonzero((rows[:, 5] >= 0) & (rows[:, 4] > 0)).tolist()
 
 
 # ---- mAP@0.5 on the device -------------------------------------------------------------------------

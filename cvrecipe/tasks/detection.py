@@ -10,7 +10,9 @@ train mode.
 - meter: mAP@0.5 on the device (tasks/box_metrics.py APMeter, COCO's rules). In train mode a
   detector returns losses, not boxes, so train_map50 is not measured (NaN).
 - evaluate: pycocotools' COCO metrics (mAP@[.5:.95], mAP@.5, mAP@.75, AP by object size, AR@100,
-  per-class AP) and the confusion matrix at IoU 0.5 with background.
+  per-class AP), the precision-recall curves at IoU 0.5, each image's true positives, false
+  positives and misses at IoU 0.5, and the confusion matrix at IoU 0.5 with background; the last
+  two count the detections an answer keeps (score ≥ answers.detection.SCORE_THRESHOLD).
 - answers: tasks/answers/detection.py (boxes in the input image's pixels, class names).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rich.table import Table
 from cvrecipe.config import AugmentConfig
 from cvrecipe.data.augment_boxes import random_flip
 from cvrecipe.data.ragged import DeviceBoxes
+from cvrecipe.tasks.answers.detection import SCORE_THRESHOLD
 from cvrecipe.tasks.base import Meter, Task
 from cvrecipe.tasks.box_metrics import APMeter, coco_metrics, confusion_at_iou, pad_truth
 
@@ -105,9 +108,10 @@ class Detection(Task):
         boxes, labels = targets.per_image()
         boxes, labels = [b.numpy() for b in boxes], [lab.numpy() for lab in labels]
         detections = list(outputs.float().numpy())
-        result = coco_metrics(boxes, labels, detections, class_names)
+        result = coco_metrics(boxes, labels, detections, class_names, SCORE_THRESHOLD)
+        confusion = confusion_at_iou(boxes, labels, detections, len(class_names), SCORE_THRESHOLD)
         return {"num_images": len(targets), "num_boxes": int(sum(len(lab) for lab in labels)), **result,
-                "confusion_at_iou50": np.asarray(confusion_at_iou(boxes, labels, detections, len(class_names))).tolist(),
+                "confusion_at_iou50": np.asarray(confusion).tolist(),
                 "loss": None}
 
     def headline(self, result: dict) -> str:

@@ -116,3 +116,94 @@ def test_match_rate_finds_the_same_detections_in_another_order():
     moved = shuffled.copy()
     moved[..., :4] += 2.0  # IoU well under 0.99 for these sizes
     assert match_rate(np.stack(dets), moved)[0] == 0
+
+
+# ---- precision-recall curves and per-image outcomes at IoU 0.5 ---------------------------------------
+
+PAD = [0, 0, 0, 0, 0, -1]
+OUTCOME_TRUTH = [np.array([[0, 0, 10, 10], [20, 20, 40, 40]], float),  # a, b
+                 np.array([[0, 0, 100, 100], [60, 60, 90, 90]], float),  # b, a
+                 np.zeros((0, 4)),  # nothing
+                 np.array([[10, 10, 20, 20]], float)]  # a
+OUTCOME_LABELS = [np.array([0, 1]), np.array([1, 0]), np.array([], int), np.array([0])]
+OUTCOME_DETS = [rows([0, 0, 10, 10, .9, 0],  # row 0: a found
+                     [50, 50, 60, 60, .95, 0],  # row 1: a where nothing is: false
+                     [20, 20, 40, 40, .3, 1],  # row 2: b found
+                     [20, 20, 40, 40, .8, 0],  # row 3: right place, wrong class: false (b is found by row 2)
+                     [0, 0, 10, 10, .1, 1],  # row 4: below the 0.25 threshold: not counted
+                     PAD),
+                rows([2, 2, 100, 100, .6, 1],  # row 0: a duplicate of row 1's find: false
+                     [0, 0, 100, 100, .7, 1],  # row 1: b found
+                     [60, 60, 90, 90, .2, 0],  # row 2: would find a, but scores below the threshold: a missed
+                     PAD),
+                rows([5, 5, 15, 15, .5, 0], PAD),  # row 0: false, on an image without objects
+                rows(PAD)]  # a missed
+
+
+def test_each_image_counts_true_positives_false_positives_and_misses_at_the_threshold():
+    found = coco_metrics(OUTCOME_TRUTH, OUTCOME_LABELS, OUTCOME_DETS, CLASSES, score_threshold=0.25)["per_image"]
+    expected = [{"index": 0, "tp": 2, "fp": 2, "missed": 0, "f1": pytest.approx(4 / 6), "false": [1, 3],
+                 "missed_boxes": []},
+                {"index": 1, "tp": 1, "fp": 1, "missed": 1, "f1": pytest.approx(2 / 4), "false": [0],
+                 "missed_boxes": [1]},
+                {"index": 2, "tp": 0, "fp": 1, "missed": 0, "f1": 0.0, "false": [0], "missed_boxes": []},
+                {"index": 3, "tp": 0, "fp": 0, "missed": 1, "f1": 0.0, "false": [], "missed_boxes": [0]}]
+    assert found == expected
+    lower = coco_metrics(OUTCOME_TRUTH, OUTCOME_LABELS, OUTCOME_DETS, CLASSES, score_threshold=0.15)["per_image"]
+    assert (lower[1]["tp"], lower[1]["missed"]) == (2, 0)  # row 2 now counts, and finds a
+
+
+def pycocotools_ap50_of_one_class(k: int) -> float:
+    """pycocotools' own AP@.5 (summarize's stats[1]) with the evaluation restricted to class k."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i + 1} for i in range(len(OUTCOME_TRUTH))],
+                      "categories": [{"id": c + 1} for c in range(len(CLASSES))],
+                      "annotations": [{"id": len(OUTCOME_TRUTH) * 10 + i * 10 + j, "image_id": i + 1,
+                                       "category_id": int(c) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                       "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+                                      for i, (boxes, labels) in enumerate(zip(OUTCOME_TRUTH, OUTCOME_LABELS))
+                                      for j, ((x1, y1, x2, y2), c) in enumerate(zip(boxes, labels))]}
+        gt.createIndex()
+        dets = [{"image_id": i + 1, "category_id": int(c) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
+                for i, d in enumerate(OUTCOME_DETS) for x1, y1, x2, y2, s, c in d if c >= 0]
+        evaluation = COCOeval(gt, gt.loadRes(dets), "bbox")
+        evaluation.params.catIds = [k + 1]
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[1])
+
+
+def test_the_precision_recall_curves_area_is_pycocotools_ap50_per_class():
+    """Class a, 3 objects; its detections best first: false, hit, false, false, hit: precision
+    made monotone from the right is 1/2 up to recall 1/3 (34 of COCO's 101 recall points), 2/5 up
+    to 2/3 (33 points), 0 beyond: AP@.5 = (34·0.5 + 33·0.4) / 101. Class b, 2 objects: hit,
+    false, hit, false: 1 up to recall 1/2 (51 points), 2/3 up to 1 (50 points)."""
+    found = coco_metrics(OUTCOME_TRUTH, OUTCOME_LABELS, OUTCOME_DETS, CLASSES)
+    curves = {c["class"]: np.array(c["precision"]) for c in found["pr_at_iou50"]}
+    assert list(curves) == ["a", "b", "all classes"] and all(len(c) == 101 for c in curves.values())
+    np.testing.assert_allclose(curves["a"], [0.5] * 34 + [0.4] * 33 + [0.0] * 34)
+    np.testing.assert_allclose(curves["b"], [1.0] * 51 + [2 / 3] * 50)
+    hand = {"a": (34 * 0.5 + 33 * 0.4) / 101, "b": (51 + 50 * 2 / 3) / 101}
+    for k, name in enumerate(CLASSES):
+        assert curves[name].mean() == pytest.approx(hand[name])
+        assert curves[name].mean() == pytest.approx(pycocotools_ap50_of_one_class(k))
+        assert curves[name].mean() == pytest.approx(found["per_class"][name]["ap50"])
+    assert curves["all classes"].mean() == pytest.approx(found["map50"])
+
+
+def test_a_class_without_objects_has_no_curve_and_empty_results_still_count_misses():
+    found = coco_metrics([np.array([[0, 0, 10, 10]], float)], [np.array([0])], [rows([0, 0, 10, 10, .9, 0])],
+                         ["a", "b"])
+    assert found["pr_at_iou50"][1] == {"class": "b", "precision": None}
+    nothing = coco_metrics(OUTCOME_TRUTH, OUTCOME_LABELS, [rows(PAD)] * 4, CLASSES)
+    assert [(r["tp"], r["fp"], r["missed"]) for r in nothing["per_image"]] == [(0, 0, 2), (0, 0, 2), (0, 0, 0),
+                                                                              (0, 0, 1)]
+    assert nothing["pr_at_iou50"][-1]["precision"] == [0.0] * 101
