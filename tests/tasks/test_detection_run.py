@@ -16,6 +16,7 @@ from cvrecipe.data.sources import digits
 from cvrecipe.data.synth_detect import compose, write_split
 from cvrecipe.evaluate.job import predict
 from cvrecipe.tasks import get_task
+from pagecheck import view_page
 from serve_helpers import one_torch_thread  # noqa: F401 (fixture)
 
 
@@ -56,8 +57,13 @@ def test_cvrecipe_run_trains_evaluates_and_reports_a_detector(tmp_path):
     assert sum(row["boxes"] for row in result["per_class"].values()) == result["num_boxes"] > 0
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",")[3:7] == ["train_loss", "train_map50", "val_loss", "val_map50"] and len(rows) == 3
-    html = (run / "report.html").read_text()
-    assert "Per-class AP" in html and (run / "plots" / "boxes.png").is_file()
+    info = view_page(run / "report.html", tmp_path / "report.png")
+    assert info["headings"][1:] == ["Per-class AP", "Precision-recall curves", "Boxes", "Worst images"]
+    assert all(image["width"] > 0 for image in info["images"])
+    for name in ("boxes.png", "pr_curves.png"):
+        assert (run / "plots" / name).is_file()
+    per_image = result["per_image"]
+    assert len(per_image) == 4 and sum(r["tp"] + r["missed"] for r in per_image) == result["num_boxes"]
     answers = predict(run, [str(path / "images" / "test")])  # the answer layer, through `predict`
     assert len(answers) == 4 and all(isinstance(a["boxes"], list) for a in answers)
 
