@@ -6,6 +6,8 @@
                  (neardup.py), decided by thresholds calibrated on the dataset itself
     probe        K-fold logistic-regression probe on the embeddings: out-of-sample probabilities
     cleanlab     confident learning on those probabilities: likely label errors, ranked
+    mask probe   (segmentation, in place of the two above) a K-fold per-pixel probe on Lite0's
+                 feature maps, then cleanlab.segmentation: masks that disagree, ranked (mask_issues.py)
 
 Each stage shows a progress bar. The result goes into audit.json; two plain-text files sit beside
 it for the rest of the loop: exclude.txt (images to train without: data.exclude=FILE) and
@@ -32,6 +34,8 @@ from cvrecipe.data.embed import Embedder, embed
 
 MAX_LISTED = 1000  # pairs / label issues written into audit.json (counts are always complete)
 MIN_PROBE_IMAGES = 20  # fewer labelled images than this: no probe, no label-error ranking
+MIN_MASK_IMAGES = 2 * L.FOLDS  # fewer masks than this: no K-fold mask probe
+SHOWN_MASKS = 24  # mask label-error candidates drawn in the page (all ranked ones are in audit.json)
 
 
 def image_id(index: Index, g: int) -> str:
@@ -159,13 +163,43 @@ def label_errors(index: Index, emb: np.ndarray, console: Console, seconds: dict)
             "folds": L.FOLDS, "ranked": ranked}
 
 
+def mask_errors(index: Index, console: Console, seconds: dict) -> dict | None:
+    """Segmentation masks that disagree with an out-of-sample per-pixel prediction (mask_issues.py),
+    ranked. "predicted" holds the shown images' predicted grids (for the page, not audit.json)."""
+    from cvrecipe.data import mask_issues as M
+
+    total = sum(len(y) for _, _, y in index.parts)
+    if total < MIN_MASK_IMAGES:
+        return None
+    with stage_bar(console, "mask probe", total, seconds) as advance:
+        labels, probs = M.probe_parts(index.parts, len(index.classes), advance=advance)
+    with stage_bar(console, "cleanlab", 1, seconds) as advance:
+        found = M.mask_issues(labels, probs)
+        advance()
+    rank = found["rank"][:MAX_LISTED].tolist()
+    ranked = [{**index.describe(g), "id": image_id(index, g), "quality": round(float(found["quality"][g]), 4),
+               "issue_share": round(float(found["issue_share"][g]), 4),
+               "disagreement": round(float(found["disagreement"][g]), 4), "flagged": bool(found["flagged"][g])}
+              for g in rank]
+    flagged = np.flatnonzero(found["flagged"]).tolist()
+    exclude = {image_id(index, g): f"mask disagrees with the out-of-sample prediction on "
+               f"{found['disagreement'][g]:.0%} of its pixels" for g in flagged if index.locate(g)[0] == "train"}
+    return {"folds": L.FOLDS, "grid": M.GRID, "min_issue_share": M.MIN_ISSUE_SHARE, "flagged": len(flagged),
+            "flagged_per_split": dict(Counter(index.locate(g)[0] for g in flagged)),
+            "pixel_accuracy": round(float(1 - found["disagreement"].mean()), 4), "ranked": ranked,
+            "exclude": exclude, "predicted": {g: found["predicted"][g] for g in rank[:SHOWN_MASKS]}}
+
+
 def run(index: Index, embedder: Embedder, console: Console, labels: bool = True) -> dict:
-    """All stages over the images of `index`; returns the audit.json section."""
+    """All stages over the images of `index`; returns the audit.json section. Without class
+    labels (segmentation masks), the masks are ranked instead (mask_errors)."""
     seconds: dict[str, float] = {}
     emb, mirrored = embed_parts(index, embedder, console, seconds)
     out = {"embedder": embedder.name, "dimensions": int(emb.shape[1]), "mirrored": len(mirrored),
            "near_duplicates": duplicates(index, emb, mirrored, console, seconds)}
     out["label_issues"] = label_errors(index, emb, console, seconds) if labels else None
+    masks = not labels and all(y.ndim == 3 for _, _, y in index.parts)
+    out["mask_issues"] = mask_errors(index, console, seconds) if masks else None
     out["seconds"] = seconds
     return out
 
@@ -173,7 +207,8 @@ def run(index: Index, embedder: Embedder, console: Console, labels: bool = True)
 def write_lists(result: dict, out_dir: Path) -> None:
     """exclude.txt: train copies of held-out images, the second image of each duplicate pair within
     train, and flagged label errors in train; leaks.txt: held-out images with a copy in train."""
-    reasons = {**result["near_duplicates"]["exclude"], **(result["label_issues"] or {}).get("exclude", {})}
+    reasons = {**result["near_duplicates"]["exclude"], **(result["label_issues"] or {}).get("exclude", {}),
+               **(result.get("mask_issues") or {}).get("exclude", {})}
     lines = [f"{k}  # {v}" for k, v in reasons.items()]
     (out_dir / "exclude.txt").write_text("\n".join(["# images to train without: data.exclude=this file", *lines]) + "\n")
     table = (result["label_issues"] or {}).pop("table", None)

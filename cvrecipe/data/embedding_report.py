@@ -1,14 +1,17 @@
 """The data report's embedding-audit sections: near-duplicate pairs side by side (test↔train
-leakage first) and the ranked likely label errors as an image grid with given → suggested class."""
+leakage first) and the ranked likely label errors as an image grid with given → suggested class
+(for segmentation: image, given mask and out-of-sample predicted mask)."""
 from __future__ import annotations
 
 import numpy as np
 
 from cvrecipe import pages
 from cvrecipe.data.audit import Index
+from cvrecipe.data.mask_images import class_colours, colour_mask
 
 PAIRS_SHOWN = 48  # pairs with thumbnails (all are in audit.json, up to its limit)
 ERRORS_SHOWN = 60  # ranked label-error candidates with thumbnails
+MASK_SIDE = 128  # px: mask label-error candidates larger than this are shown subsampled
 
 
 def _thumb(images: np.ndarray, alt: str) -> str:
@@ -66,3 +69,43 @@ def label_errors_section(info: dict | None, index: Index) -> str:
                        f"<br>quality {r['quality']:.3f}</figcaption></figure>")
     grid = f'<div class="pairs label-errors">{"".join(figures)}</div>' if figures else "<p>none flagged.</p>"
     return f"<h2>Likely label errors</h2><p class='note'>{how}</p>{grid}"
+
+
+def mask_errors_section(info: dict | None, index: Index, predicted: dict, colours: list | None) -> str:
+    """The masks ranked by disagreement with the out-of-sample prediction: image, given mask and
+    predicted mask side by side (predicted on the probe's grid, shown at the image's size)."""
+    if info is None:
+        return ("<h2>Likely mask errors</h2><p class='note'>not ranked: too few images for a "
+                "K-fold probe</p>")
+    how = (f"out-of-sample per-pixel predictions from a {info['folds']}-fold logistic-regression probe on "
+           f"EfficientNet-Lite0's feature maps, on a {info['grid']}×{info['grid']} grid per image (agreement "
+           f"with the given masks {info['pixel_accuracy']:.1%} of pixels), then cleanlab.segmentation: ranked by "
+           "its label quality score (softmin over the pixels), lowest first; <b>"
+           f"{info['flagged']:,}</b> images flagged, where confident learning marks ≥ {info['min_issue_share']:.0%} "
+           "of the pixels "
+           f"({', '.join(f'{s} {n:,}' for s, n in info['flagged_per_split'].items()) or 'none'}). Each: image · "
+           "given mask · predicted mask")
+    table = class_colours(len(index.classes), colours)
+    figures = []
+    for r in info["ranked"]:
+        g = index.number(r["split"], r["index"])
+        if g not in predicted:
+            break
+        image, given = index.image(g), index.parts[[p[0] for p in index.parts].index(r["split"])][2][r["index"]]
+        shown = np.stack([np.repeat(image, 3, 0) if image.shape[0] == 1 else image, colour_mask(given, table),
+                          colour_mask(_upsample(predicted[g], given.shape), table)])
+        step = -(-max(given.shape) // MASK_SIDE)  # large images shown at about MASK_SIDE px
+        shown = np.ascontiguousarray(shown[..., ::step, ::step])
+        flag = ' class="conflict"' if r["flagged"] else ""
+        figures.append(f"<figure{flag}>{_thumb(shown, 'mask error candidate')}<figcaption>{_where(r)}<br>"
+                       f"quality {r['quality']:.3f} · disagree {r['disagreement']:.1%} · "
+                       f"marked {r['issue_share']:.1%}</figcaption></figure>")
+    grid = f'<div class="pairs mask-errors">{"".join(figures)}</div>' if figures else "<p>no images.</p>"
+    return f"<h2>Likely mask errors</h2><p class='note'>{how}</p>{grid}"
+
+
+def _upsample(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(G, G) class indices → (H, W), each pixel taking its grid cell's class."""
+    rows = np.minimum((np.arange(shape[0]) * grid.shape[0]) // shape[0], grid.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) * grid.shape[1]) // shape[1], grid.shape[1] - 1)
+    return grid[rows[:, None], cols[None, :]]

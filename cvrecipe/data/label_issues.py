@@ -46,10 +46,19 @@ def oof_probabilities(x: np.ndarray, labels: np.ndarray, folds: int = FOLDS, c: 
                       num_classes: int | None = None, tick: Callable[[], None] | None = None) -> np.ndarray:
     """(N, C) out-of-fold softmax probabilities of a logistic-regression probe on features `x`
     (N, D), the folds fitted jointly (see the module docstring). `tick()` is called per iteration."""
-    n, d = x.shape
     k = num_classes or int(labels.max()) + 1
     fold = fold_ids(labels, folds, seed) if fold is None else fold
-    xt, y, f = torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(fold)
+    w, b = fit_fold_probes(x, labels, fold, folds, k, c, max_iter, tick)
+    return held_out_probabilities(x, fold, w, b, k)
+
+
+def fit_fold_probes(x: np.ndarray, labels: np.ndarray, fold: np.ndarray, folds: int, k: int, c: float = C,
+                    max_iter: int = MAX_ITER, tick: Callable[[], None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K probes fitted jointly on rows `x` (N, D) with `labels` (N,) in folds `fold` (N,): row n
+    trains every probe but its fold's. Returns weights (D, folds·k) and biases (folds·k,)."""
+    n, d = x.shape
+    xt, y, f = torch.from_numpy(x), torch.from_numpy(labels).long(), torch.from_numpy(fold)
     w = torch.zeros(d, folds * k, requires_grad=True)
     b = torch.zeros(folds * k, requires_grad=True)
     trains = (f[:, None] != torch.arange(folds)[None, :]).float()  # (N, folds): 1 where fold trains on the row
@@ -73,9 +82,16 @@ def oof_probabilities(x: np.ndarray, labels: np.ndarray, folds: int = FOLDS, c: 
         opt.step(closure)
     finally:
         torch.set_num_threads(threads)
-    with torch.no_grad():
-        logits = (xt @ w + b).view(n, folds, k)[torch.arange(n), f]  # each row from the fold that held it out
-        return F.softmax(logits, 1).numpy().astype(np.float64)
+    return w.detach(), b.detach()
+
+
+@torch.no_grad()
+def held_out_probabilities(x: np.ndarray, fold: np.ndarray, w: torch.Tensor, b: torch.Tensor, k: int) -> np.ndarray:
+    """(N, k) softmax probabilities of each row `x` (N, D) from the probe of its own fold (`fold`,
+    (N,)): the one that never trained on that fold."""
+    n = len(x)
+    logits = (torch.from_numpy(x) @ w + b).view(n, -1, k)[torch.arange(n), torch.from_numpy(fold)]
+    return F.softmax(logits, 1).numpy().astype(np.float64)
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> dict:

@@ -54,6 +54,8 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed=
 
         audit_index = E.reference_index(ds, names, reference, cfg) if reference else index
         embedding = E.run(audit_index, E.embedder_for(embed, embed_size), console, labels=not ds.masks)
+    # the predicted masks of the shown mask label-error candidates are for the page, not audit.json
+    predicted = ((embedding or {}).get("mask_issues") or {}).pop("predicted", {})
     audit = {
         "dataset": ds.name, "classes": ds.classes, "decoded_shape": list(ds.image_shape),
         "splits": A.class_balance(ds),
@@ -71,7 +73,7 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed=
         view = pair_view(cfg, name)
         audit["model_input"] = {"image_shape": view["image_shape"], "augment": view["augment"]}
         audit["seconds"] = round(time.perf_counter() - t0, 2)
-        return audit, {"ds": ds, "index": index, "view": view}
+        return audit, {"ds": ds, "index": index, "view": view, "predicted": predicted}
     # against a reference (a monitor export: often a handful of images, no test split) the page is
     # about the new images and their copies; the model's view is the reference's concern
     view = model_view(cfg, name, normalizer=normalizer) if normalizer is not None and not reference else None
@@ -156,18 +158,21 @@ def render(audit: dict, images: dict) -> str:
                         f"8×8 thumbnails correlate ≥ {audit['near_duplicates']['min_corr']} and up-to-32×32 "
                         f"thumbnails differ by ≤ {audit['near_duplicates']['max_rms']} RMS (brightness and "
                         "contrast removed): re-encoded, resized or re-toned copies"),
-            *_embedding(audit, index), *_examples(ds, audit, view)]
+            *_embedding(audit, index, ds, images.get("predicted", {})), *_examples(ds, audit, view)]
     subtitle = (f"{len(audit['classes'])} classes, decoded (C, H, W) = {tuple(audit['decoded_shape'])}; "
                 f"audited in {audit['seconds']:.1f}s")
     return pages.page(f"Data report: {audit['dataset']}", subtitle, body)
 
 
-def _embedding(audit: dict, index: A.Index) -> list[str]:
+def _embedding(audit: dict, index: A.Index, ds: ImageDataset, predicted: dict) -> list[str]:
     info = audit.get("embedding")
     if info is None:
         return []
     from cvrecipe.data import embedding_report as R
 
+    if ds.masks:
+        return [R.duplicates_section(info["near_duplicates"], index, info["embedder"]),
+                R.mask_errors_section(info.get("mask_issues"), index, predicted, ds.colours)]
     return [R.duplicates_section(info["near_duplicates"], index, info["embedder"]),
             R.label_errors_section(info["label_issues"], index)]
 
