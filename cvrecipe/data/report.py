@@ -139,10 +139,12 @@ def _print_summary(audit: dict, out_dir: Path, console: Console) -> None:
                   f" (across splits: {({k: v['images'] for k, v in near['across'].items()}) or 0})")
     emb = audit.get("embedding")
     if emb is not None:
-        nd, li = emb["near_duplicates"], emb["label_issues"]
+        nd, li, mi = emb["near_duplicates"], emb["label_issues"], emb.get("mask_issues")
+        errors = (f"likely label errors: {li['flagged']}" if li else
+                  f"likely mask errors: {mi['flagged']}" if mi else "likely label errors: not ranked")
         console.print(f"  by embedding: {nd['pairs']:,} near-duplicate pairs, across splits "
-                      f"{ {k: v['images'] for k, v in nd['across'].items()} or 0}; likely label errors: "
-                      f"{li['flagged'] if li else 'not ranked'}; wrote exclude.txt and leaks.txt")
+                      f"{ {k: v['images'] for k, v in nd['across'].items()} or 0}; {errors}; "
+                      "wrote exclude.txt and leaks.txt")
     console.print(f"audit took {audit['seconds']:.1f}s; wrote {out_dir / 'report.html'} and {out_dir / 'audit.json'}")
 
 
