@@ -184,7 +184,7 @@ def mask_errors(index: Index, console: Console, seconds: dict) -> dict | None:
     flagged = np.flatnonzero(found["flagged"]).tolist()
     exclude = {image_id(index, g): f"mask disagrees with the out-of-sample prediction on "
                f"{found['disagreement'][g]:.0%} of its pixels" for g in flagged if index.locate(g)[0] == "train"}
-    return {"folds": L.FOLDS, "grid": M.GRID, "min_issue_share": M.MIN_ISSUE_SHARE, "flagged": len(flagged),
+    return {"folds": L.FOLDS, "grid": M.GRID, "flag_share": round(found["flag_share"], 4), "flagged": len(flagged),
             "flagged_per_split": dict(Counter(index.locate(g)[0] for g in flagged)),
             "pixel_accuracy": round(float(1 - found["disagreement"].mean()), 4), "ranked": ranked,
             "exclude": exclude, "predicted": {g: found["predicted"][g] for g in rank[:SHOWN_MASKS]}}

@@ -81,8 +81,8 @@ def mask_errors_section(info: dict | None, index: Index, predicted: dict, colour
            f"EfficientNet-Lite0's feature maps, on a {info['grid']}×{info['grid']} grid per image (agreement "
            f"with the given masks {info['pixel_accuracy']:.1%} of pixels), then cleanlab.segmentation: ranked by "
            "its label quality score (softmin over the pixels), lowest first; <b>"
-           f"{info['flagged']:,}</b> images flagged, where confident learning marks ≥ {info['min_issue_share']:.0%} "
-           "of the pixels "
+           f"{info['flagged']:,}</b> images flagged, where confident learning marks ≥ {info['flag_share']:.1%} "
+           "of the pixels (5 % and twice the median image's share, whichever is more) "
            f"({', '.join(f'{s} {n:,}' for s, n in info['flagged_per_split'].items()) or 'none'}). Each: image · "
            "given mask · predicted mask")
     table = class_colours(len(index.classes), colours)
