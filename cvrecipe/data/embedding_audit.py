@@ -186,7 +186,7 @@ def mask_errors(index: Index, console: Console, seconds: dict) -> dict | None:
                f"{found['disagreement'][g]:.0%} of its pixels" for g in flagged if index.locate(g)[0] == "train"}
     return {"folds": L.FOLDS, "grid": M.GRID, "flag_share": round(found["flag_share"], 4), "flagged": len(flagged),
             "flagged_per_split": dict(Counter(index.locate(g)[0] for g in flagged)),
-            "pixel_accuracy": round(float(1 - found["disagreement"].mean()), 4), "ranked": ranked,
+            "agreement": round(float(1 - found["disagreement"].mean()), 4), "ranked": ranked,
             "exclude": exclude, "predicted": {g: found["predicted"][g] for g in rank[:SHOWN_MASKS]}}
 
 

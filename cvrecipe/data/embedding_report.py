@@ -7,6 +7,7 @@ import numpy as np
 
 from cvrecipe import pages
 from cvrecipe.data.audit import Index
+from cvrecipe.data import mask_issues as M
 from cvrecipe.data.mask_images import class_colours, colour_mask
 
 PAIRS_SHOWN = 48  # pairs with thumbnails (all are in audit.json, up to its limit)
@@ -78,11 +79,11 @@ def mask_errors_section(info: dict | None, index: Index, predicted: dict, colour
         return ("<h2>Likely mask errors</h2><p class='note'>not ranked: too few images for a "
                 "K-fold probe</p>")
     how = (f"out-of-sample per-pixel predictions from a {info['folds']}-fold logistic-regression probe on "
-           f"EfficientNet-Lite0's feature maps, on a {info['grid']}×{info['grid']} grid per image (agreement "
-           f"with the given masks {info['pixel_accuracy']:.1%} of pixels), then cleanlab.segmentation: ranked by "
-           "its label quality score (softmin over the pixels), lowest first; <b>"
+           f"EfficientNet-Lite0's feature maps, on a {info['grid']}×{info['grid']} grid per image (agreeing "
+           f"with the given masks on {info['agreement']:.1%} of labelled cells, averaged over images), then "
+           "cleanlab.segmentation: ranked by its label quality score (softmin over the pixels), lowest first; <b>"
            f"{info['flagged']:,}</b> images flagged, where confident learning marks ≥ {info['flag_share']:.1%} "
-           "of the pixels (5 % and twice the median image's share, whichever is more) "
+           f"of the pixels ({M.MIN_ISSUE_SHARE:.0%}, or {M.TYPICAL_TIMES:g}× the median image's share if more) "
            f"({', '.join(f'{s} {n:,}' for s, n in info['flagged_per_split'].items()) or 'none'}). Each: image · "
            "given mask · predicted mask")
     table = class_colours(len(index.classes), colours)

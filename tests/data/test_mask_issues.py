@@ -41,7 +41,8 @@ def inspected(tmp_path_factory):
     for i in range(COUNT):
         image, mask = shapes_pair(SIZE, rng)
         Image.fromarray(image).save(root / "train" / "image" / f"{i:02d}.png")
-        Image.fromarray(corrupt(mask, planted[i]) if i in planted else mask).save(root / "train" / "label" / f"{i:02d}.png")
+        given = corrupt(mask, planted[i]) if i in planted else mask
+        Image.fromarray(given).save(root / "train" / "label" / f"{i:02d}.png")
     out = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CVRECIPE_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -55,7 +56,7 @@ def test_planted_mask_corruptions_are_ranked_first(inspected):
     assert embedding["label_issues"] is None  # no class label per image to rank
     top = [r["index"] for r in found["ranked"][:len(planted)]]
     assert sorted(top) == sorted(planted), [(r["index"], r["quality"], r["issue_share"]) for r in found["ranked"][:8]]
-    assert found["pixel_accuracy"] > 0.85  # the probe itself segments the clean images well
+    assert found["agreement"] > 0.85  # the probe itself segments the clean images well
     flagged = {r["index"] for r in found["ranked"] if r["flagged"]}
     assert {3, 13} <= flagged and found["flagged"] == len(flagged)  # the two largest corruptions at least
     excluded = (out / "exclude.txt").read_text()
