@@ -115,7 +115,7 @@ def _draw(ctx: ReportContext, indices: list[int], file: str) -> bytes:
         detections = ctx.outputs[i].numpy()
         for r, (*corners, score, label) in enumerate(detections):
             if label >= 0 and score >= SCORE_THRESHOLD:
-                _box(ax, corners, f"{names[int(label)]} {score:.2f}", "fp" if r in outcome["false"] else "tp")
+                _box(ax, corners, f"{names[int(label)]} {score:.2f}", "fp" if r in outcome["false_rows"] else "tp")
         ax.set_title(f"{_name(ctx, i)}\nTP {outcome['tp']} · FP {outcome['fp']} · missed {outcome['missed']}",
                      fontsize=8)
     fig.tight_layout()

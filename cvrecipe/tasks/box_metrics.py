@@ -46,7 +46,7 @@ def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_
     - pr_at_iou50: [{"class", "precision": 101 values at RECALL_POINTS}] per class (None for a class
       without objects) and last {"class": "all classes"} (their mean): COCOeval's accumulated
       interpolated precision at IoU 0.5, all sizes, 100 detections; its mean is the AP@.5;
-    - per_image: [{"index", "tp", "fp", "missed", "f1", "false": detection row indices, "missed_boxes":
+    - per_image: [{"index", "tp", "fp", "missed", "f1", "false_rows": detection row indices, "missed_boxes":
       object indices}] at IoU 0.5 for the detections scoring ≥ `score_threshold` (image_outcomes)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -126,7 +126,7 @@ def image_outcomes(evaluation, truth_labels: list, detections: list, dt_rows: li
         missed = [t for t in range(n) if first_id + t not in matched[i]]
         tp, fp = len(above) - len(false), len(false)
         f1 = 2 * tp / (2 * tp + fp + len(missed)) if tp + fp + len(missed) else 1.0
-        out.append({"index": i, "tp": tp, "fp": fp, "missed": len(missed), "f1": f1, "false": false,
+        out.append({"index": i, "tp": tp, "fp": fp, "missed": len(missed), "f1": f1, "false_rows": false,
                     "missed_boxes": missed})
         first_id += n
     return out

@@ -80,5 +80,5 @@ def test_the_report_counts_draws_and_ranks_outcomes_and_renders_in_a_browser(tmp
 def test_a_split_without_errors_says_so(tmp_path):
     ctx = context(tmp_path)
     for r in ctx.metrics["per_image"]:
-        r.update(fp=0, missed=0, false=[], missed_boxes=[])
+        r.update(fp=0, missed=0, false_rows=[], missed_boxes=[])
     assert "no image has a false positive or a missed object" in detection_report._worst(ctx)

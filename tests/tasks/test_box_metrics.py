@@ -142,12 +142,12 @@ OUTCOME_DETS = [rows([0, 0, 10, 10, .9, 0],  # row 0: a found
 
 def test_each_image_counts_true_positives_false_positives_and_misses_at_the_threshold():
     found = coco_metrics(OUTCOME_TRUTH, OUTCOME_LABELS, OUTCOME_DETS, CLASSES, score_threshold=0.25)["per_image"]
-    expected = [{"index": 0, "tp": 2, "fp": 2, "missed": 0, "f1": pytest.approx(4 / 6), "false": [1, 3],
+    expected = [{"index": 0, "tp": 2, "fp": 2, "missed": 0, "f1": pytest.approx(4 / 6), "false_rows": [1, 3],
                  "missed_boxes": []},
-                {"index": 1, "tp": 1, "fp": 1, "missed": 1, "f1": pytest.approx(2 / 4), "false": [0],
+                {"index": 1, "tp": 1, "fp": 1, "missed": 1, "f1": pytest.approx(2 / 4), "false_rows": [0],
                  "missed_boxes": [1]},
-                {"index": 2, "tp": 0, "fp": 1, "missed": 0, "f1": 0.0, "false": [0], "missed_boxes": []},
-                {"index": 3, "tp": 0, "fp": 0, "missed": 1, "f1": 0.0, "false": [], "missed_boxes": [0]}]
+                {"index": 2, "tp": 0, "fp": 1, "missed": 0, "f1": 0.0, "false_rows": [0], "missed_boxes": []},
+                {"index": 3, "tp": 0, "fp": 0, "missed": 1, "f1": 0.0, "false_rows": [], "missed_boxes": [0]}]
     assert found == expected
     lower = coco_metrics(OUTCOME_TRUTH, OUTCOME_LABELS, OUTCOME_DETS, CLASSES, score_threshold=0.15)["per_image"]
     assert (lower[1]["tp"], lower[1]["missed"]) == (2, 0)  # row 2 now counts, and finds a
