@@ -53,10 +53,12 @@ def _per_class(m: dict) -> str:
 
 
 def _pr_curves(m: dict, plots) -> str:
+    curves = [c for c in m["pr_at_iou50"] if c["precision"] is not None]
+    if not curves:
+        return "<h2>Precision-recall curves</h2><p>no objects in the split: no curve.</p>"
     recall = RECALL_POINTS.numpy()
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
-    curves = [c for c in m["pr_at_iou50"] if c["precision"] is not None]
     for c in curves:
         overall = c["class"] == "all classes"
         ax.plot(recall, c["precision"], color="black" if overall else None, linewidth=2.5 if overall else 1.2,
