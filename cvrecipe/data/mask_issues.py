@@ -79,14 +79,12 @@ def oof_mask_probabilities(feats: np.ndarray, labels: np.ndarray, num_classes: i
         labelled = np.flatnonzero(flat_labels[i] != IGNORE)
         fit_rows.append(i * pixels + rng.choice(labelled, min(FIT_PIXELS, len(labelled)), replace=False))
     fit_rows = np.concatenate(fit_rows)
-    flat = feats.reshape(n * pixels, d)
+    fit = feats.reshape(n * pixels, d)[fit_rows].astype(np.float32)
     # each feature to zero mean and unit variance: the 3 colour channels would otherwise be dwarfed by
     # Lite0's 152 and their weights held down by the L2 penalty
-    mean = flat[fit_rows].astype(np.float32).mean(0)
-    scale = np.maximum(flat[fit_rows].astype(np.float32).std(0), 1e-6)
-    x_fit = ((flat[fit_rows].astype(np.float32) - mean) / scale).astype(np.float32)
-    w, b = L.fit_fold_probes(x_fit, flat_labels.reshape(-1)[fit_rows].astype(np.int64), image_fold[fit_rows // pixels],
-                             folds, num_classes, tick=tick)
+    mean, scale = fit.mean(0), np.maximum(fit.std(0), 1e-6)
+    w, b = L.fit_fold_probes((fit - mean) / scale, flat_labels.reshape(-1)[fit_rows].astype(np.int64),
+                             image_fold[fit_rows // pixels], folds, num_classes, tick=tick)
     probs = np.empty((n, pixels, num_classes), np.float64)
     for i in range(n):  # each image's pixels through its own fold's probe
         x = ((feats[i].astype(np.float32) - mean) / scale).astype(np.float32)
