@@ -97,8 +97,9 @@ class EagerRunner:
 @dataclass
 class Backend:
     """A loaded model: `predict(uint8 (B, C, H, W)) → float32 logits (B, K)` (or (B, K, H, W) for a
-    segmentation model, detection rows (B, 100, 6) for a detector) plus what describes it; `decode` and `outputs` run it the way it must be run
-    (a model whose task runs whole images: on each image at its own size, in overlapping tiles: tiling.py)."""
+    segmentation model, detection rows (B, 100, 6) for a detector) plus what describes it; `decode` and
+    `outputs` run it the way it must be run (a model whose task runs whole images: on each image at its
+    own size, in overlapping tiles: tiling.py)."""
 
     runner: Any
     source: ModelSource

@@ -68,7 +68,8 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
     async def detect(request: Request,
                      score_threshold: float = Query(answers.SCORE_THRESHOLD, ge=0, le=1,
                                                     description="keep detections scoring at least this"),
-                     max_detections: int = Query(MAX_ROWS, ge=1, le=MAX_ROWS, description="at most this many, best first"),
+                     max_detections: int = Query(MAX_ROWS, ge=1, le=MAX_ROWS,
+                                                 description="at most this many, best first"),
                      format: Literal["json", "png"] | None = Query(None, description="json (default) or png")):
         start = time.perf_counter()
         state: ServerState = request.app.state.server

@@ -35,7 +35,7 @@ def rows(*detections, pad_to: int = 5) -> np.ndarray:
 
 def test_parity_matches_detections_not_rows_and_fails_on_a_moved_box_or_a_changed_class():
     eager = np.stack([rows((10, 10, 30, 30, 0.9, 0), (40, 40, 60, 60, 0.30, 1), (5, 40, 20, 60, 0.30, 2)),
-                      rows((0, 0, 64, 64, 0.5, 1), (1, 1, 2, 2, 0.04, 0))])  # the last scores under 0.05: not looked for
+                      rows((0, 0, 64, 64, 0.5, 1), (1, 1, 2, 2, 0.04, 0))])  # under 0.05: not looked for
     swapped = eager.copy()
     swapped[0, [1, 2]] = swapped[0, [2, 1]]  # tied scores in the other order: the same detections
     task = get_task("detection")

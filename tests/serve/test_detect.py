@@ -193,7 +193,8 @@ def test_the_page_draws_the_boxes_over_the_uploaded_image(detector):
             assert size == list(UPLOAD)
             b = boxes[-1]  # the last drawn: nothing covers its left edge
             x, y = round(b["x1"]), round((b["y1"] + b["y2"]) / 2)
-            on_edge = page.locator("#canvas").evaluate(f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data)")
+            pixel = f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data)"
+            on_edge = page.locator("#canvas").evaluate(pixel)
             image = np.asarray(Image.open(path).convert("RGB"))
             assert np.abs(np.asarray(on_edge[:3]) - image[y, x]).max() > 40, (on_edge, image[y, x])
             assert page.locator("#error").inner_text() == ""
