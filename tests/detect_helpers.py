@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from cvrecipe.config import load_config
@@ -36,3 +37,25 @@ def train_detector_run(root: Path, epochs: int = 6) -> tuple[Path, Path]:
                                        "model.kwargs={fpn_channels: 64}", "train.num_threads=1",
                                        f"train.epochs={epochs}", "train.batch_size=8", "optim.lr=3e-3"])
     return train(cfg, console=Console(quiet=True)), data
+
+
+@pytest.fixture(scope="session")
+def exported_detector(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, data folder): train_detector_run's detector, exported by `cvrecipe export RUN --format onnx
+    --dynamic-batch` (model.onnx, model.json, profile.json); trained once per session (torch on one thread
+    meanwhile), shared by the modules that import this fixture."""
+    import torch
+
+    from cvrecipe.cli import main
+
+    root = tmp_path_factory.getbasetemp() / "detector"
+    if (root / "runs" / "det" / "export" / "profile.json").is_file():
+        return root / "runs" / "det", root / "set"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run, data = train_detector_run(root)
+        assert main(["export", str(run), "--format", "onnx", "--dynamic-batch"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run, data

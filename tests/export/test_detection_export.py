@@ -12,14 +12,13 @@ import torch
 
 from cvrecipe.artifact.checkpoint import load_model
 from cvrecipe.artifact.inference import load_images_for_model, predict_logits
-from cvrecipe.cli import main
 from cvrecipe.export.exporter import ExportError, export_model
 from cvrecipe.imagefile import expand_image_paths
 from cvrecipe.models import create_model
 from cvrecipe.tasks import get_task
 from cvrecipe.tasks.box_metrics import match_detections
 
-from detect_helpers import train_detector_run
+from detect_helpers import exported_detector  # noqa: F401 (fixture)
 from serve_helpers import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,10 +71,9 @@ def test_detectors_that_cannot_export_are_refused_with_the_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_cvrecipe_export_writes_a_detector_that_onnx_runtime_runs_like_the_eager_model(tmp_path):
+def test_cvrecipe_export_writes_a_detector_that_onnx_runtime_runs_like_the_eager_model(exported_detector):
     onnxruntime = pytest.importorskip("onnxruntime")
-    run, data = train_detector_run(tmp_path)
-    assert main(["export", str(run), "--format", "onnx", "--dynamic-batch"]) == 0
+    run, data = exported_detector  # `cvrecipe export RUN --format onnx --dynamic-batch` ran on it
     manifest = json.loads((run / "export" / "model.json").read_text())
     assert manifest["task"] == "detection"
     assert manifest["output"]["name"] == "detections" and manifest["output"]["shape"] == ["batch", 100, 6]

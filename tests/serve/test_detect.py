@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvrecipe.cli import main
 from cvrecipe.evaluate.job import predict
 from cvrecipe.monitor.settings import MonitorSettings
 
-from detect_helpers import SIZE, train_detector_run
+from detect_helpers import SIZE, exported_detector  # noqa: F401 (fixture)
 from serve_helpers import one_torch_thread, running_server, train_stripes_run, wait_until  # noqa: F401 (fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,14 +37,11 @@ def test_detect_on_a_classifier_is_a_409_naming_the_served_task(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory, one_torch_thread):  # noqa: F811 (the fixture)
+def detector(exported_detector, tmp_path_factory):  # noqa: F811 (the fixture)
     """(run folder, test image files upscaled to UPLOAD as PNG, the test files as they are): trained,
     exported to ONNX with its reference profile (made from those test files)."""
-    root = tmp_path_factory.mktemp("detect")
-    run, data = train_detector_run(root)
-    assert main(["export", str(run), "--format", "onnx", "--dynamic-batch"]) == 0
-    uploads = root / "uploads"
-    uploads.mkdir()
+    run, data = exported_detector
+    uploads = tmp_path_factory.mktemp("uploads")
     for path in sorted((data / "images" / "test").glob("*.jpg")):
         Image.open(path).convert("RGB").resize(UPLOAD, Image.BILINEAR).save(uploads / f"{path.stem}.png")
     return run, sorted(uploads.glob("*.png")), sorted((data / "images" / "test").glob("*.jpg"))
