@@ -2,6 +2,7 @@
 
     python bench/serve.py [--run runs/NAME] [--second-run RUN] [--rounds 2] [--requests 3000] [--seconds 6]
                           [--concurrency 1,8,32,64] [--naive] [--no-monitor]
+    python bench/serve.py --detect [--run RUN] [--detect-size 128] ...   # a detector through POST /v1/detect
 
 Without --run, trains small-cnn on a 5,000-image subset of Fashion-MNIST for one epoch (scikit-
 learn's digits when Fashion-MNIST is not available) in a temporary folder. --second-run adds a
@@ -20,6 +21,12 @@ each run is exported to ONNX if it has no export yet. Then, per model, all on 12
 
 `cvrecipe serve` monitors its traffic by default (drift, live accuracy; LitServe has none);
 --no-monitor serves with monitoring off, to compare the two servers doing the same work.
+
+--detect serves a detector instead, through POST /v1/detect (JSON boxes; LitServe's peer serves
+classifiers only, so cvrecipe alone is measured, and ONNX Runtime's option variants are skipped).
+Without --run it trains fcos-lite0 for one epoch on --detect-images synthetic images of --detect-size pixels
+(sklearn's digits 0-2 pasted on noise, data/synth_detect.py's `compose`): throughput does not depend on
+how well it learnt, the post-processing being fixed-shape (models/detectors.py).
 
 Prints per-round rows, then per server and concurrency the median over rounds, and the ratios the
 targets are stated in. Asserts nothing. The load generator shares the machine's cores with the
@@ -72,6 +79,25 @@ def trained_run(tmp: Path) -> Path:
     return train(cfg)
 
 
+def trained_detector(tmp: Path, size: int, count: int = 64) -> Path:
+    """fcos-lite0 trained for one epoch on `count` synthetic `size` px images with 1-6 digits 0, 1 and 2
+    each (and as many test images, at most BODIES, for the export check and the requests)."""
+    from cvrecipe.data.sources import digits
+    from cvrecipe.data.synth_detect import compose, write_split
+
+    ds = digits(tmp / "digits")
+    keep = ds.train.y < 3  # three classes: a few images hold them all
+    background = np.random.default_rng(0).integers(0, 80, (8, 3, 16, 16)).astype(np.uint8)
+    for split, n, seed in (("train", count, 1), ("test", min(count, BODIES), 2)):
+        items = compose(ds.train.x[keep], ds.train.y[keep], background, n, (size, size), seed)
+        write_split(tmp / "set", split, items, ["0", "1", "2"])
+    cfg = load_config("detect-synth", [f"data.name=boxes:{tmp / 'set'}", f"data.image_size={size}", f"runs_dir={tmp}",
+                                       "train.epochs=1", "train.batch_size=16", f"data.cache_dir={tmp / 'cache'}"])
+    print(f"training {cfg.model.name} on {count} images of digits pasted on noise at {size} px (one epoch) ...",
+          flush=True)
+    return train(cfg)
+
+
 def test_images(run_dir: Path) -> np.ndarray:
     cfg = load_run_config(run_dir)
     return load_dataset(cfg.data, seed=cfg.train.seed).eval_split[1].x  # (N, C, H, W) uint8
@@ -90,11 +116,12 @@ def png_bodies(x: np.ndarray) -> list[bytes]:
     return out
 
 
-def raw_throughput(model_path: Path, x: np.ndarray, seconds: float = 2.0) -> dict[int, float]:
+def raw_throughput(model_path: Path, x: np.ndarray, seconds: float = 2.0,
+                   sizes: tuple[int, ...] = RAW_BATCH_SIZES) -> dict[int, float]:
     """Images/s of ONNX Runtime alone at each batch size (after two warm-up calls), with the
     server's session options."""
     runner = OnnxRunner(model_path, spin=False)
-    return {size: _rate(runner, x, size, seconds) for size in RAW_BATCH_SIZES}
+    return {size: _rate(runner, x, size, seconds) for size in sizes}
 
 
 def _rate(runner: OnnxRunner, x: np.ndarray, size: int, seconds: float) -> float:
@@ -150,8 +177,8 @@ def free_port() -> int:
 
 
 def start_server(kind: str, export_dir: Path, port: int, max_batch_size: int, max_wait_ms: float,
-                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """(process, predict URL) of a server started in a subprocess and ready to answer."""
+                 extra: tuple[str, ...] = (), route: str = "/v1/predict") -> tuple[subprocess.Popen, str]:
+    """(process, URL of `route`) of a server started in a subprocess and ready to answer."""
     if kind == "litserve":
         cmd = [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), str(export_dir), "--port", str(port),
                "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
@@ -159,7 +186,7 @@ def start_server(kind: str, export_dir: Path, port: int, max_batch_size: int, ma
     else:
         cmd = [sys.executable, "-m", "cvrecipe", "serve", str(export_dir), "--port", str(port), "--max-batch-size",
                str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--queue-size", "4096", *extra]
-        ready, predict = "/readyz", "/v1/predict"
+        ready, predict = "/readyz", route
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -246,10 +273,11 @@ async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, s
 
 
 def measure(kind: str, export_dir: Path, bodies: list[bytes], levels: list[int], max_batch_size: int,
-            max_wait_ms: float, requests: int, seconds: float, extra: tuple[str, ...] = ()) -> dict:
+            max_wait_ms: float, requests: int, seconds: float, extra: tuple[str, ...] = (),
+            route: str = "/v1/predict") -> dict:
     """{concurrency: figures} for one server started for this round, plus its resident memory."""
     port = free_port()
-    proc, url = start_server(kind, export_dir, port, max_batch_size, max_wait_ms, extra)
+    proc, url = start_server(kind, export_dir, port, max_batch_size, max_wait_ms, extra, route)
     try:
         rows = {c: asyncio.run(load(url, bodies, c, requests, seconds)) for c in levels}
         rows["rss_mb"] = resident_mb(proc)
@@ -267,19 +295,23 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
     print(f"\n== {label}: {export_dir / 'model.onnx'}, images {x.shape[1:]} (C, H, W), {os.cpu_count()} CPU cores, "
           f"load average {os.getloadavg()[0]:.1f}; cvrecipe's monitoring {'off' if args.no_monitor else 'on'}",
           flush=True)
-    raw = raw_throughput(export_dir / "model.onnx", x, args.raw_seconds)
+    # a detector's batch of 32 already takes ~0.4 s at 128 px: larger ones only lengthen the run
+    raw = raw_throughput(export_dir / "model.onnx", x, args.raw_seconds, (1, 8, 32) if args.detect else RAW_BATCH_SIZES)
     print("raw ONNX Runtime images/s by batch size: " + ", ".join(f"{b}: {r:,.0f}" for b, r in raw.items()),
           flush=True)
-    variants = ort_variants(export_dir / "model.onnx", x, seconds=args.raw_seconds * 0.35)
-    print("ONNX Runtime options at batch 32 (images/s, median of 3 interleaved): "
-          + "; ".join(f"{name}: {r:,.0f}" for name, r in variants.items()), flush=True)
-    servers = ["cvrecipe", "litserve"]
+    variants = {}
+    if not args.detect:
+        variants = ort_variants(export_dir / "model.onnx", x, seconds=args.raw_seconds * 0.35)
+        print("ONNX Runtime options at batch 32 (images/s, median of 3 interleaved): "
+              + "; ".join(f"{name}: {r:,.0f}" for name, r in variants.items()), flush=True)
+    servers = ["cvrecipe"] if args.detect else ["cvrecipe", "litserve"]  # the peer serves classifiers only
+    route = "/v1/detect" if args.detect else "/v1/predict"
     no_monitor = ("--no-monitor",) if args.no_monitor else ()  # cvrecipe's options; LitServe has no monitoring
     rounds = {name: [] for name in servers}
     for r in range(args.rounds):
         for name in servers if r % 2 == 0 else servers[::-1]:  # A B, B A, ...: alternated
             extra = no_monitor if name == "cvrecipe" else ()
-            rows = measure(name, export_dir, bodies, levels, 32, 5.0, args.requests, args.seconds, extra)
+            rows = measure(name, export_dir, bodies, levels, 32, 5.0, args.requests, args.seconds, extra, route)
             rounds[name].append(rows)
             for c in levels:
                 f = rows[c]
@@ -287,7 +319,7 @@ def bench_model(label: str, run_dir: Path, args, levels: list[int]) -> dict:
                       f"p99 {f['p99']:6.1f} ms  errors {f['errors']}  n {f['n']}", flush=True)
             print(f"round {r + 1} {name:<9} resident memory {rows['rss_mb']:.0f} MB", flush=True)
     naive = measure("cvrecipe", export_dir, bodies, levels, 1, 0, args.requests, args.seconds,
-                    no_monitor) if args.naive else None
+                    no_monitor, route) if args.naive else None
     return {"raw": raw, "variants": variants, "rounds": rounds, "naive": naive}
 
 
@@ -297,6 +329,9 @@ def median(rows: list[dict], c: int, key: str) -> float:
 
 def report(label: str, result: dict, levels: list[int]) -> None:
     rounds, raw = result["rounds"], result["raw"]
+    if "litserve" not in rounds:  # a detector: cvrecipe alone
+        report_alone(label, result, levels)
+        return
     print(f"\n{label}: median over {len(rounds['cvrecipe'])} rounds (batch 32, wait 5 ms, multipart PNG)")
     print(f"{'concurrency':>11} | {'cvrecipe req/s':>14} {'p50':>6} {'p99':>6} | {'LitServe req/s':>14} {'p50':>6} "
           f"{'p99':>6} | {'thr. ratio':>10} {'p99 ratio':>9} {'errors':>7}")
@@ -317,6 +352,21 @@ def report(label: str, result: dict, levels: list[int]) -> None:
                                                            for c in levels))
 
 
+def report_alone(label: str, result: dict, levels: list[int]) -> None:
+    rounds, raw = result["rounds"]["cvrecipe"], result["raw"]
+    print(f"\n{label}: median over {len(rounds)} rounds (batch 32, wait 5 ms, multipart PNG, POST /v1/detect)")
+    print(f"{'concurrency':>11} | {'cvrecipe img/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}")
+    for c in levels:
+        errors = sum(r[c]["errors"] for r in rounds)
+        print(f"{c:>11} | {median(rounds, c, 'rps'):>14,.1f} {median(rounds, c, 'p50'):>7.1f} "
+              f"{median(rounds, c, 'p99'):>7.1f} {errors:>7}")
+    best = max(raw, key=raw.get)
+    top = max(median(rounds, c, "rps") for c in levels)
+    print(f"raw ONNX Runtime in-process: {raw[best]:,.1f} images/s (batch {best}); cvrecipe's best: "
+          f"{top:,.1f} images/s, {top / raw[best]:.0%} of it")
+    print("resident memory, MB (per round): cvrecipe " + ", ".join(f"{r['rss_mb']:.0f}" for r in rounds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="run folder to serve (default: train a small one)")
@@ -329,14 +379,20 @@ def main() -> None:
     parser.add_argument("--no-monitor", action="store_true", help="cvrecipe serve with monitoring off (as LitServe)")
     parser.add_argument("--raw-seconds", type=float, default=2.0,
                         help="seconds per batch size of the in-process ONNX Runtime rates (default 2)")
+    parser.add_argument("--detect", action="store_true", help="serve a detector through POST /v1/detect")
+    parser.add_argument("--detect-size", type=int, default=128,
+                        help="--detect without --run: the trained detector's image size, px (default 128)")
+    parser.add_argument("--detect-images", type=int, default=64,
+                        help="--detect without --run: training (and test) images of the trained detector (default 64)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    for name, (objects, full, frozen) in gc_pauses().items():
+    for name, (objects, full, frozen) in (gc_pauses() if not args.detect else {}).items():
         print(f"server process {name}: {objects:,} objects; a full garbage collection takes {full:.0f} ms, "
               f"{frozen:.1f} ms after gc.freeze() (median of 3)", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = args.run or trained_run(Path(tmp))
+        run_dir = args.run or (trained_detector(Path(tmp), args.detect_size, args.detect_images) if args.detect
+                                else trained_run(Path(tmp)))
         results[run_dir.name] = bench_model(run_dir.name, run_dir, args, levels)
         if args.second_run:
             results[args.second_run.name] = bench_model(args.second_run.name, args.second_run, args, levels)

@@ -72,6 +72,11 @@ def export_model(model: ImageModel, images: np.ndarray, out_dir: Path, fmt: str 
     if len(images) == 0:
         raise ExportError("no images to check the export on")
     filename, write, runner_cls = FORMATS[fmt]
+    refusal = getattr(model.net, "export_refusal", None)  # a model may know why it cannot be exported
+    reason = refusal(fmt, dynamic_batch) if refusal is not None else None
+    if reason:
+        raise ExportError(f"{model.meta['name']} cannot be exported to {fmt}"
+                          f"{' with a dynamic batch' if dynamic_batch else ''}: {reason}")
     model = model.cpu().eval()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ CANDIDATES (box, class) pairs of each image → class-aware Fast NMS (`fast_nms`
 of YOLACT, Bolya et al. 2019) → the best MAX_DETECTIONS. torch.onnx.export(dynamo=True) fails inside
 torchvision's own `batched_nms` (its output size depends on the data). Faster R-CNN keeps
 torchvision's two-stage post-processing (its proposals go through greedy NMS), padded to the same
-(B, 100, 6): it evaluates and serves in PyTorch, and does not export with a dynamic batch.
+(B, 100, 6): it evaluates and serves in PyTorch, and does not export at all. SSDlite exports to
+TorchScript only. `export_refusal(fmt, dynamic_batch)` says why, for the exporter to raise.
 
     fcos-lite0           FCOS, FPN (P3–P7) over EfficientNet-Lite0 (ImageNet weights, offline)
     retinanet-lite0      RetinaNet, same backbone and FPN
@@ -128,6 +129,10 @@ class Detector(nn.Module):
         boxes, scores = self.decode(head, anchors)
         return fast_nms(*select_candidates(boxes, scores, height, width))
 
+    def export_refusal(self, fmt: str, dynamic_batch: bool) -> str | None:
+        """Why this detector cannot be exported to `fmt` (the exporter raises with it), or None."""
+        return None
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad right and bottom as torchvision's transform batches images in training (to a multiple
         of 32 for the FPN detectors, not at all for SSD), so anchors and features line up the same."""
@@ -157,6 +162,12 @@ class RetinaNetDetector(Detector):
 
 
 class SSDDetector(Detector):
+    def export_refusal(self, fmt, dynamic_batch):
+        if fmt == "onnx":  # measured (64 px, 3 classes): ONNX Runtime found 17.5 % of the eager detections
+            return ("ONNX Runtime gives other detections than the eager model for its exported graph, with a "
+                    "fixed or a dynamic batch; export it to TorchScript (--format torchscript), which matches")
+        return None
+
     def decode(self, head, anchors):
         regression = head["bbox_regression"]
         batch, count = regression.shape[:2]
@@ -167,6 +178,12 @@ class SSDDetector(Detector):
 
 class TwoStageDetector(Detector):
     """Faster R-CNN: torchvision's proposals and per-class NMS, padded to (B, MAX_DETECTIONS, 6)."""
+
+    def export_refusal(self, fmt, dynamic_batch):
+        return ("its two-stage post-processing (torchvision's region proposals and greedy NMS) has shapes that "
+                "depend on the data: torch.export stops at them (ONNX) and tracing fixes them to one image's "
+                "(TorchScript); serve it from its run folder with the torch backend, or train a one-stage "
+                "detector (fcos-lite0, retinanet-lite0) to export")
 
     def detect(self, x):
         height, width = x.shape[-2:]

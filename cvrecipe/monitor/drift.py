@@ -14,6 +14,11 @@ Each detector gives a score, the thresholds it is compared with, and a state ok 
 
 With fewer than `min_samples` predictions in the window every state is "waiting".
 
+A detector (BoxReference) is followed by its boxes at the profile's score floor: the class mix of the
+window's boxes, pooled (PSI, as above), the number of boxes per image and the boxes' scores (KS, as
+above; a window without a box at all alerts on the class mix and the scores), and the input statistics
+(KS, as above).
+
 A segmentation model (PixelReference) is followed by what is cheap per served image: the class mix
 of its predicted pixels, pooled over the window (PSI, as above), and each image's mean per-pixel
 confidence (KS, as above).
@@ -27,6 +32,7 @@ from cvrecipe.monitor import stats
 STATES = ("waiting", "ok", "warn", "alert")  # worst last; the gauge value is the index - 1 (waiting = -1)
 PSI_WARN, PSI_ALERT = 0.1, 0.25
 KS_WARN_P, KS_ALERT_P = 0.01, 0.001
+BOX_SCORE_FLOOR = 0.25  # a detector's boxes are followed from this score (the answer layer's default floor)
 
 
 def worst(states) -> str:
@@ -37,7 +43,7 @@ def worst(states) -> str:
 def reference_for(profile: dict):
     """The detectors' reference of a profile: a segmentation model's pixels, or a classifier's images."""
     signals = profile.get("signals") or ("pixels" if "pixel_counts" in profile else "images")  # older profiles
-    return PixelReference(profile) if signals == "pixels" else Reference(profile)
+    return {"pixels": PixelReference, "boxes": BoxReference}.get(signals, Reference)(profile)
 
 
 class Reference:
@@ -89,6 +95,53 @@ class PixelReference:
                  "js_distance": stats.js_distance(self.class_counts, counts)},
                 {"quantity": "confidence", "statistic": "ks", "score": d, "p_value": p, "warn": KS_WARN_P,
                  "alert": KS_ALERT_P, "state": "alert" if p < KS_ALERT_P else "warn" if p < KS_WARN_P else "ok"}]
+
+
+class BoxReference:
+    """A detector's profile: its boxes' classes (pooled counts) and scores (pooled sample) at the score
+    floor `score_threshold`, its boxes per image, and the images' input statistics."""
+
+    def __init__(self, profile: dict):
+        self.profile = profile
+        self.class_names = profile["class_names"]
+        self.score_threshold = float(profile["score_threshold"])
+        self.class_counts = np.asarray(profile["box_counts"], np.float64)
+        self.confidence = np.asarray(profile["scores"])  # what the dashboard's score histogram compares with
+        self.boxes_per_image = np.asarray(profile["boxes_per_image"], np.float64)
+        self.inputs = {name: np.asarray(v) for name, v in profile["inputs"].items()}
+
+    def detect(self, seen: list, min_samples: int) -> list[dict]:
+        """Over a window of served images, each with .boxes ((n, 2) [class, score]) and .inputs."""
+        names = ["class_mix", "boxes_per_image", "score", *self.inputs]
+        if len(seen) < min_samples:
+            return [{"quantity": q, "statistic": None, "score": None, "state": "waiting"} for q in names]
+        classes = np.concatenate([s.boxes[:, 0] for s in seen]).astype(np.int64)
+        counts = np.bincount(classes, minlength=len(self.class_names))
+        score = stats.psi(self.class_counts, counts)  # no box at all: every share at the floor, a large PSI
+        out = [{"quantity": "class_mix", "statistic": "psi", "score": score, "warn": PSI_WARN, "alert": PSI_ALERT,
+                "state": _above(score, PSI_WARN, PSI_ALERT), "unit": "boxes", "boxes": int(len(classes)),
+                "js_distance": stats.js_distance(self.class_counts, counts) if len(classes) else 1.0}]
+        scores = np.concatenate([s.boxes[:, 1] for s in seen])
+        samples = {"boxes_per_image": (self.boxes_per_image, np.array([len(s.boxes) for s in seen], np.float64)),
+                   "score": (self.confidence, scores),
+                   **{n: (ref, np.array([s.inputs.get(n, np.nan) for s in seen])) for n, ref in self.inputs.items()}}
+        for name, (reference, live) in samples.items():
+            out.append(_ks_entry(name, reference, live[~np.isnan(live)], min_samples))
+        return out
+
+
+def _ks_entry(name: str, reference: np.ndarray, live: np.ndarray, min_samples: int) -> dict:
+    """The KS test of one quantity; a live sample under `min_samples` waits, except an empty sample of
+    box scores (no box in the window), which alerts: the detector stopped finding anything."""
+    if len(live) < min_samples and not (name == "score" and len(live) == 0):
+        return {"quantity": name, "statistic": "ks", "score": None, "state": "waiting"}
+    if len(live) == 0:
+        return {"quantity": name, "statistic": "ks", "score": 1.0, "p_value": 0.0, "warn": KS_WARN_P,
+                "alert": KS_ALERT_P, "state": "alert", "note": "no boxes in the window"}
+    d, p = stats.ks(reference, live)
+    state = "alert" if p < KS_ALERT_P else "warn" if p < KS_WARN_P else "ok"
+    return {"quantity": name, "statistic": "ks", "score": d, "p_value": p, "warn": KS_WARN_P, "alert": KS_ALERT_P,
+            "state": state, "wasserstein_sd": stats.wasserstein(reference, live)}
 
 
 class Embedding:

@@ -54,6 +54,7 @@ class Seen:
     latency_ms: float
     features: np.ndarray | None = None  # (D,) penultimate features, when the served model gives them
     pixels: np.ndarray | None = None  # (K,) predicted pixels per class, for a segmentation model
+    boxes: np.ndarray | None = None  # (n, 2) [class, score] of a detector's boxes at the profile's score floor
 
 
 class Monitor:
@@ -161,7 +162,8 @@ class Monitor:
             capture = f"{request_id}-{item}{FORMAT_EXT.get(header.format if header else '', '.img')}"
             captures[capture] = data
         return {"request_id": request_id, "item": item, "time": now, "model_version": self.model.get("version"),
-                "file": name, "predicted": self.class_names[predicted], "confidence": top[0]["probability"],
+                "file": name, "predicted": self.class_names[predicted] if predicted >= 0 else None,
+                "confidence": top[0]["probability"] if top and "probability" in top[0] else None,
                 "top_k": row_json(top), "latency_ms": latency_ms, "input_hash": hashlib.sha256(data).hexdigest(),
                 "width": header.width if header else None, "height": header.height if header else None,
                 "stats": row_json(inputs), "state": self.state, "capture": capture}
@@ -173,6 +175,30 @@ class Monitor:
         with self._lock:
             self._window.append(seen)
             self.served += 1
+
+    async def record_boxes(self, request_id: str, file: tuple[str, bytes], rows: np.ndarray, answer: list[dict],
+                           latency_ms: float, header: Header) -> None:
+        """A detected image joins the window: its detections (rows (D, 6) [x1, y1, x2, y2, score, class])
+        scoring at least the reference profile's floor, the same for every request whatever score
+        threshold it asked for, and its input statistics; with a log, a row holding `answer` (the boxes
+        sent) is committed. No feedback: an image with boxes has no one label."""
+        start, now = time.perf_counter(), time.time()
+        floor = getattr(self.reference, "score_threshold", drift.BOX_SCORE_FLOOR)
+        kept = rows[(rows[:, 5] >= 0) & (rows[:, 4] >= floor)]
+        boxes = np.stack([kept[:, 5], kept[:, 4]], 1)  # (n, 2) [class, score]
+        best = int(np.argmax(kept[:, 4])) if len(kept) else None
+        predicted, confidence = (int(kept[best, 5]), float(kept[best, 4])) if best is not None else (-1, 0.0)
+        with self._lock:
+            inputs, _ = self._inspected.pop(id(file[1]), (None, None))
+            inputs = {**(inputs or {}), "size": math.sqrt(header.width * header.height)}
+            self._window.append(Seen(now, predicted, confidence, inputs, np.zeros(0), latency_ms, boxes=boxes))
+            self.served += 1
+        if self.log is not None:
+            captures: dict = {}
+            row = self._row(request_id, 0, now, file, predicted, answer, latency_ms, inputs, header, captures)
+            row["confidence"] = confidence if predicted >= 0 else None  # the best box's score
+            await self.log.write([row], captures)
+        self.metrics.stages["log"].observe(time.perf_counter() - start)
 
     async def feedback(self, request_id: str, item: int, label: str) -> dict:
         """Record the true label of a served image. ValueError: unknown class; KeyError: unknown request."""
@@ -205,7 +231,9 @@ class Monitor:
         with self._lock:
             seen = [s for s in self._window if s.time >= cutoff]
             labelled = [v for v in self._labelled.values() if v[0] >= cutoff]
-        confidence = np.array([s.confidence for s in seen])
+        boxes = [s.boxes for s in seen if s.boxes is not None]
+        # a detector's window: the scores of all its boxes; otherwise one confidence per image
+        confidence = np.concatenate([b[:, 1] for b in boxes]) if boxes else np.array([s.confidence for s in seen])
         report = {"time": time.time(), "model": self.model, "window": self._window_info(seen),
                   "reference": self._reference_info(), "classes": self.class_names}
         drifts = []
@@ -235,9 +263,13 @@ class Monitor:
                 "source": self.reference.profile.get("source", {})}
 
     def _class_mix(self, seen: list[Seen]) -> dict:
-        """Shares of the window's predicted classes (of its pixels, for a segmentation model) and the reference's."""
+        """Shares of the window's predicted classes (of its pixels, for a segmentation model; of its boxes, for a
+        detector) and the reference's."""
         if seen and seen[-1].pixels is not None:
             counts = np.sum([s.pixels for s in seen if s.pixels is not None], 0)
+        elif seen and seen[-1].boxes is not None:  # a detector: the classes of its boxes, pooled
+            classes = np.concatenate([s.boxes[:, 0] for s in seen if s.boxes is not None]).astype(np.int64)
+            counts = np.bincount(classes, minlength=len(self.class_names))
         else:
             counts = np.bincount(np.array([s.predicted for s in seen], np.int64), minlength=len(self.class_names))
         live = stats.shares(counts).tolist()

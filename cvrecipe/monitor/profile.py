@@ -19,6 +19,10 @@ the rest calibrates the MMD thresholds (windows drawn from images the reference 
 A segmentation model's profile ("signals": "pixels") holds what is cheap to follow per served
 image: its predicted pixels per class (pooled, the class mix is compared with) and its mean
 per-pixel confidence (the mean over pixels of the largest class probability).
+
+A detector's profile ("signals": "boxes") holds its boxes scoring at least a floor (the answer
+layer's default, 0.25): their classes (pooled counts), their scores (pooled sample) and the number
+per image, plus the images' input statistics.
 """
 from __future__ import annotations
 
@@ -83,6 +87,24 @@ def build_pixel_profile(pixel_counts: np.ndarray, confidence: np.ndarray, class_
     return {"format_version": FORMAT_VERSION, "signals": "pixels", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source": source or {}, "images": len(pixel_counts), "class_names": list(class_names),
             "pixel_counts": pixel_counts.sum(0).tolist(), "confidence": _rounded(confidence)}
+
+
+def build_box_profile(images: np.ndarray, rows: np.ndarray, class_names: list[str], source: dict | None = None,
+                      score_threshold: float = 0.25) -> dict:
+    """The profile of a detector from uint8 images (N, C, H, W) and its detections on them (N, D, 6)
+    rows [x1, y1, x2, y2, score, class]: the boxes scoring at least `score_threshold`."""
+    if len(images) != len(rows) or len(rows) < 1:
+        raise ValueError(f"a detection profile needs one row block per image; got {len(images)} images and "
+                         f"{len(rows)} row blocks")
+    kept = (rows[..., 5] >= 0) & (rows[..., 4] >= score_threshold)  # (N, D)
+    inputs = stats.input_stats(images)
+    inputs["size"] = np.full(len(images), float(np.sqrt(images.shape[2] * images.shape[3])))
+    return {"format_version": FORMAT_VERSION, "signals": "boxes", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": source or {}, "images": len(rows), "class_names": list(class_names),
+            "score_threshold": score_threshold,
+            "box_counts": np.bincount(rows[..., 5][kept].astype(np.int64), minlength=len(class_names)).tolist(),
+            "scores": _rounded(rows[..., 4][kept]), "boxes_per_image": kept.sum(1).tolist(),
+            "inputs": {name: _rounded(values) for name, values in inputs.items()}}
 
 
 def _embedding(kind: str, x: np.ndarray, n_ref: int, rng) -> dict:
@@ -158,11 +180,11 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     import torch
 
     from cvrecipe.artifact.checkpoint import load_model
-    from cvrecipe.artifact.inference import iter_logits, predict_features
+    from cvrecipe.artifact.inference import iter_logits, predict_features, predict_logits
     from cvrecipe.config import load_run_config
     from cvrecipe.data import load_dataset
     from cvrecipe.export import manifest as mf
-    from cvrecipe.tasks import spec_of, task_of
+    from cvrecipe.tasks import answers_of, spec_of, task_of
 
     run_dir = Path(run_dir)
     checkpoint = run_dir / "best.safetensors"
@@ -175,18 +197,22 @@ def profile_run(run_dir: Path, out_dir: Path | None = None, max_images: int = MA
     images = split.x[:max_images]
     source = {"run": str(run_dir), "checkpoint_sha256": mf.sha256_file(checkpoint),
               "images": f"{ds.name} {split_name}, first {len(images)}", "held_out_used": len(images)}
-    class_names = list(model.meta["class_names"])
-    if spec_of(task_of(model.meta)).MONITOR == "pixels":
+    class_names, task = list(model.meta["class_names"]), task_of(model.meta)
+    signals = spec_of(task).MONITOR  # what the task's monitor follows
+    if signals == "pixels":
         counts, confidence = [], []
         for outputs in iter_logits(model, images, batch_size=8, device=torch.device("cpu")):  # (B, K, H, W)
             counts += [torch.bincount(o.argmax(0).flatten(), minlength=len(class_names)).numpy() for o in outputs]
             confidence += outputs.softmax(1).amax(1).mean((1, 2)).tolist()
         profile = build_pixel_profile(np.stack(counts), np.asarray(confidence), class_names, source)
+    elif signals == "boxes":
+        rows = predict_logits(model, images, batch_size=64, device=torch.device("cpu")).numpy()  # (N, D, 6)
+        profile = build_box_profile(np.asarray(images), rows, class_names, source, answers_of(task).SCORE_THRESHOLD)
     else:
         logits, features = predict_features(model, images, batch_size=256, device=torch.device("cpu"))
         profile = build_profile(np.asarray(images), logits, class_names, source, features=features,
                                 temperature=float(model.meta.get("temperature") or 1.0))
     out_dir = Path(out_dir or run_dir / "export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile["task"] = task_of(model.meta)
+    profile["task"] = task
     return write_profile(profile, out_dir)

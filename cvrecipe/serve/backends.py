@@ -97,8 +97,9 @@ class EagerRunner:
 @dataclass
 class Backend:
     """A loaded model: `predict(uint8 (B, C, H, W)) → float32 logits (B, K)` (or (B, K, H, W) for a
-    segmentation model) plus what describes it; `decode` and `outputs` run it the way it must be run
-    (a model whose task runs whole images: on each image at its own size, in overlapping tiles: tiling.py)."""
+    segmentation model, detection rows (B, 100, 6) for a detector) plus what describes it; `decode` and
+    `outputs` run it the way it must be run (a model whose task runs whole images: on each image at its
+    own size, in overlapping tiles: tiling.py)."""
 
     runner: Any
     source: ModelSource
@@ -125,8 +126,8 @@ class Backend:
         return decode_batch(blobs, self.input_shape, max_pixels, keep_size=self.whole_images)
 
     def outputs(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Per decoded image (C, H, W), the model's outputs: logits (K,), or (K, H, W) for a tiled model
-        (each image alone, in tiles of the input size)."""
+        """Per decoded image (C, H, W), the model's outputs: logits (K,), detection rows (D, 6), or
+        (K, H, W) for a tiled model (each image alone, in tiles of the input size)."""
         if not self.whole_images:
             return list(self.predict(np.stack(images)))  # one forward pass for the whole batch
         import torch
@@ -140,8 +141,10 @@ class Backend:
 
     def outputs_and_features(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
         """outputs(images), and for a classifier whose runner gives them, the penultimate features
-        (N, D) from the same forward pass (else None: a TorchScript file, a tiled model)."""
-        if self.whole_images or not hasattr(self.runner, "predict_features"):
+        (N, D) from the same forward pass (else None: a TorchScript file, a tiled model, a task whose
+        monitor follows no embedding)."""
+        embeds = spec_of(self.info["task"]).MONITOR == "images"  # only the image monitor embeds features
+        if self.whole_images or not embeds or not hasattr(self.runner, "predict_features"):
             return self.outputs(images), None
         logits, features = self.runner.predict_features(np.stack(images))
         return list(logits), features
@@ -188,11 +191,14 @@ def load_backend(source: ModelSource, ort_options: dict | None = None) -> Backen
 
 def warm_up(backend: Backend, max_batch_size: int, passes: int) -> None:
     """Run zero images at batch sizes 1 and `max_batch_size`, so first requests do not pay for
-    lazy initialisation (allocator growth, kernel selection)."""
+    lazy initialisation (allocator growth, kernel selection), and check the outputs' shape is what the
+    model's task expects (its spec's `outputs_fit`)."""
+    task = backend.info["task"]
     for size in sorted({1, max_batch_size}):
         x = np.zeros((size, *backend.input_shape), np.uint8)
         for _ in range(passes):
-            logits = backend.predict(x)
-        if not spec_of(backend.info["task"]).outputs_fit(logits.shape, size, len(backend.info["class_names"])):
-            raise ValueError(f"{backend.source.path} gives logits of shape {logits.shape} for {size} images; "
-                             f"expected ({size}, {len(backend.info['class_names'])}, ...)")
+            outputs = backend.predict(x)
+        if not spec_of(task).outputs_fit(outputs.shape, size, len(backend.info["class_names"])):
+            raise ValueError(f"{backend.source.path} gives outputs of shape {outputs.shape} for {size} images, "
+                             f"which is not what a {task} model with {len(backend.info['class_names'])} classes "
+                             f"gives ({spec_of(task).outputs_fit.__doc__.strip()})")

@@ -15,19 +15,25 @@ Detections everywhere are the detectors' fixed-shape rows (B, D, 6) [x1, y1, x2,
   up to how ties in score are ordered (tests/tasks/test_box_metrics.py measures the gap).
 - `confusion_at_iou`: (K + 1, K + 1) counts at IoU 0.5 with a background row (false positives) and
   column (missed objects).
-- `match_rate`: share of one set of detections found in another (class equal, IoU ≥ 0.99), the
-  parity measure of an exported detector (its padded arrays differ where tied low scores reorder).
+- `match_rate`: share of one set of detections found in another (class equal, IoU ≥ 0.99).
+- `match_detections`: the export parity measure: the eager model's detections found in an exported
+  model's (class equal, IoU ≥ 0.9, greedy by score), with the largest box and score differences of
+  the matched pairs (padded arrays differ where tied low scores reorder, so they are not compared).
 """
 from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from cvrecipe.tasks.base import ParityReport
+
 RECALL_POINTS = torch.from_numpy(np.linspace(0.0, 1.0, 101))  # COCO's recall thresholds, its exact float64 values
 AREA_SMALL, AREA_LARGE = 32 ** 2, 96 ** 2  # COCO's object size limits, pixels²
+MATCH_IOU = 0.9  # export parity: an exported detection is the eager one when of its class and overlapping this much
 
 
 def _valid(rows) -> np.ndarray:
@@ -315,3 +321,70 @@ def match_rate(reference: np.ndarray, other: np.ndarray, iou_threshold: float = 
                     matched += 1
                     break
     return matched, total
+
+
+# ---- export parity ---------------------------------------------------------------------------------
+
+@dataclass
+class MatchedDetections:
+    """Detections of one model found in another's (see match_detections)."""
+    reference: int  # the reference's detections that were looked for
+    matched: int
+    max_box_diff: float  # max |corner difference| over matched pairs, pixels
+    max_score_diff: float  # max |score difference| over matched pairs
+
+    @property
+    def share(self) -> float:
+        return self.matched / self.reference if self.reference else 1.0
+
+
+def match_detections(reference: np.ndarray, other: np.ndarray, iou_threshold: float = MATCH_IOU,
+                     min_score: float = 0.05) -> MatchedDetections:
+    """Find each of `reference`'s detections (B, D, 6) scoring ≥ `min_score` in `other` (B, D', 6), per
+    image: greedy by the reference's score, best first, each takes the unused detection of `other` of
+    the same class with the highest IoU, if that IoU is ≥ `iou_threshold`. Padded arrays are not
+    compared row by row: tied low scores may swap rows without changing any detection."""
+    from torchvision.ops import box_iou as iou_one
+
+    if len(reference) != len(other):
+        raise ValueError(f"{len(reference)} images of reference detections, {len(other)} of the other's")
+    looked = matched = 0
+    box_diff = score_diff = 0.0
+    for ref, oth in zip(reference, other):
+        ref, oth = _valid(ref), _valid(oth)
+        ref = ref[np.argsort(-ref[:, 4], kind="stable")]
+        ref = ref[ref[:, 4] >= min_score]
+        looked += len(ref)
+        if not len(ref) or not len(oth):
+            continue
+        iou = iou_one(torch.as_tensor(ref[:, :4]), torch.as_tensor(oth[:, :4])).numpy()
+        iou = np.where(np.abs(ref[:, None, :4] - oth[None, :, :4]).max(-1) <= 1e-3, 1.0, np.nan_to_num(iou))
+        iou[ref[:, 5][:, None] != oth[:, 5][None, :]] = -1  # another class never matches
+        for r in range(len(ref)):
+            o = int(np.argmax(iou[r]))
+            if iou[r, o] < iou_threshold:
+                continue
+            iou[:, o] = -1  # used
+            matched += 1
+            box_diff = max(box_diff, float(np.abs(ref[r, :4] - oth[o, :4]).max()))
+            score_diff = max(score_diff, float(abs(ref[r, 4] - oth[o, 4])))
+    return MatchedDetections(looked, matched, box_diff, score_diff)
+
+
+@dataclass
+class BoxParityReport(ParityReport):
+    """ParityReport of a detector's export: `agreement` is the share of the eager model's detections
+    matched, `max_abs_diff` the largest |box corner diff| (px) of matched pairs; their score
+    difference has its own limit."""
+    max_score_diff: float = 0.0
+    score_atol: float = 0.0
+    detections: int = 0  # the eager model's detections looked for
+
+    @property
+    def passed(self) -> bool:
+        return super().passed and self.max_score_diff <= self.score_atol
+
+    def summary(self) -> str:
+        return (f"{self.agreement:.2%} of {self.detections} eager detections matched (limit {self.min_agreement:.2%}; "
+                f"same class, IoU >= {MATCH_IOU}), max |box diff| {self.max_abs_diff:.3g} px (limit {self.atol:.3g}), "
+                f"max |score diff| {self.max_score_diff:.3g} (limit {self.score_atol:.3g}) on {self.images} images")

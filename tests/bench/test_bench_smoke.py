@@ -149,6 +149,15 @@ def test_serve(work, tmp_path):
     assert "cvrecipe's best" in out and "LitServe" in out
 
 
+def test_serve_detect(work, tmp_path):
+    """--detect: trains a tiny detector itself and loads POST /v1/detect (cvrecipe alone: no peer serves boxes)."""
+    out = bench(work, tmp_path, "serve.py", "--detect", "--detect-size", "64", "--detect-images", "8", "--rounds", "1", "--requests", "10",
+                "--seconds", "1", "--concurrency", "2", "--raw-seconds", "0.05")
+    assert "POST /v1/detect" in out and "cvrecipe's best" in out and "LitServe" not in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("2 |"))
+    assert int(row.split()[-1]) == 0, row  # no request failed
+
+
 def test_litserve_peer(work, tmp_path):
     """The peer server bench/serve.py measures against: it starts and answers a prediction."""
     pytest.importorskip("litserve")
