@@ -97,15 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="split to evaluate (default: test when the dataset has one, else val)")
 
-    p = verbs.add_parser("predict", help="top-k classes (or masks) for image files",
+    p = verbs.add_parser("predict", help="top-k classes (or masks, or boxes) for image files",
                          description="Classify image files (folders are searched recursively) with RUN's best "
-                                     "checkpoint; a segmentation model writes a mask PNG per image instead.")
+                                     "checkpoint; a segmentation model writes a mask PNG per image instead; a "
+                                     "detector answers boxes in each image's own pixels.")
     p.add_argument("run", type=Path, help="run folder or a .safetensors checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("-k", "--top-k", type=int, default=5, help="number of classes to show per image (default 5)")
+    p.add_argument("-k", "--top-k", type=int, help="classes (default 5) or boxes (default 100) per image")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs (default RUN/predictions)")
     p.add_argument("--overlay", action="store_true", help="segmentation: also write the mask over the image as a PNG")
+    p.add_argument("--annotate", type=Path, metavar="DIR",
+                   help="detection: also write each image with its boxes drawn on it into DIR (<name>.annotated.png)")
 
     p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect, synth-detect",
                          description="Inspect or pre-decode a dataset into the uint8 cache, or write a synthetic one.")
@@ -282,8 +285,8 @@ def _plain_warnings():
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Numbers argparse takes as any int but that only make sense in a range: refused before any work."""
-    if args.verb == "predict" and args.top_k < 1:
-        raise ValueError(f"-k/--top-k {args.top_k}: expected 1 or more classes per image")
+    if args.verb == "predict" and args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"-k/--top-k {args.top_k}: expected 1 or more classes (or boxes) per image")
     if args.verb == "serve" and not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected a TCP port from 0 to 65535 (0: any free port)")
     if args.verb == "train" and args.nproc is not None and args.nproc < 1:
@@ -340,7 +343,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             return 2  # every file given was refused: the command did nothing it was asked
         from cvrecipe.evaluate.job import predict, prediction_lines
 
-        results = predict(args.run, args.images, args.top_k, args.out, args.overlay)
+        results = predict(args.run, args.images, args.top_k, args.out, args.overlay, args.annotate)
         _print_predictions(results, args, console, prediction_lines)
         return 2 if results and all("error" in r for r in results) else 0
     elif args.verb == "data" and args.data_verb == "inspect":

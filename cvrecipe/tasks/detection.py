@@ -24,8 +24,9 @@ from rich.table import Table
 from cvrecipe.config import AugmentConfig
 from cvrecipe.data.augment_boxes import random_flip
 from cvrecipe.data.ragged import DeviceBoxes
-from cvrecipe.tasks.base import Meter, Task
+from cvrecipe.tasks.base import Meter, Task, given
 from cvrecipe.tasks.box_metrics import APMeter, coco_metrics, confusion_at_iou, pad_truth
+from cvrecipe.tasks.registry import answers_of
 
 ROWS = 100  # detections per image in the eval output (models/detectors.py MAX_DETECTIONS)
 
@@ -129,6 +130,17 @@ class Detection(Task):
     def parity(self, *args, **kwargs):
         raise NotImplementedError("export is not supported for task=detection yet: its parity check (matched "
                                   "detections against the eager model) is not written")
+
+    def answers(self, outputs: torch.Tensor, meta: dict, k: int | None = None,
+                image_sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+        """Boxes in each image's own pixels when `image_sizes` is given (the model saw it resized); at
+        most `k` per image (default: the answer layer's MAX_DETECTIONS)."""
+        return answers_of(self.name).answers(outputs.float().numpy(), meta, image_sizes=image_sizes, **given(k=k))
+
+    DRAWS_ANSWERS = True
+
+    def draw_answer(self, answer: dict, image: np.ndarray, meta: dict) -> np.ndarray:
+        return answers_of(self.name).annotate(image, answer["boxes"], meta["class_names"])
 
     def output_spec(self, num_classes: int) -> dict:
         return {"name": "detections", "dtype": "float32", "shape": ["batch", ROWS, 6],
