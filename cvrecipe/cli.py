@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cvrecipe.monitor import commands as monitor_commands
+from cvrecipe.videofile import is_video
 
 RECIPE_HELP = "a shipped recipe's name (`cvrecipe recipes` lists them; e.g. fashion-mnist) or a YAML file's path"
 OVERRIDE_HELP = "dotted config overrides, e.g. optim.lr=0.01 train.epochs=5 data.subset=2000"
@@ -336,6 +337,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from cvrecipe.evaluate.job import evaluate
 
         evaluate(args.run, args.data, args.split, console)
+    elif args.verb == "predict" and any(is_video(path) for path in args.images):
+        return _predict_videos(args, console)
     elif args.verb == "predict":
         refused = _refused_by_headers(args.run, args.images)
         if refused is not None:  # nothing to run a model on: answered without loading torch or the model
@@ -391,6 +394,21 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print("\n".join(list_pretrained()), markup=False)
     elif args.verb == "recipes":
         _recipes(console)
+    return 0
+
+
+def _predict_videos(args: argparse.Namespace, console: Console) -> int:
+    """`predict RUN clip.mp4 ...`: an annotated video and per-frame JSON per video, frames per second printed."""
+    images = [path for path in args.images if not is_video(path)]
+    if images:
+        raise ValueError(f"{images[0]}: give either videos or images to one predict command, not both")
+    from cvrecipe.evaluate.video import predict_video
+
+    results = [predict_video(args.run, Path(path), args.out, args.top_k) for path in args.images]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    for result in results if not args.json else []:
+        console.print(escape(result.line()), highlight=False)
     return 0
 
 
