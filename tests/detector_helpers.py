@@ -24,3 +24,21 @@ def confident_detector(path: Path, size: int = 64, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model, path)
     return path
+
+
+def digit_boxes_set(out: Path, splits: dict[str, tuple[int, int]], size=(64, 64), classes: int = 3,
+                    max_objects: int = 2) -> Path:
+    """Digits 0..classes-1 pasted on dark noise (data/synth_detect.py's compose), written as COCO JSON
+    and YOLO labels; `splits`: {split: (images, seed)}."""
+    import numpy as np
+
+    from cvrecipe.data.sources import digits
+    from cvrecipe.data.synth_detect import compose, write_split
+
+    ds = digits(Path("."))
+    keep = ds.train.y < classes
+    background = np.random.default_rng(0).integers(0, 60, (4, 3, 16, 16)).astype(np.uint8)
+    for split, (n, seed) in splits.items():
+        items = compose(ds.train.x[keep], ds.train.y[keep], background, n, size, seed=seed, max_objects=max_objects)
+        write_split(out, split, items, [str(i) for i in range(classes)])
+    return out
