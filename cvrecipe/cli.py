@@ -101,12 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("predict", help="top-k classes (or masks, or boxes) for image files",
                          description="Classify image files (folders are searched recursively) with RUN's best "
                                      "checkpoint; a segmentation model writes a mask PNG per image instead; a "
-                                     "detector answers boxes in each image's own pixels.")
+                                     "detector answers boxes in each image's own pixels. Given video files "
+                                     "(.mp4, .mkv, .mov, ...), a detector writes each one's frames with their "
+                                     "boxes drawn (H.264) and per-frame JSON, and prints frames per second.")
     p.add_argument("run", type=Path, help="run folder or a .safetensors checkpoint")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="+", help="image files or folders, or video files")
     p.add_argument("-k", "--top-k", type=int, help="classes (default 5) or boxes (default 100) per image")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs (default RUN/predictions)")
+    p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs; video: for the annotated "
+                                            "video and its JSON (default RUN/predictions)")
     p.add_argument("--overlay", action="store_true", help="segmentation: also write the mask over the image as a PNG")
     p.add_argument("--annotate", type=Path, metavar="DIR",
                    help="detection: also write each image with its boxes drawn on it into DIR (<name>.annotated.png)")
@@ -402,13 +405,17 @@ def _predict_videos(args: argparse.Namespace, console: Console) -> int:
     images = [path for path in args.images if not is_video(path)]
     if images:
         raise ValueError(f"{images[0]}: give either videos or images to one predict command, not both")
+    if args.annotate:
+        raise ValueError(f"--annotate {args.annotate}: for images; a video's annotated copy is written to --out")
     from cvrecipe.evaluate.video import predict_video
 
-    results = [predict_video(args.run, Path(path), args.out, args.top_k) for path in args.images]
+    results = []
+    for path in args.images:  # each video's line as soon as it is done: a later bad file loses nothing
+        results.append(predict_video(args.run, Path(path), args.out, args.top_k))
+        if not args.json:
+            console.print(escape(results[-1].line()), highlight=False)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
-    for result in results if not args.json else []:
-        console.print(escape(result.line()), highlight=False)
     return 0
 
 

@@ -124,7 +124,9 @@ class VideoWriter:
         self.width, self.height = width - width % 2, height - height % 2
         self.container = av.open(str(self.path), mode="w")
         self.encoder = next(name for name in ENCODERS if name in av.codecs_available)
-        options = {"preset": "veryfast", "crf": "23"} if self.encoder == "libx264" else {}
+        # ultrafast: ~3 ms per 640x360 frame on 2 busy cores where veryfast took ~21 ms (files ~40 % larger);
+        # crf 23: x264's default quality
+        options = {"preset": "ultrafast", "crf": "23"} if self.encoder == "libx264" else {}
         self.stream = self.container.add_stream(self.encoder, rate=fps, options=options)
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, "yuv420p"
         self.time_base = 1 / Fraction(fps)
