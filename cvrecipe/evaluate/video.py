@@ -88,6 +88,8 @@ def predict_video(run_dir: Path, path: Path, out_dir: Path | None = None, k: int
                 for frame, t, answer in zip(frames, times, answers):
                     writer.write(task.draw_answer(answer, frame, model.meta))
                     records.append({"frame": len(records), "time": round(float(t), 6), **answer})
+            if not records:
+                raise VideoError(f"{path}: no frame could be decoded")
         os.replace(partial, video_out)
     finally:
         partial.unlink(missing_ok=True)
