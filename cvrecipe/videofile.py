@@ -86,7 +86,9 @@ def read_frames(path: Path, batch: int = 16, max_pixels: int = MAX_PIXELS
         raise VideoError(f"{path}: frames of {ctx.width}x{ctx.height} pixels, above data.max_pixels={max_pixels:,}")
     stream.thread_type = "AUTO"  # frame- and slice-threaded decoding
     fps = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
-    duration = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / av.time_base
+    # s: the stream's own duration, else the container's (Matroska declares only the latter)
+    duration = (float(stream.duration * stream.time_base) if stream.duration
+                else (container.duration or 0) / av.time_base)
     info = VideoInfo(ctx.width, ctx.height, Fraction(fps), int(stream.frames or 0), ctx.name, duration)
     return info, _batches(av, container, stream, path, batch, info.fps)
 
