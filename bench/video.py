@@ -2,8 +2,8 @@
 
 Writes a synthetic clip (coloured blocks moving over a noisy gradient, H.264 through PyAV) of
 --frames frames at --size, then runs cvrecipe.evaluate.video.predict_video on it --repeats times and
-prints, per run, frames/s end to end (decode + resize + model + answers + draw + encode) and frames/s of
-the model alone (resize + model + answers). Without --run the detector is --model built at --input px
+prints, per run, frames/s end to end (decode + resize + model + answers + draw + encode), frames/s of
+the model alone (resize + model + answers) and the process's CPU time per frame (all its threads). Without --run the detector is --model built at --input px
 with untrained heads (ImageNet backbone where the model has one); --confident biases its class
 logits up so every frame carries the full 100 boxes to draw (the worst case for drawing), else
 hardly any box passes the answers' 0.25 score floor (the speed of the model alone).
@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -93,11 +94,13 @@ def main() -> None:
               f"{args.run or f'{args.model} at {args.input} px, untrained heads'}; batch {args.batch}; "
               f"torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.2f}")
         for i in range(args.repeats):
+            cpu = time.process_time()  # CPU s of every thread of this process: what load on the machine hides least
             result = predict_video(run, clip, tmp / "out", batch=args.batch)
+            cpu = time.process_time() - cpu
             boxes = np.mean([len(f["boxes"]) for f in _frames(result.answers)])
             print(f"run {i}: {result.frames_per_s:.1f} frames/s end to end, {result.model_frames_per_s:.1f} frames/s "
-                  f"model only, {boxes:.1f} boxes per frame, encoder {result.encoder}, "
-                  f"load {os.getloadavg()[0]:.2f}")
+                  f"model only, {1000 * cpu / result.frames:.1f} CPU ms per frame, {boxes:.1f} boxes per frame, "
+                  f"encoder {result.encoder}, load {os.getloadavg()[0]:.2f}")
 
 
 def _frames(path: str) -> list[dict]:
