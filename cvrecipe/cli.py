@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cvrecipe.monitor import commands as monitor_commands
+from cvrecipe.videofile import is_video
 
 RECIPE_HELP = "a shipped recipe's name (`cvrecipe recipes` lists them; e.g. fashion-mnist) or a YAML file's path"
 OVERRIDE_HELP = "dotted config overrides, e.g. optim.lr=0.01 train.epochs=5 data.subset=2000"
@@ -97,15 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="split to evaluate (default: test when the dataset has one, else val)")
 
-    p = verbs.add_parser("predict", help="top-k classes (or masks) for image files",
+    p = verbs.add_parser("predict", help="top-k classes (or masks, or boxes) for image files",
                          description="Classify image files (folders are searched recursively) with RUN's best "
-                                     "checkpoint; a segmentation model writes a mask PNG per image instead.")
+                                     "checkpoint; a segmentation model writes a mask PNG per image instead; a "
+                                     "detector answers boxes in each image's own pixels. Given video files "
+                                     "(.mp4, .mkv, .mov, ...), a detector writes each one's frames with their "
+                                     "boxes drawn (H.264) and per-frame JSON, and prints frames per second.")
     p.add_argument("run", type=Path, help="run folder or a .safetensors checkpoint")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("-k", "--top-k", type=int, default=5, help="number of classes to show per image (default 5)")
+    p.add_argument("images", nargs="+", help="image files or folders, or video files")
+    p.add_argument("-k", "--top-k", type=int, help="classes (default 5) or boxes (default 100) per image")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs (default RUN/predictions)")
+    p.add_argument("--out", type=Path, help="segmentation: folder for the mask PNGs; video: for the annotated "
+                                            "video and its JSON (default RUN/predictions)")
     p.add_argument("--overlay", action="store_true", help="segmentation: also write the mask over the image as a PNG")
+    p.add_argument("--annotate", type=Path, metavar="DIR",
+                   help="detection: also write each image with its boxes drawn on it into DIR (<name>.annotated.png)")
 
     p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect, synth-detect",
                          description="Inspect or pre-decode a dataset into the uint8 cache, or write a synthetic one.")
@@ -282,8 +289,8 @@ def _plain_warnings():
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Numbers argparse takes as any int but that only make sense in a range: refused before any work."""
-    if args.verb == "predict" and args.top_k < 1:
-        raise ValueError(f"-k/--top-k {args.top_k}: expected 1 or more classes per image")
+    if args.verb == "predict" and args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"-k/--top-k {args.top_k}: expected 1 or more classes (or boxes) per image")
     if args.verb == "serve" and not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected a TCP port from 0 to 65535 (0: any free port)")
     if args.verb == "train" and args.nproc is not None and args.nproc < 1:
@@ -333,6 +340,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from cvrecipe.evaluate.job import evaluate
 
         evaluate(args.run, args.data, args.split, console)
+    elif args.verb == "predict" and any(is_video(path) for path in args.images):
+        return _predict_videos(args, console)
     elif args.verb == "predict":
         refused = _refused_by_headers(args.run, args.images)
         if refused is not None:  # nothing to run a model on: answered without loading torch or the model
@@ -340,7 +349,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             return 2  # every file given was refused: the command did nothing it was asked
         from cvrecipe.evaluate.job import predict, prediction_lines
 
-        results = predict(args.run, args.images, args.top_k, args.out, args.overlay)
+        results = predict(args.run, args.images, args.top_k, args.out, args.overlay, args.annotate)
         _print_predictions(results, args, console, prediction_lines)
         return 2 if results and all("error" in r for r in results) else 0
     elif args.verb == "data" and args.data_verb == "inspect":
@@ -388,6 +397,25 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print("\n".join(list_pretrained()), markup=False)
     elif args.verb == "recipes":
         _recipes(console)
+    return 0
+
+
+def _predict_videos(args: argparse.Namespace, console: Console) -> int:
+    """`predict RUN clip.mp4 ...`: an annotated video and per-frame JSON per video, frames per second printed."""
+    images = [path for path in args.images if not is_video(path)]
+    if images:
+        raise ValueError(f"{images[0]}: give either videos or images to one predict command, not both")
+    if args.annotate:
+        raise ValueError(f"--annotate {args.annotate}: for images; a video's annotated copy is written to --out")
+    from cvrecipe.evaluate.video import predict_video
+
+    results = []
+    for path in args.images:  # each video's line as soon as it is done: a later bad file loses nothing
+        results.append(predict_video(args.run, Path(path), args.out, args.top_k))
+        if not args.json:
+            console.print(escape(results[-1].line()), highlight=False)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
     return 0
 
 

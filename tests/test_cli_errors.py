@@ -198,7 +198,7 @@ def test_predict_refuses_a_top_k_below_1_before_loading_anything(run_dir, tmp_pa
     image = tmp_path / "x.png"
     image.write_bytes(encode(np.zeros((8, 8), np.uint8), "PNG"))
     out = cvrecipe("predict", run_dir, image, "-k", k, cwd=tmp_path)
-    assert out.returncode == 2 and one_error_line(out) == f"error: -k/--top-k {k}: expected 1 or more classes per image"
+    assert out.returncode == 2 and one_error_line(out) == f"error: -k/--top-k {k}: expected 1 or more classes (or boxes) per image"
     assert out.stdout == ""
 
 

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cvrecipe"
 
 # lowest first; a module's layer is that of its first name under cvrecipe (cvrecipe.train.loop → train)
 LAYERS = [
-    {"config", "device", "pages", "imagefile"},
+    {"config", "device", "pages", "imagefile", "videofile"},
     {"data", "models"},
     {"tasks"},
     {"artifact"},

@@ -17,7 +17,7 @@ from cvrecipe.data import load_dataset
 from cvrecipe.device import resolve_device
 from cvrecipe.evaluate.calibration import halves, held_out_temperature
 from cvrecipe.evaluate.leakfree import leak_free_scores
-from cvrecipe.imagefile import expand_image_paths
+from cvrecipe.imagefile import expand_image_paths, pil_decode, read_header
 from cvrecipe.tasks import get_task, task_of
 from cvrecipe.train.job import train
 
@@ -97,13 +97,17 @@ def calibrate(model, task, ds, split_name: str, part, plain_logits: torch.Tensor
                                 f"{split_name} (a seeded half)", f"{split_name} (the other half)")
 
 
-def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = None,
-            overlay: bool = False) -> list[dict]:
+def predict(run_dir: Path, paths: list[str], k: int | None = None, out_dir: Path | None = None,
+            overlay: bool = False, annotate_dir: Path | None = None) -> list[dict]:
     """The task's answer (top-k classes for a classifier; a mask per image for segmentation, written
-    as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`) for image
-    files (folders expanded). Unreadable files are reported, not fatal."""
+    as a PNG into `out_dir`, default RUN/predictions, with an overlay PNG when `overlay`; boxes in the
+    image's own pixels for a detector) for image files (folders expanded). `k`: classes or boxes per
+    image (None: the task's default). `annotate_dir`: also write each image with its answer drawn on it
+    there (<stem>.annotated.png; a task whose answers are drawn). Unreadable files are reported, not fatal."""
     model = load_model(run_dir, "cpu")
     task = get_task(task_of(model.meta))
+    if annotate_dir is not None and not task.DRAWS_ANSWERS:  # refused before any work
+        raise ValueError(f"--annotate {annotate_dir}: {task.NOT_DRAWN}")
     files = expand_image_paths(paths)
     run_config = Path(run_dir) / "config.yaml"  # the run's own pixel limit, when it is a run folder
     max_pixels = load_run_config(run_dir).data.max_pixels if run_config.is_file() else None
@@ -113,12 +117,33 @@ def predict(run_dir: Path, paths: list[str], k: int = 5, out_dir: Path | None = 
     out_dir = Path(out_dir) if out_dir else run_folder / "predictions"
     files_left = iter(good)
     for x in batches:
-        answers = task.answers(predict_logits(model, x), model.meta, k)
-        for image, answer in zip(x, answers):
-            path = next(files_left)
+        paths_x = [next(files_left) for _ in range(len(x))]
+        sizes = [image_size(path) for path in paths_x]  # (H, W) as given: the model saw x resized
+        answers = task.answers(predict_logits(model, x), model.meta, k, image_sizes=sizes)
+        for image, answer, path in zip(x, answers, paths_x):
             saved = task.save_answer(answer, image, out_dir, path.stem, model.meta, overlay)
+            if annotate_dir is not None:
+                saved = {**saved, "annotated_file": str(write_annotated(task, answer, path, annotate_dir, model.meta))}
             results.append({"file": str(path), **saved})
     return results
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header."""
+    header = read_header(path.read_bytes())
+    return header.height, header.width
+
+
+def write_annotated(task, answer: dict, path: Path, out_dir: Path, meta: dict) -> Path:
+    """OUT/<stem>.annotated.png: the image file at its own size with the task's answer drawn on it."""
+    from PIL import Image
+
+    pixels = pil_decode(path.read_bytes())  # (1 or 3, H, W) uint8
+    drawn = task.draw_answer(answer, pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0), meta)
+    out = Path(out_dir) / f"{path.stem}.annotated.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(drawn).save(out)
+    return out
 
 
 def prediction_lines(run_dir: Path, results: list[dict]) -> list[str]:

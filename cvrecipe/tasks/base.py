@@ -177,10 +177,23 @@ class Task:
         """Compare an export's outputs with the eager model's on the same images."""
         raise NotImplementedError
 
-    def answers(self, outputs: torch.Tensor, meta: dict, k: int) -> list[dict]:
+    def answers(self, outputs: torch.Tensor, meta: dict, k: int | None = None,
+                image_sizes: list[tuple[int, int]] | None = None) -> list[dict]:
         """Per image, the answer `cvrecipe predict` gives (e.g. {"top": [...]}): the task's torch-free
-        answer layer (tasks/answers/), the one the server and the monitor use too."""
-        return answers_of(self.name).answers(outputs.float().numpy(), meta, k)
+        answer layer (tasks/answers/), the one the server and the monitor use too. `image_sizes`: each
+        image's own (H, W) before it was resized to the model's input, for a task whose answers carry
+        pixel coordinates (boxes); the others do not need it. `k`: classes (or boxes) per answer, None
+        for the answer layer's default."""
+        return answers_of(self.name).answers(outputs.float().numpy(), meta, **given(k=k))
+
+    # whether draw_answer draws this task's answers on an image (annotated images and videos); why not
+    DRAWS_ANSWERS = False
+    NOT_DRAWN = "this model's answers are not drawn on images (only answers with places in the image, boxes, are)"
+
+    def draw_answer(self, answer: dict, image: np.ndarray, meta: dict) -> np.ndarray:
+        """`image` ((H, W, 3) or (H, W) uint8, the image as given) with `answer` drawn on it, as a new
+        (H, W, 3) uint8 array; only for a task with DRAWS_ANSWERS."""
+        raise ValueError(self.NOT_DRAWN)
 
     def save_answer(self, answer: dict, image: np.ndarray, out_dir, stem: str, meta: dict,
                     overlay: bool = False) -> dict:
@@ -203,3 +216,8 @@ class Task:
     def answer_text(self, answer: dict) -> str:
         """One answer as one line for the terminal."""
         return answers_of(self.name).text(answer)
+
+
+def given(**kwargs) -> dict:
+    """The keyword arguments that are not None (the others keep the callee's defaults)."""
+    return {key: value for key, value in kwargs.items() if value is not None}

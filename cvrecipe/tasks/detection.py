@@ -27,9 +27,10 @@ from cvrecipe.config import AugmentConfig
 from cvrecipe.data.augment_boxes import random_flip
 from cvrecipe.data.ragged import DeviceBoxes
 from cvrecipe.tasks.answers.detection import SCORE_THRESHOLD
-from cvrecipe.tasks.base import Meter, Task
+from cvrecipe.tasks.base import Meter, Task, given
 from cvrecipe.tasks.box_metrics import (APMeter, BoxParityReport, coco_metrics, confusion_at_iou, match_detections,
                                        pad_truth)
+from cvrecipe.tasks.registry import answers_of
 
 ROWS = 100  # detections per image in the eval output (models/detectors.py MAX_DETECTIONS)
 # Export parity limits on the eager detections matched (tasks/box_metrics.py match_detections). fp32:
@@ -154,6 +155,17 @@ class Detection(Task):
                                measure="matched detections", outputs="box px",
                                max_score_diff=found.max_score_diff, score_atol=limits["score"],
                                detections=found.reference)
+
+    def answers(self, outputs: torch.Tensor, meta: dict, k: int | None = None,
+                image_sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+        """Boxes in each image's own pixels when `image_sizes` is given (the model saw it resized); at
+        most `k` per image (default: the answer layer's MAX_DETECTIONS)."""
+        return answers_of(self.name).answers(outputs.float().numpy(), meta, image_sizes=image_sizes, **given(k=k))
+
+    DRAWS_ANSWERS = True
+
+    def draw_answer(self, answer: dict, image: np.ndarray, meta: dict) -> np.ndarray:
+        return answers_of(self.name).annotate(image, answer["boxes"], meta["class_names"])
 
     def output_spec(self, num_classes: int) -> dict:
         return {"name": "detections", "dtype": "float32", "shape": ["batch", ROWS, 6],

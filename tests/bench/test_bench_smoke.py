@@ -57,7 +57,8 @@ TINY_SPEEDRUN = ["model.kwargs.widths=[8,16,16]", "train.batch_size=32", "train.
 
 
 # scripts whose smoke test sits beside the feature's own tests, reusing their fixtures: script → (file, test)
-ELSEWHERE = {"audit": ("tests/data/test_embedding_audit.py", "test_bench_scores_an_audit_against_public_style_lists")}
+ELSEWHERE = {"audit": ("tests/data/test_embedding_audit.py", "test_bench_scores_an_audit_against_public_style_lists"),
+             "video": ("tests/evaluate/test_predict_video.py", "test_bench_video_prints_frames_per_second")}
 
 
 def test_every_script_has_a_smoke_test():
