@@ -23,7 +23,7 @@ Wall time is printed beside it.
 - Ultralytics: its own time budget (`time=`, which re-plans its epochs and schedule after each
   epoch) counted on the same clock: its trainer's time.time is replaced by time.process_time, and
   workers=0 keeps its data loading in the one process that is measured. Everything else is its
-  defaults (imgsz = --image-size; on CPU it trains on NUM_THREADS = cores - 1 threads).
+  defaults (imgsz = --image-size; on a CPU it trains on cores - 1 threads unless --yolo-threads).
   It runs under another Python (--yolo-python; Ultralytics is not a cvrecipe dependency), offline:
   YOLO_OFFLINE=1, its settings folder inside the output folder, plots=False (no font download).
   The last.pt weights are scored (its val set is this test split: nothing is selected on it).
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="cvrecipe recipe overrides")
     parser.add_argument("--yolo-python", help="a Python with ultralytics installed; without it YOLO is skipped")
     parser.add_argument("--yolo", nargs="*", default=["yolo11n.yaml", "yolo26n.yaml"], help="Ultralytics models")
+    parser.add_argument("--yolo-threads", type=int, help="torch threads for Ultralytics (default: its own, cores - 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-detect"), help="runs, results files, summary")
     parser.add_argument("--yolo-worker", help=argparse.SUPPRESS)  # internal: JSON spec, run under --yolo-python
     args = parser.parse_args()
@@ -266,7 +267,7 @@ def run_yolo(model: str, budget: float, minutes: float, args, truth: dict) -> di
     name = f"{Path(model).stem}-{minutes:g}min"
     out = (args.out / "ultralytics").resolve()
     spec = {"model": model, "name": name, "budget_s": budget, "data": str(args.data.resolve()), "out": str(out),
-            "imgsz": args.image_size, "seed": args.seed}
+            "imgsz": args.image_size, "seed": args.seed, "threads": args.yolo_threads}
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(out / "settings"), "MPLBACKEND": "Agg"}
     print(f"\n-- Ultralytics {model} ({args.image_size} px): time={budget / 3600:.4f} CPU hours")
     print(f"   before: {load()}")
@@ -300,7 +301,10 @@ def yolo_worker(spec: dict) -> None:
     import ultralytics
     from ultralytics import YOLO
     from ultralytics.engine import trainer
+    from ultralytics.utils import torch_utils
 
+    if spec["threads"]:  # what its device selection sets torch's thread count to on a CPU
+        torch_utils.NUM_THREADS = spec["threads"]
     # its time budget on the CPU clock: the trainer reads time.time() only for `time=` and its logs
     trainer.time = types.SimpleNamespace(time=time.process_time)
     data, out = Path(spec["data"]), Path(spec["out"])
