@@ -15,7 +15,11 @@ files; 10 % of train held out as its val split), Ultralytics through DIR/data.ya
 The budget rule: a budget of M minutes on C cores (--budgets, --cores) is M x 60 x C seconds of CPU
 time of the training process: time.process_time, all its threads, so a shared, loaded machine gives
 each tool the same work rather than the same wall time (5 minutes on 2 cores = 600 CPU seconds).
-Wall time is printed beside it.
+Wall time is printed beside it. OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set for
+both tools unless the environment sets it): by default a thread spins while it waits for the
+others, and on an oversubscribed machine that spinning is CPU time without work (the FCOS probe
+measured 365 CPU ms per training image with 2 spinning threads on a 2-core machine at load 12,
+52 with passive ones, 50 on one thread).
 - cvrecipe: the recipe (--recipe, detect-synth: FCOS at 128 px, AdamW, one-cycle) with
   train.budget_s = the budget (the loop stops at the step that spends it) and train.epochs sized
   from a probe of the CPU seconds one training and one validation image cost (a few steps of the
@@ -74,11 +78,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-detect"), help="runs, results files, summary")
     parser.add_argument("--yolo-worker", help=argparse.SUPPRESS)  # internal: JSON spec, run under --yolo-python
     args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (module docstring); inherited
     if args.yolo_worker:
         return yolo_worker(json.loads(args.yolo_worker))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"host: {platform.node()}  cores: {os.cpu_count()}  python {platform.python_version()}  {versions()}")
+    print(f"host: {platform.node()}  cores: {os.cpu_count()}  python {platform.python_version()}  {versions()}  "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     ensure_data(args)
     truth = json.loads((args.data / "annotations" / "instances_test.json").read_text())
     print(f"test split: {len(truth['images'])} images, {len(truth['annotations'])} boxes, "
