@@ -139,6 +139,12 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = option(10, "passes over the training set (the most, with early stopping)", ge=1)
+    budget_s: float | None = option(None, "stop training once this process has used this many CPU seconds since "
+                                          "fit() began (time.process_time: all its threads, so 5 minutes on 2 busy "
+                                          "cores is 600), at the end of the step that crosses it; that epoch is "
+                                          "then validated and checkpointed as the last. null = train.epochs decides "
+                                          "alone. CPU time, not wall time, so a budget means the same work on a "
+                                          "shared, loaded machine", gt=0)
     repeat: int = option(1, "an epoch passes this many times over the training images, each time with new "
                             "augmentation draws: for a few large images trained on crops, so that validation and "
                             "checkpoints come every few hundred crops rather than every few", ge=1)

@@ -68,6 +68,15 @@ class Step:
     memory_format: torch.memory_format
     train_model: torch.nn.Module | None = None  # what the step calls: the model, compiled and/or in DDP
     master: MasterWeights | None = None  # fp32 copies the optimizer updates, with train.half_weights
+    cpu_deadline: float | None = None  # time.process_time() at which train.budget_s is spent
+
+    def over_budget(self) -> bool:
+        """Has train.budget_s been spent? With several processes, when any rank has spent it (one
+        all-reduce of a scalar per step, only with a budget), so that every rank stops at the same step."""
+        if self.cpu_deadline is None:
+            return False
+        over = torch.tensor(float(time.process_time() >= self.cpu_deadline), device=self.device)
+        return bool(self.world.sum(over).item())
 
 
 def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, console: Console | None = None,
@@ -81,13 +90,15 @@ def fit(cfg: Config, ds: ImageDataset, run_dir: Path, resume: bool = False, cons
     tc = cfg.train
     world = world or World()
     device = world.device(tc.device)
+    cpu_start = time.process_time()  # train.budget_s counts from here: data to the device, the model built, training
     with backend_settings(device, tc.deterministic, tc.num_threads):
         seed_everything(tc.seed)
-        return _fit(cfg, ds, run_dir, device, resume, console or Console(soft_wrap=True), callbacks or [], world)
+        return _fit(cfg, ds, run_dir, device, resume, console or Console(soft_wrap=True), callbacks or [], world,
+                    cpu_start)
 
 
 def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, resume: bool, console: Console,
-         callbacks: list, world: World) -> list[dict]:
+         callbacks: list, world: World, cpu_start: float) -> list[dict]:
     tc = cfg.train
     task = get_task(cfg.task, cfg)
     has_val = len(ds.val) > 0
@@ -112,6 +123,8 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
         finally:
             book.close()
     step = _build_step(cfg, task, model, finetune, source, ds.hflip_ok, device, memory_format, world)
+    if tc.budget_s is not None:
+        step.cpu_deadline = cpu_start + tc.budget_s
     book.start(model, _restore(run_dir / "last.ckpt", step) if resume else None)
     try:
         return _epochs(cfg, ds, model, finetune, step, book, has_val, console)
@@ -128,14 +141,19 @@ def _epochs(cfg: Config, ds: ImageDataset, model: ImageModel, finetune: Finetune
             model.net.on_epoch_start(epoch)
         step.train_model = world.replicate(model, tc.compile)  # after the freezing: DDP follows what trains
         t0 = time.perf_counter()
-        train = _train_epoch(cfg, step, epoch, console, len(ds.classes))
-        due = world.from_main(book.due(epoch))
+        train, steps = _train_epoch(cfg, step, epoch, console, len(ds.classes))
+        spent = steps < step.steps_per_epoch or step.over_budget()  # train.budget_s: this epoch is the last
+        due = world.from_main(book.due(epoch)) or spent
         # the weights that are validated and saved: the average, when weights are averaged
         scored = _averaged(step) if has_val or due else None
         val = _validate(task, scored, ds, step) if has_val else None
-        row = world.from_main(book.row(epoch, step.steps_per_epoch, step.optimizer.param_groups[0]["lr"], train, val,
-                                       time.perf_counter() - t0, step.steps_per_epoch * step.batch_size))
+        row = world.from_main(book.row(epoch, steps, step.optimizer.param_groups[0]["lr"], train, val,
+                                       time.perf_counter() - t0, steps * step.batch_size))
         if book.end_epoch(row, model, scored, due, lambda: _snapshot(step), finetune.deployable):
+            break
+        if spent:
+            console.print(f"train.budget_s={tc.budget_s:g} CPU seconds spent: stopped after {row['step']} steps, in "
+                          f"epoch {epoch + 1} of {tc.epochs}")
             break
     return book.finish()
 
@@ -178,7 +196,9 @@ def _build_step(cfg: Config, task: Task, model: ImageModel, finetune: Finetune, 
                 dtype=None if tc.half_weights else dtype, memory_format=memory_format, master=master)
 
 
-def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_classes: int) -> dict[str, float]:
+def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_classes: int) -> tuple[dict[str, float], int]:
+    """One epoch's optimisation steps; its training metrics and the steps taken (fewer than an epoch's
+    when train.budget_s was spent during it)."""
     tc, avg, world = cfg.train, cfg.average, step.world
     steps, accum, device = step.steps_per_epoch, step.feed.accum, step.device
     total_steps = tc.epochs * steps
@@ -189,7 +209,6 @@ def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_clas
     order = torch.randperm(n * tc.repeat, generator=gen, device=device) % n if tc.repeat > 1 else \
         torch.randperm(n, generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)  # summed on device: one sync per log interval, not per step
-    items = steps * accum * world.size  # micro-batch losses summed over the ranks by the end of the epoch
     meter = step.task.meter(num_classes, device)
     columns = [TextColumn(f"epoch {epoch + 1}/{tc.epochs}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
@@ -225,12 +244,16 @@ def _train_epoch(cfg: Config, step: Step, epoch: int, console: Console, num_clas
             if step.ema is not None and done % avg.every == 0:
                 # the average's decay ramps up as (progress)³: early weights are forgotten, late ones kept
                 step.ema.update(step.model, avg.decay * (done / total_steps) ** 3, lookahead=avg.name == "lookahead")
-            if (i + 1) % tc.log_every == 0 or i + 1 == steps:
+            stop = step.over_budget()
+            if (i + 1) % tc.log_every == 0 or i + 1 == steps or stop:
                 mean_loss = world.sum(loss_sum).item() / ((i + 1) * accum * world.size)  # the same on every rank
                 _check_finite(mean_loss, cfg, epoch, i, steps)
                 rate = (i + 1) * step.batch_size / (time.perf_counter() - t0)
                 progress.update(bar, completed=i + 1, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
-    return {"loss": world.sum(loss_sum).item() / items, **world.mean(meter.compute())}
+            if stop:
+                break
+    items = (i + 1) * accum * world.size  # micro-batch losses summed over the ranks by the end of the epoch
+    return {"loss": world.sum(loss_sum).item() / items, **world.mean(meter.compute())}, i + 1
 
 
 def _detached(outputs):

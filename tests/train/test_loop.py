@@ -189,3 +189,25 @@ def test_the_loop_takes_loss_augmentation_and_metrics_from_the_task(tmp_path, mo
     assert calls["augment"] == steps  # one augmentation per CPU training batch
     assert calls["loss"] >= steps  # every step, plus the validation batches
     assert all(float(r["train_acc"]) == -1.0 and float(r["val_acc"]) == -1.0 for r in rows)
+
+
+def test_cpu_budget_stops_at_the_step_that_spends_it(tmp_path):
+    # a budget spent by setting up alone: the first step crosses it, and that one-step epoch is the last
+    cfg = load_config("digits-quick", [f"runs_dir={tmp_path / 'a'}", "train.epochs=20", "train.sanity=false",
+                                       "train.budget_s=1e-6"])
+    run_dir = train(cfg)
+    rows = read_metrics(run_dir)
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "1")]
+    assert (run_dir / "best.safetensors").is_file() and load_resume(run_dir / "last.ckpt")["epoch"] == 1
+
+
+def test_cpu_budget_counts_process_cpu_seconds(tmp_path):
+    # 1,000 epochs would take minutes; 2 CPU seconds stop the run once this process has used them
+    cfg = load_config("digits-quick", [f"runs_dir={tmp_path}", "train.epochs=1000", "train.sanity=false",
+                                       "train.budget_s=2"])
+    cpu0 = time.process_time()
+    rows = read_metrics(train(cfg))
+    assert time.process_time() - cpu0 >= 2
+    assert 1 <= len(rows) < 1000
+    steps_per_epoch = int(rows[0]["step"])
+    assert int(rows[-1]["step"]) <= len(rows) * steps_per_epoch
