@@ -35,10 +35,6 @@ def check_config(cfg) -> None:
         raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor}: a detector gives losses in train mode and "
                           f"boxes in eval mode, so only val_map50 is measured (val_loss and train_map50 are NaN); "
                           f"monitor val_map50")
-    if cfg.train.sanity:
-        raise ConfigError("train.sanity=true: the sanity checks (initial loss, overfit a batch, zero input, "
-                          "shuffled targets) are not written for task=detection yet; run with --no-sanity "
-                          "(train.sanity=false)")
 
 
 def outputs_fit(shape: tuple[int, ...], batch: int, num_classes: int) -> bool:
