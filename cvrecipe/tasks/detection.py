@@ -22,7 +22,7 @@ import torch
 from rich.table import Table
 
 from cvrecipe.config import AugmentConfig
-from cvrecipe.data.augment_boxes import random_flip
+from cvrecipe.data.augment_boxes import crop_boxes, crop_images, random_flip, zoom_windows
 from cvrecipe.data.ragged import DeviceBoxes
 from cvrecipe.tasks.base import Meter, Task
 from cvrecipe.tasks.box_metrics import (APMeter, box_iou, coco_metrics, confusion_at_iou, interpolated_ap,
@@ -33,6 +33,10 @@ ROWS = 100  # detections per image in the eval output (models/detectors.py MAX_D
 # this prior p, and score them with sigmoid_focal_loss(alpha, gamma) summed and divided by the
 # number of foreground locations (torchvision.models.detection.fcos / retinanet)
 FOCAL_PRIOR, FOCAL_ALPHA, FOCAL_GAMMA = 0.01, 0.25, 2.0
+# box-aware scale/translate: a box is dropped when its shorter side inside the image is under
+# MIN_BOX_SIDE pixels or less than MIN_BOX_VISIBLE of its area stays inside (a sliver of an object
+# at the border teaches a box the image no longer shows)
+MIN_BOX_SIDE, MIN_BOX_VISIBLE = 2.0, 0.25
 
 
 class BoxAPMeter(Meter):
@@ -167,9 +171,17 @@ class Detection(Task):
 
     def augment(self, x: torch.Tensor, y: DeviceBoxes, policy: AugmentConfig, hflip_ok: bool, gen: torch.Generator,
                 base_flip: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, DeviceBoxes]:
-        if not (policy.hflip and hflip_ok):
-            return x, y
-        x, rows = random_flip(x, y.flat, gen)
+        """Flips (augment.hflip), then one zoom and shift per image (augment.scale: zoom factor range;
+        augment.crop_padding: shift in pixels each way), boxes moved, clipped and dropped with their
+        images (MIN_BOX_SIDE, MIN_BOX_VISIBLE). The border a zoom-out or shift uncovers is black,
+        whatever augment.pad_mode says: reflected padding would show objects without their boxes."""
+        rows = y.flat
+        if policy.hflip and hflip_ok:
+            x, rows = random_flip(x, rows, gen)
+        if tuple(policy.scale) != (1.0, 1.0) or policy.crop_padding:
+            size = tuple(x.shape[-2:])
+            windows = zoom_windows(x.shape[0], *size, gen, tuple(policy.scale), policy.crop_padding)
+            x, rows = crop_images(x, windows, size), crop_boxes(rows, windows, size, MIN_BOX_SIDE, MIN_BOX_VISIBLE)
         return x, y.with_rows(rows)
 
     def meter(self, num_classes: int, device: torch.device) -> Meter:

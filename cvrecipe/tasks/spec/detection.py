@@ -5,7 +5,9 @@ from cvrecipe.config import AugmentConfig, ConfigError, _show as show
 
 METRICS = ("loss", "map50")  # per split, loss first; map50: mAP at IoU 0.5 (COCO's rules, on the device)
 MONITOR = "boxes"  # what the monitor would follow (class mix of detections, boxes per image, scores)
-SUPPORTED_AUGMENT = ("hflip",)  # box-aware so far: flips (data/augment_boxes.py)
+# box-aware (data/augment_boxes.py): flips, a zoom factor range, a shift in pixels; pad_mode has no
+# effect (the uncovered border is black: reflection would show objects without their boxes)
+SUPPORTED_AUGMENT = ("hflip", "scale", "crop_padding", "pad_mode")
 
 
 def whole_images(meta: dict) -> bool:
