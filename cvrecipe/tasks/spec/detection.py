@@ -17,8 +17,10 @@ def whole_images(meta: dict) -> bool:
 
 def check_config(cfg) -> None:
     """Switches a detection run does not understand, each named."""
-    if not cfg.data.name.startswith("boxes:"):
-        raise ConfigError(f"data.name={cfg.data.name}: task=detection needs a boxes:PATH dataset (COCO, YOLO or VOC)")
+    name = cfg.data.name
+    if not (name.startswith("boxes:") or name == "synth-detect" or name.startswith("synth-detect:")):
+        raise ConfigError(f"data.name={name}: task=detection needs a boxes:PATH dataset (COCO, YOLO or VOC) or "
+                          f"synth-detect[:BACKGROUNDS] (the synthetic set, written into the cache on first use)")
     if cfg.data.image_size is None:
         raise ConfigError("data.image_size is null: task=detection decodes every image to one square size "
                           "(set data.image_size, e.g. 128)")
