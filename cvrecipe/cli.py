@@ -480,6 +480,7 @@ def _data(args: argparse.Namespace, console: Console) -> None:
 
 
 def _synth_detect(args: argparse.Namespace, console: Console) -> None:
+    from cvrecipe.data import load_source
     from cvrecipe.data.dataset import DataError
     from cvrecipe.data.synth_source import write_set
 
@@ -487,7 +488,8 @@ def _synth_detect(args: argparse.Namespace, console: Console) -> None:
         low, high = (int(v) for v in args.size.split("-"))
     except ValueError:
         raise DataError(f"--size {args.size}: expected MIN-MAX in pixels, e.g. 128-256") from None
-    counts = write_set(args.out, args.objects, args.backgrounds, args.train, args.test, (low, high), args.seed)
+    counts = write_set(args.out, load_source, args.objects, args.backgrounds, args.train, args.test, (low, high),
+                       args.seed)
     for split, (images, boxes) in counts.items():
         console.print(f"{split}: {images} images, {boxes} boxes", highlight=False)
     console.print(f"written to {args.out} (data.yaml for YOLO, annotations/instances_*.json for COCO)",

@@ -41,7 +41,7 @@ def load_source(name: str, cfg: DataConfig | None = None, lazy: bool = False) ->
     if name == "synth-detect" or name.startswith("synth-detect:"):
         from cvrecipe.data.synth_source import load_synth
 
-        return load_synth(name, cfg.image_size, cfg.channels, cache)
+        return load_synth(name, cfg.image_size, cfg.channels, cache, load_source)
     if name.startswith("boxes:"):
         from cvrecipe.data.box_source import load_boxes
 

@@ -14,9 +14,11 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from cvrecipe.config import DataConfig
 from cvrecipe.data.box_source import load_boxes
 from cvrecipe.data.dataset import ImageDataset
 
@@ -27,13 +29,12 @@ BACKGROUNDS = "cifar10"
 TRAIN, TEST, SIZE, SEED = 5000, 500, (128, 256), 0  # `cvrecipe data synth-detect`'s defaults
 
 
-def write_set(out: Path, objects: str = OBJECTS, backgrounds: str = BACKGROUNDS, train: int = TRAIN,
-              test: int = TEST, size: tuple[int, int] = SIZE, seed: int = SEED,
-              cache_dir: Path | None = None) -> dict[str, tuple[int, int]]:
-    """Load the object and background datasets (decoded into `cache_dir`, default the usual cache) and
-    write the set into `out` (synth_detect.synth_detect). Returns {split: (images, boxes)}."""
-    from cvrecipe.config import DataConfig
-    from cvrecipe.data import load_source
+def write_set(out: Path, load_source: Callable[[str, DataConfig], ImageDataset], objects: str = OBJECTS,
+              backgrounds: str = BACKGROUNDS, train: int = TRAIN, test: int = TEST, size: tuple[int, int] = SIZE,
+              seed: int = SEED, cache_dir: Path | None = None) -> dict[str, tuple[int, int]]:
+    """Load the object and background datasets with `load_source` (data.load_source; decoded into
+    `cache_dir`, default the usual cache) and write the set into `out` (synth_detect.synth_detect).
+    Returns {split: (images, boxes)}."""
     from cvrecipe.data.synth_detect import synth_detect
 
     cache = None if cache_dir is None else str(cache_dir)
@@ -49,15 +50,17 @@ def write_set(out: Path, objects: str = OBJECTS, backgrounds: str = BACKGROUNDS,
         torch.set_num_threads(threads)
 
 
-def load_synth(name: str, image_size: int | None, channels: int | None, cache_dir: Path) -> ImageDataset:
-    """The set `name` names (module docstring), written into `cache_dir` on first use."""
+def load_synth(name: str, image_size: int | None, channels: int | None, cache_dir: Path,
+               load_source: Callable[[str, DataConfig], ImageDataset]) -> ImageDataset:
+    """The set `name` names (module docstring), written into `cache_dir` on first use from the
+    datasets `load_source` (data.load_source) gives."""
     backgrounds = name[len(NAME) + 1:] if name != NAME else BACKGROUNDS
     settings = f"v{VERSION} {OBJECTS} {backgrounds} {TRAIN} {TEST} {SIZE} {SEED}"
     out = Path(cache_dir) / f"synth-detect-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
     if not (out / "data.yaml").is_file():
         partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        write_set(partial, OBJECTS, backgrounds, TRAIN, TEST, SIZE, SEED, cache_dir)
+        write_set(partial, load_source, OBJECTS, backgrounds, TRAIN, TEST, SIZE, SEED, cache_dir)
         try:
             partial.rename(out)
         except OSError:  # another process finished first: its copy is the same set
