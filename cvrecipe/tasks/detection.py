@@ -96,7 +96,8 @@ def image_scores(rows: torch.Tensor, targets: DeviceBoxes) -> tuple[torch.Tensor
         real = labels[i] >= 0
         if not real.any():
             best = float(rows[i, :, 4].max()) if rows.shape[1] else 0.0
-            right.append(1.0 - best), missed.append(best)
+            right.append(1.0 - best)
+            missed.append(best)
             continue
         classes = labels[i][real].unique()
         right.append(float(np.mean([interpolated_ap(hits[i][valid[i] & (rows[i, :, 5] == k)],
