@@ -124,8 +124,10 @@ class Detection(Task):
     PARITY_IMAGES = 64
     # sanity checks: whole images (a detector is built for its input size), few of them; a detector
     # trains with frozen BatchNorm statistics there, so the boxes it gives in eval mode are those of
-    # the network that was trained (batch statistics of a few images would not carry over)
-    SANITY = {"init_batch": 8, "overfit_batch": 4, "train_batch": 8, "held_out": 64}
+    # the network that was trained (batch statistics of a few images would not carry over). 128
+    # held-out images: after 25 steps of 8 images a healthy FCOS on the 128 px synthetic set is only
+    # just ahead of the zero-input model (measured on 64: +2.4 std, t = 3.6); evaluating is cheap.
+    SANITY = {"init_batch": 8, "overfit_batch": 4, "train_batch": 8, "held_out": 128}
     SANITY_SCORE = "mAP@.5"
     SANITY_FROZEN_NORM = True
     # a detector memorises its boxes to mAP@.5 ~0.93-1.0 in 25-150 steps; what stays missed is an object
