@@ -25,7 +25,6 @@ def tiny(monkeypatch, tmp_path):
     return f"synth-detect:folder:{photos}"
 
 
-@pytest.mark.slow
 def test_the_source_writes_the_set_once_into_the_cache_as_the_command_would(tiny, tmp_path, monkeypatch):
     cfg = load_config("detect-quick", [f"data.name={tiny}", "data.image_size=64", f"data.cache_dir={tmp_path / 'c'}",
                                        "data.subset=null", "data.val_fraction=0.25"])
