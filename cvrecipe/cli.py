@@ -508,21 +508,16 @@ def _data(args: argparse.Namespace, console: Console) -> None:
 
 
 def _synth_detect(args: argparse.Namespace, console: Console) -> None:
-    from cvrecipe.config import DataConfig
     from cvrecipe.data import load_source
     from cvrecipe.data.dataset import DataError
-    from cvrecipe.data.synth_detect import synth_detect
+    from cvrecipe.data.synth_source import write_set
 
     try:
         low, high = (int(v) for v in args.size.split("-"))
     except ValueError:
         raise DataError(f"--size {args.size}: expected MIN-MAX in pixels, e.g. 128-256") from None
-    objects = load_source(args.objects, DataConfig(name=args.objects, channels=1))
-    backgrounds = load_source(args.backgrounds, DataConfig(name=args.backgrounds, channels=3))
-    test_bg = backgrounds.test if backgrounds.test is not None else backgrounds.train
-    counts = synth_detect(args.out, (objects.train.x, objects.train.y), (objects.test.x, objects.test.y),
-                          backgrounds.train.x, test_bg.x, objects.classes, args.train, args.test, (low, high),
-                          args.seed)
+    counts = write_set(args.out, load_source, args.objects, args.backgrounds, args.train, args.test, (low, high),
+                       args.seed)
     for split, (images, boxes) in counts.items():
         console.print(f"{split}: {images} images, {boxes} boxes", highlight=False)
     console.print(f"written to {args.out} (data.yaml for YOLO, annotations/instances_*.json for COCO)",

@@ -38,6 +38,10 @@ def load_source(name: str, cfg: DataConfig | None = None, lazy: bool = False) ->
 
         path = locate(name[len("masks:"):])
         return load_masks(path, cfg.image_size, cfg.channels, cache, cfg.mask_classes, cfg.max_pixels)
+    if name == "synth-detect" or name.startswith("synth-detect:"):
+        from cvrecipe.data.synth_source import load_synth
+
+        return load_synth(name, cfg.image_size, cfg.channels, cache, load_source)
     if name.startswith("boxes:"):
         from cvrecipe.data.box_source import load_boxes
 

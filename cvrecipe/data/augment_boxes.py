@@ -6,6 +6,8 @@ holds any number of boxes per image with no Python loop over images. Randomness 
 explicit torch.Generator, as in data/augment.py.
 
 - `hflip`: mirror chosen images left-right; their boxes' x become W − x.
+- `zoom_windows` (the training loop's scale/translate, Detection.augment): per image a zoom factor
+  and a shift in whole pixels; `crop_images` / `crop_boxes` then apply any windows.
 - `random_resized_crop`: per image a window of random area (`scale`, as a fraction of the image,
   above 1 zooms out) and aspect (`ratio`), placed at random (translation), resampled to the output
   size (bilinear for images; `mode="nearest"` for masks). Boxes are mapped to the window's frame,
@@ -47,6 +49,21 @@ def random_windows(batch: int, height: int, width: int, gen: torch.Generator, sc
     top = torch.minimum(height - win_h, torch.zeros_like(win_h)) + (height - win_h).abs() * draws[:, 2]
     left = torch.minimum(width - win_w, torch.zeros_like(win_w)) + (width - win_w).abs() * draws[:, 3]
     return torch.stack([top, left, win_h, win_w], dim=1).float()
+
+
+def zoom_windows(batch: int, height: int, width: int, gen: torch.Generator, zoom=(1.0, 1.0),
+                 shift: float = 0.0) -> torch.Tensor:
+    """(B, 4) windows [top, left, height, width] in whole input pixels: a zoom factor per image drawn
+    uniformly in `zoom` (2 shows half the image's side, enlarged; 0.5 shrinks the image onto a zero
+    border twice its size; the aspect is kept), the window placed uniformly where it fits (or, zoomed
+    out, where it covers the image), then moved by up to `shift` pixels each way (a translation)."""
+    draws = torch.rand(batch, 5, generator=gen, device=gen.device).double()
+    factor = zoom[0] + (zoom[1] - zoom[0]) * draws[:, 0]
+    win_h, win_w = (height / factor).round().clamp(min=1), (width / factor).round().clamp(min=1)
+    top = torch.minimum(height - win_h, torch.zeros_like(win_h)) + (height - win_h).abs() * draws[:, 1]
+    left = torch.minimum(width - win_w, torch.zeros_like(win_w)) + (width - win_w).abs() * draws[:, 2]
+    top, left = top + shift * (2 * draws[:, 3] - 1), left + shift * (2 * draws[:, 4] - 1)
+    return torch.stack([top.round(), left.round(), win_h, win_w], dim=1).float()
 
 
 def crop_images(x: torch.Tensor, windows: torch.Tensor, size: tuple[int, int], mode: str = "bilinear",

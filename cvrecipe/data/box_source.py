@@ -19,8 +19,10 @@ from cvrecipe.data.ragged import boxes_from_cache, boxes_to_cache
 CACHE_VERSION = 1  # bump when the entry's layout changes
 
 
-def load_boxes(path: Path, image_size: int | None, channels: int | None, cache_dir: Path) -> ImageDataset:
-    """The box dataset at `path`, decoded into the cache on first use."""
+def load_boxes(path: Path, image_size: int | None, channels: int | None, cache_dir: Path,
+               fmt: str | None = None) -> ImageDataset:
+    """The box dataset at `path`, decoded into the cache on first use; `fmt` (coco | yolo | voc) picks
+    the annotations where the folder holds several (default: boxes.read_boxes's choice)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"box dataset not found: {path}"
@@ -29,12 +31,12 @@ def load_boxes(path: Path, image_size: int | None, channels: int | None, cache_d
         raise DataError(f"boxes:{path}: set data.image_size (images of a detection set differ in size; they are "
                         f"decoded to one square size, boxes rescaled with them)")
     channels = channels or 3
-    entry = cache_dir / f"boxes-v{CACHE_VERSION}-{_fingerprint(path)}-s{image_size}-c{channels}"
+    entry = cache_dir / f"boxes-v{CACHE_VERSION}-{_fingerprint(path)}-s{image_size}-c{channels}{'-' + fmt if fmt else ''}"
     if (entry / "meta.json").is_file():
         splits, meta = boxes_from_cache(entry)
         classes = meta["classes"]
     else:
-        ds = read_boxes(path)
+        ds = read_boxes(path, fmt=fmt)
         for line in problem_lines(ds.problems):
             warn_once(f"{path}: {line}")
         if not ds.splits.get("train"):

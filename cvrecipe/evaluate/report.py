@@ -119,7 +119,7 @@ def _header(ctx: ReportContext, task_cards: list[tuple[str, str]], history: list
             ["run folder", str(run_dir)]]
     sanity = info.get("sanity", [])
     rows += [[f"sanity: {s['name']}", f"{s['status']}: {s['message']}"] for s in sanity]
-    status = [""] * (len(rows) - len(sanity)) + [{"pass": "good", "warn": "warn", "fail": "bad"}[s["status"]]
+    status = [""] * (len(rows) - len(sanity)) + [{"pass": "good", "warn": "warn", "fail": "bad"}.get(s["status"], "")
                                                  for s in sanity]
     config = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     return (pages.cards(cards) + pages.table(None, rows, status, left=2)

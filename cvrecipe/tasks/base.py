@@ -62,6 +62,9 @@ class Task:
     PARITY_IMAGES = 1000  # at most this many held-out images check an export
     # the sanity checks' budgets, in items (cvrecipe/train/sanity.py)
     SANITY = {"init_batch": 256, "overfit_batch": 32, "train_batch": 32, "held_out": 512}
+    SANITY_SCORE = "accuracy"  # what item_scores' "how right" is called in the checks' messages
+    SANITY_FROZEN_NORM = False  # the checks train with BatchNorm on its running statistics (and dropout off)
+    SANITY_OVERFIT = (0.99, 0.9)  # the overfit check's (pass, warn) thresholds on the memorised batch's score
 
     def __init__(self, settings=None):
         self.settings = settings  # the task's own config section (Config.<section>), where it has one
@@ -145,6 +148,18 @@ class Task:
         if prior is None:
             return math.log(num_classes)
         return float(-np.log(prior[targets.numpy()]).mean())
+
+    def initial_loss_part(self, model: torch.nn.Module):
+        """For a model whose initial loss is known from its construction rather than from the targets'
+        classes: (part, expected), `part(outputs, targets)` the part of the train-mode outputs that is
+        predicted and `expected` its value (NaN: none is derived for this model). None: the whole loss,
+        expected from `initial_loss` (or from uniform outputs)."""
+        return None
+
+    def fit_score(self, model: torch.nn.Module, x: torch.Tensor, targets, outputs) -> float:
+        """How well `model` fits the batch (x, targets), in [0, 1], given its training outputs on it (the
+        sanity checks' overfit test): the mean item score."""
+        return self.item_scores(outputs.detach(), targets)[0].mean().item()
 
     def chance(self, targets: torch.Tensor) -> float:
         """The accuracy of always answering the commonest class on `targets` (the sanity checks' floor)."""

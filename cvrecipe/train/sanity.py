@@ -2,9 +2,11 @@
 broken pipeline in seconds instead of after an hour of training.
 
   init-loss   the loss at initialisation is close to ln(K) (the prior's entropy with
-              model.init_bias_prior): a far-off value means mis-scaled logits or a wrong loss
-  overfit     one small batch is memorised to ~100% within a step budget: catches frozen layers,
-              a loss that ignores the labels, labels out of step with their images
+              model.init_bias_prior; for a focal-loss detector, its classification term is what
+              the heads' prior predicts): a far-off value means mis-scaled logits or a wrong loss
+  overfit     one small batch is memorised to ~100% (accuracy; a detector's mAP@.5) within a step
+              budget: catches frozen layers, a loss that ignores the labels, labels out of step
+              with their images
   zero-input  a model fed zeros ends clearly worse on held-out images than one fed the images:
               catches labels unrelated to the images and inputs that never reach the model
   label-leak  labels shuffled against their images cannot be learned on a held-out batch: if
@@ -12,7 +14,8 @@ broken pipeline in seconds instead of after an hour of training.
 
 Every check trains its own deep copy of the model that training will start from, draws from
 its own seeded generator, and the global RNG state is restored afterwards, so a run trains
-identically with and without the checks.
+identically with and without the checks. The task decides what an item is, how it is scored and
+what the model is given (`Task.forward`: a detector takes its boxes too and returns its losses).
 """
 from __future__ import annotations
 
@@ -54,7 +57,6 @@ SEED_OFFSET = 7919  # the checks' generator is seeded apart from training's (see
 
 INIT_LOSS_WARN = 0.15  # relative deviation of the initial loss from its expected value
 INIT_LOSS_FAIL = 0.5
-OVERFIT_PASS, OVERFIT_WARN = 0.99, 0.9  # accuracy on the memorised batch
 ZERO_SIGMAS_PASS, ZERO_SIGMAS_WARN = 5.0, 2.5  # held-out accuracy above input-free guessing, binomial std
 ZERO_T_PASS, ZERO_T_WARN = 4.0, 2.0  # paired t-statistic of the held-out loss advantage of the real model
 LEAK_SIGMAS_WARN, LEAK_SIGMAS_FAIL = 4.0, 8.0  # held-out accuracy above chance, in binomial std
@@ -74,7 +76,7 @@ class SanityCheckFailed(RuntimeError):
 @dataclass
 class CheckResult:
     name: str
-    status: str  # pass | warn | fail
+    status: str  # pass | warn | fail | skip (nothing to compare against for this model)
     message: str  # one line with the numbers behind the verdict
     values: dict
 
@@ -154,28 +156,44 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
         score = task.item_scores
         gen = torch.Generator().manual_seed(cfg.train.seed + SEED_OFFSET)
         n_pool = TRAIN_STEPS * budget["train_batch"]
-        pool_x, pool_y = task.sanity_items(*_draw(ds.train.x, ds.train.y, n_pool, gen), n_pool, gen)
+        pool_x, pool_y = task.sanity_items(*_draw(ds.train.x, ds.train.y, n_pool, gen, task), n_pool, gen)
         held = ds.val if ds.val is not None and len(ds.val) else ds.train
-        held_x, held_y = task.sanity_items(*_draw(held.x, held.y, budget["held_out"], gen), budget["held_out"], gen)
+        held_x, held_y = task.sanity_items(*_draw(held.x, held.y, budget["held_out"], gen, task),
+                                           budget["held_out"], gen)
         num_classes = len(ds.classes)
         init_x, init_y = pool_x[:budget["init_batch"]], pool_y[:budget["init_batch"]]
-        expected = (_expected_init_loss(cfg, ds, init_y, num_classes, task) if cfg.model.init_bias_prior
-                    else _uniform_loss(model, init_x, init_y, loss_fn, device))
+        init_loss_fn, expected = _init_loss_expectation(cfg, ds, model, init_x, init_y, loss_fn, task, device)
         train, held_out, batch = (pool_x, pool_y), (held_x, held_y), budget["train_batch"]
         overfit = budget["overfit_batch"]
         return [
-            check_init_loss(model, init_x, init_y, loss_fn, expected, device),
-            check_overfit_batch(model, pool_x[:overfit], pool_y[:overfit], loss_fn, device, score),
+            check_init_loss(model, init_x, init_y, init_loss_fn, expected, device, task),
+            check_overfit_batch(model, pool_x[:overfit], pool_y[:overfit], loss_fn, device, task=task),
             check_zero_input(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
             check_label_leak(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
             *check_test_leakage(cfg, ds),
         ]
 
 
-def _draw(x: np.ndarray, y: np.ndarray, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random images (all of them, shuffled, when there are fewer) as uint8 / int64 tensors on the CPU."""
+def _draw(x: np.ndarray, y, n: int, gen: torch.Generator, task: Task | None = None) -> tuple[torch.Tensor, object]:
+    """n random images (all of them, shuffled, when there are fewer) as a uint8 tensor on the CPU, with
+    their targets as the task holds them there (labels and masks: int64 tensors; boxes: DeviceBoxes)."""
+    task = task or get_task(DEFAULT_TASK)
     idx = torch.randperm(len(y), generator=gen)[:n].numpy()
-    return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+    return torch.from_numpy(x[idx]), task.device_targets(y[idx], torch.device("cpu"))
+
+
+def _init_loss_expectation(cfg: Config, ds: ImageDataset, model: nn.Module, x: torch.Tensor, y, loss_fn: LossFn,
+                           task: Task, device: torch.device) -> tuple[LossFn, float]:
+    """(what is measured at initialisation, its expected value): the part of the loss the model's own
+    construction predicts where the task knows one (a focal-loss detector's classification term), else
+    the whole loss against the class prior's entropy or uniform outputs' loss."""
+    known = task.initial_loss_part(model)
+    if known is not None:
+        return known
+    num_classes = len(ds.classes)
+    expected = (_expected_init_loss(cfg, ds, y, num_classes, task) if cfg.model.init_bias_prior
+                else _uniform_loss(model, x, y, loss_fn, device))
+    return loss_fn, expected
 
 
 def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_classes: int,
@@ -198,15 +216,20 @@ def _uniform_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: L
 
 
 def check_init_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, expected: float,
-                    device: torch.device) -> CheckResult:
-    """Loss of the untrained model (train mode, as the first step sees it) against `expected`."""
+                    device: torch.device, task: Task | None = None) -> CheckResult:
+    """Loss of the untrained model (train mode, as the first step sees it) against `expected` (NaN:
+    nothing to compare against for this model: skipped, saying so)."""
+    task = task or get_task(DEFAULT_TASK)
     model = copy.deepcopy(model).train()
     with torch.no_grad():
-        loss = loss_fn(model(x.to(device)), y.to(device)).item()
+        loss = loss_fn(task.forward(model, x.to(device), y.to(device)), y.to(device)).item()
+    if math.isnan(expected):
+        return CheckResult("init-loss", "skip", f"loss at init {loss:.3f}; no expected value is derived for this "
+                           f"model (only for focal-loss heads)", {"loss": loss, "expected": None, "deviation": None})
     deviation = abs(loss - expected) / expected if math.isfinite(loss) else math.inf
     status = _grade(deviation, lambda d: d <= INIT_LOSS_WARN, lambda d: d <= INIT_LOSS_FAIL)
-    message = (f"loss at init {loss:.3f}, expected {expected:.3f} (uniform outputs: ln K for cross-entropy; or "
-               f"the prior's entropy): "
+    message = (f"loss at init {loss:.3f}, expected {expected:.3f} (uniform outputs: ln K for cross-entropy; the "
+               f"prior's entropy; a focal-loss detector's classification term at its heads' prior 0.01): "
                f"{deviation:.0%} off (warn above {INIT_LOSS_WARN:.0%}, fail above {INIT_LOSS_FAIL:.0%})")
     return CheckResult("init-loss", status, message, {"loss": loss, "expected": expected, "deviation": deviation})
 
@@ -216,39 +239,55 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
     return torch.optim.Adam(params, lr=LR) if params else None
 
 
-def check_overfit_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                        device: torch.device, score: ScoreFn) -> CheckResult:
-    """Memorise one batch (no augmentation, dropout off); stop as soon as every image is right."""
-    model = copy.deepcopy(model).train()
+def _train_mode(model: nn.Module, frozen_norm: bool = False) -> nn.Module:
+    """`model` in train mode with dropout off (it only slows memorisation down) and, where
+    `frozen_norm`, BatchNorm on its running statistics (the task's SANITY_FROZEN_NORM)."""
+    model.train()
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.eval()  # dropout only slows memorisation down
+        if isinstance(m, nn.Dropout) or (frozen_norm and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            m.eval()
+    return model
+
+
+def check_overfit_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                        device: torch.device, score: ScoreFn | None = None, task: Task | None = None) -> CheckResult:
+    """Memorise one batch (no augmentation, dropout off); stop as soon as every image is right (the
+    task's `fit_score`: a classifier's accuracy, a detector's mAP@.5; `score` overrides the item scores)."""
+    task = task or get_task(DEFAULT_TASK)
+    fit = task.fit_score if score is None else (lambda m, xb, yb, out: score(out.detach(), yb)[0].mean().item())
+    pass_at, warn_at = task.SANITY_OVERFIT
+    model = copy.deepcopy(model)
     optimizer = _optimizer(model)
     x, y = x.to(device), y.to(device)
     acc, loss, steps = 0.0, math.inf, 0
     while steps < OVERFIT_STEPS:
-        logits = model(x)
-        loss_t = loss_fn(logits, y)
-        acc, loss = score(logits.detach(), y)[0].mean().item(), loss_t.item()
-        if acc >= OVERFIT_PASS or optimizer is None or not loss_t.requires_grad or not math.isfinite(loss):
+        _train_mode(model, task.SANITY_FROZEN_NORM)
+        outputs = task.forward(model, x, y)
+        loss_t = loss_fn(outputs, y)
+        acc, loss = fit(model, x, y, outputs), loss_t.item()
+        if acc >= pass_at or optimizer is None or not loss_t.requires_grad or not math.isfinite(loss):
             break
         optimizer.zero_grad(set_to_none=True)
         loss_t.backward()
         optimizer.step()
         steps += 1
-    status = _grade(acc, lambda a: a >= OVERFIT_PASS, lambda a: a >= OVERFIT_WARN)
+    status = _grade(acc, lambda a: a >= pass_at, lambda a: a >= warn_at)
     note = (" (the model has no trainable parameters)" if optimizer is None
             else f" (the loss became {loss})" if not math.isfinite(loss) else "")
-    message = (f"{len(y)} images memorised to {acc:.0%} accuracy (loss {loss:.3f}) after {steps} of "
+    message = (f"{len(y)} images memorised to {acc:.0%} {task.SANITY_SCORE} (loss {loss:.3f}) after {steps} of "
                f"{OVERFIT_STEPS} steps{note}")
     return CheckResult("overfit", status, message, {"accuracy": acc, "loss": loss, "steps": steps})
 
 
 def _train_copy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, make_inputs: InputFn,
-                gen: torch.Generator, device: torch.device, zeros: bool = False, batch: int = TRAIN_BATCH) -> nn.Module:
+                gen: torch.Generator, device: torch.device, zeros: bool = False, batch: int = TRAIN_BATCH,
+                task: Task | None = None) -> nn.Module:
     """TRAIN_STEPS Adam steps of `batch` items over (x, y) through the input pipeline; `zeros` blanks
     every input."""
+    task = task or get_task(DEFAULT_TASK)
     model = copy.deepcopy(model).train()
+    if task.SANITY_FROZEN_NORM:
+        _train_mode(model, frozen_norm=True)
     optimizer = _optimizer(model)
     for step in range(TRAIN_STEPS):
         idx = torch.arange(step * batch, (step + 1) * batch) % len(y)
@@ -256,7 +295,7 @@ def _train_copy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
         inputs, yb = _through(make_inputs, xb, yb, gen)
         if zeros:
             inputs = torch.zeros_like(inputs)
-        loss = loss_fn(model(inputs), yb)
+        loss = loss_fn(task.forward(model, inputs, yb), yb)
         if optimizer is None or not loss.requires_grad:
             break
         optimizer.zero_grad(set_to_none=True)
@@ -287,8 +326,8 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     are right or wrong: binomial; a segmentation item's pixels are not independent: the spread of
     the per-item scores); default: classification's."""
     task = task or get_task(DEFAULT_TASK)
-    real = _train_copy(model, *train, loss_fn, make_inputs, gen, device, batch=batch)
-    blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True, batch=batch)
+    real = _train_copy(model, *train, loss_fn, make_inputs, gen, device, batch=batch, task=task)
+    blind = _train_copy(model, *train, loss_fn, make_inputs, gen, device, zeros=True, batch=batch, task=task)
     (real_ok, real_loss) = _held_out(real, *held, device, score)
     (zero_ok, zero_loss) = _held_out(blind, *held, device, score, zeros=True)
     y = held[1]
@@ -300,9 +339,9 @@ def check_zero_input(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
         status = "pass"
     else:
         status = "warn" if acc_sigmas >= ZERO_SIGMAS_WARN or t >= ZERO_T_WARN else "fail"
-    message = (f"after {TRAIN_STEPS} steps, held-out accuracy with images {real_ok.mean():.3f} (loss "
+    message = (f"after {TRAIN_STEPS} steps, held-out {task.SANITY_SCORE} with images {real_ok.mean():.3f} (loss "
                f"{real_loss.mean():.3f}) vs with zeros {zero_ok.mean():.3f} (loss {zero_loss.mean():.3f}): "
-               f"accuracy {acc_sigmas:+.1f} std above input-free guessing, loss advantage t = {t:+.1f} "
+               f"{task.SANITY_SCORE} {acc_sigmas:+.1f} std above input-free guessing, loss advantage t = {t:+.1f} "
                f"(pass: {ZERO_SIGMAS_PASS:.0f} std or t {ZERO_T_PASS:.0f}; fail: below {ZERO_SIGMAS_WARN} std "
                f"and t {ZERO_T_WARN:.0f})")
     return CheckResult("zero-input", status, message, {
@@ -321,16 +360,16 @@ def check_label_leak(model: nn.Module, train: tuple, held: tuple, loss_fn: LossF
     task = task or get_task(DEFAULT_TASK)
     (x, y), (hx, hy) = train, held
     y_shuffled, hy_shuffled = task.shuffle_targets(y, gen), task.shuffle_targets(hy, gen)
-    trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device, batch=batch)
+    trained = _train_copy(model, x, y_shuffled, loss_fn, make_inputs, gen, device, batch=batch, task=task)
     with torch.no_grad():
         inputs, hy_moved = _through(make_inputs, hx.to(device), hy_shuffled.to(device), gen)
-    right = _held_out(trained, inputs.cpu(), hy_moved.cpu(), device, score)[0]
+    right = _held_out(trained, inputs.cpu(), hy_moved.to("cpu"), device, score)[0]
     acc = right.mean().item()
     chance = task.chance(hy_shuffled)  # always answering the commonest class
     sigma = max(task.score_sigma(right, chance), 1e-12)
     excess = (acc - chance) / sigma
     status = _grade(excess, lambda e: e <= LEAK_SIGMAS_WARN, lambda e: e <= LEAK_SIGMAS_FAIL)
-    message = (f"held-out accuracy on shuffled labels {acc:.3f} vs chance {chance:.3f}: {excess:+.1f} std "
+    message = (f"held-out {task.SANITY_SCORE} on shuffled labels {acc:.3f} vs chance {chance:.3f}: {excess:+.1f} std "
                f"(warn above {LEAK_SIGMAS_WARN:.0f}, fail above {LEAK_SIGMAS_FAIL:.0f})")
     return CheckResult("label-leak", status, message, {"accuracy": acc, "chance": chance, "sigmas": excess})
 
@@ -353,7 +392,7 @@ def check_test_leakage(cfg: Config, ds: ImageDataset) -> list[CheckResult]:
                         {"leaked": len(record["leaks"]), "share": share, "audit": record["report"]})]
 
 
-STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
+STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 
 def print_checks(results: list[CheckResult], console: Console, seconds: float | None = None) -> None:

@@ -5,7 +5,9 @@ from cvrecipe.config import AugmentConfig, ConfigError, _show as show
 
 METRICS = ("loss", "map50")  # per split, loss first; map50: mAP at IoU 0.5 (COCO's rules, on the device)
 MONITOR = "boxes"  # what the monitor would follow (class mix of detections, boxes per image, scores)
-SUPPORTED_AUGMENT = ("hflip",)  # box-aware so far: flips (data/augment_boxes.py)
+# box-aware (data/augment_boxes.py): flips, a zoom factor range, a shift in pixels; pad_mode has no
+# effect (the uncovered border is black: reflection would show objects without their boxes)
+SUPPORTED_AUGMENT = ("hflip", "scale", "crop_padding", "pad_mode")
 
 
 def whole_images(meta: dict) -> bool:
@@ -15,8 +17,10 @@ def whole_images(meta: dict) -> bool:
 
 def check_config(cfg) -> None:
     """Switches a detection run does not understand, each named."""
-    if not cfg.data.name.startswith("boxes:"):
-        raise ConfigError(f"data.name={cfg.data.name}: task=detection needs a boxes:PATH dataset (COCO, YOLO or VOC)")
+    name = cfg.data.name
+    if not (name.startswith("boxes:") or name == "synth-detect" or name.startswith("synth-detect:")):
+        raise ConfigError(f"data.name={name}: task=detection needs a boxes:PATH dataset (COCO, YOLO or VOC) or "
+                          f"synth-detect[:BACKGROUNDS] (the synthetic set, written into the cache on first use)")
     if cfg.data.image_size is None:
         raise ConfigError("data.image_size is null: task=detection decodes every image to one square size "
                           "(set data.image_size, e.g. 128)")
@@ -35,10 +39,6 @@ def check_config(cfg) -> None:
         raise ConfigError(f"checkpoint.monitor={cfg.checkpoint.monitor}: a detector gives losses in train mode and "
                           f"boxes in eval mode, so only val_map50 is measured (val_loss and train_map50 are NaN); "
                           f"monitor val_map50")
-    if cfg.train.sanity:
-        raise ConfigError("train.sanity=true: the sanity checks (initial loss, overfit a batch, zero input, "
-                          "shuffled targets) are not written for task=detection yet; run with --no-sanity "
-                          "(train.sanity=false)")
 
 
 def outputs_fit(shape: tuple[int, ...], batch: int, num_classes: int) -> bool:
