@@ -42,7 +42,7 @@ def test_search_spaces_are_found_by_name_or_path(tmp_path):
     own = tmp_path / "space.yaml"
     own.write_text("optim.lr: {float: [0.01, 0.1]}\n")
     assert resolve_space(own) == own
-    with pytest.raises(ConfigError, match="search space 'nope' not found.*known: digits-quick"):
+    with pytest.raises(ConfigError, match=r"search space 'nope' not found.*known: .*digits-quick.*fashion-mnist-cnn"):
         resolve_space("nope")
 
 
