@@ -2,10 +2,12 @@
 
     python bench/audit.py --data folder:PATH --index cifar10-jpeg-original-index.csv \\
         --cifair duplicates_cifar10.csv --mturk cifar10_mturk.json [--out DIR] [--size 64] \\
-        [--threads N] [--review DIR --review-n 60] [--audit DIR]
+        [--embed RUN [--probe-only]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
 
-Runs `cvrecipe data inspect DATA --embed` (or, with --audit, scores an audit folder written
-before) and prints every figure:
+Runs `cvrecipe data inspect DATA --embed [RUN]` (or, with --audit, scores an audit folder written
+before) and prints every figure. With a run trained on DATA, the test images' label-error
+probabilities are the run's own predictions (out of sample: it trained on train only);
+--probe-only ranks every image by the K-fold probe on the run's features instead.
 
 - duplicates: test images flagged as having a near copy in train; of ciFAIR's test images with a
   train duplicate (Barz & Denzler 2020, meta/duplicates_cifar10.csv of github.com/cvjena/cifair:
@@ -27,6 +29,7 @@ import csv
 import json
 import os
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -94,9 +97,14 @@ def save_review(audit: dict, data: Path, cifair: dict, index: dict[str, int], ou
     keys = sorted(extra)
     pick = np.random.default_rng(seed).permutation(len(keys))[:n]
     out.mkdir(parents=True, exist_ok=True)
+    archive = tarfile.open(data) if data.is_file() else None  # the folder source reads a .tar.gz as it is
+
+    def read(member: str) -> Image.Image:
+        return Image.open(archive.extractfile(member) if archive else data / member)
+
     for k in pick.tolist():
         e = extra[keys[k]]
-        a, b = (Image.open(data / e[s]["id"]).convert("RGB").resize((128, 128), Image.NEAREST) for s in ("b", "a"))
+        a, b = (read(e[s]["id"]).convert("RGB").resize((128, 128), Image.NEAREST) for s in ("b", "a"))
         pair = Image.new("RGB", (262, 128), "white")
         pair.paste(a, (0, 0))
         pair.paste(b, (134, 0))
@@ -113,6 +121,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("audit-bench"), help="where the audit is written")
     p.add_argument("--audit", type=Path, help="score this audit folder instead of running a new audit")
     p.add_argument("--size", type=int, default=64, help="px side the images are embedded at")
+    p.add_argument("--embed", default="lite0", metavar="RUN", help="embed with this run's features (default: lite0)")
+    p.add_argument("--probe-only", action="store_true", help="with --embed RUN: the K-fold probe for every image, "
+                                                              "not the run's predictions for its held-out splits")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--review", type=Path, help="save side-by-side PNGs of flags outside ciFAIR's list here")
     p.add_argument("--review-n", type=int, default=60)
@@ -124,11 +135,18 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        inspect_data(args.data, out, embed="lite0", embed_size=args.size)
+        embed = args.embed
+        if embed != "lite0":
+            from cvrecipe.artifact.features import run_embedder
+
+            embed = run_embedder(embed, None if args.probe_only else args.data)
+        inspect_data(args.data, out, embed=embed, embed_size=args.size)
         print(f"audit: {time.perf_counter() - t0:.0f}s on {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
               f"load average {os.getloadavg()[0]:.1f}")
     audit = json.loads((out / "audit.json").read_text())
-    print(f"stage seconds: {audit['embedding']['seconds']}")
+    print(f"embedder: {audit['embedding']['embedder']}; stage seconds: {audit['embedding']['seconds']}")
+    issues = audit["embedding"]["label_issues"] or {}
+    print(f"label-error probabilities: {issues.get('sources')}; accuracy of their top class: {issues.get('accuracy')}")
     index = read_index(args.index)
     cifair = read_cifair(args.cifair)
     for key, value in score_duplicates(audit, index, cifair).items():
