@@ -33,3 +33,4 @@ def test_a_runs_predictions_rank_its_test_split(tmp_path, monkeypatch):
     assert issues["sources"] == {"train": "probe", "test": "model"}
     scored = json.loads((run / "eval.json").read_text())
     assert issues["accuracy"]["test"] == pytest.approx(scored["accuracy"], abs=1e-4)  # the run's own predictions
+    assert "test: the model's own predictions" in (out / "report.html").read_text()
