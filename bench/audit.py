@@ -2,12 +2,14 @@
 
     python bench/audit.py --data folder:PATH --index cifar10-jpeg-original-index.csv \\
         --cifair duplicates_cifar10.csv --mturk cifar10_mturk.json [--out DIR] [--size 64] \\
-        [--embed RUN [--probe-only]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
+        [--embed RUN [--also-probe]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
 
 Runs `cvrecipe data inspect DATA --embed [RUN]` (or, with --audit, scores an audit folder written
 before) and prints every figure. With a run trained on DATA, the test images' label-error
 probabilities are the run's own predictions (out of sample: it trained on train only);
---probe-only ranks every image by the K-fold probe on the run's features instead.
+--also-probe also ranks every image by the K-fold probe on the same features (what the audit does
+where the run's predictions are not out of sample), written to label_issues_probe.csv and scored
+the same way.
 
 - duplicates: test images flagged as having a near copy in train; of ciFAIR's test images with a
   train duplicate (Barz & Denzler 2020, meta/duplicates_cifar10.csv of github.com/cvjena/cifair:
@@ -76,8 +78,9 @@ def score_duplicates(audit: dict, index: dict[str, int], cifair: dict[int, tuple
             "rules": nd["rules"]}
 
 
-def score_labels(out: Path, index: dict[str, int], candidates: set[int], confirmed: set[int]) -> dict:
-    with open(out / "label_issues.csv") as f:
+def score_labels(out: Path, index: dict[str, int], candidates: set[int], confirmed: set[int],
+                 table: str = "label_issues.csv") -> dict:
+    with open(out / table) as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     top = [index[r["id"]] for r in rows[:CANDIDATES]]
     flagged = sum(r["flagged"] == "1" for r in rows)
@@ -112,6 +115,26 @@ def save_review(audit: dict, data: Path, cifair: dict, index: dict[str, int], ou
     return len(pick)
 
 
+def probe_alongside(out: Path) -> None:
+    """Make the audit's label-error stage also rank every image by the K-fold probe alone, from the
+    same embeddings, into out/label_issues_probe.csv (the audit's own output is unchanged)."""
+    from cvrecipe.data import embedding_audit as E
+
+    audit_stage = E.label_errors
+
+    def both(index, emb, console, seconds, embedder=None, hflip_ok=True):
+        probe = audit_stage(index, emb, console, {}, None, hflip_ok)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "label_issues_probe.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "split", "label", "suggested", "quality", "flagged"])
+            writer.writerows(probe["table"])
+        print(f"probe alone: accuracy {probe['accuracy']}")
+        return audit_stage(index, emb, console, seconds, embedder, hflip_ok)
+
+    E.label_errors = both
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder:PATH of the CIFAR-10 image folder")
@@ -122,8 +145,8 @@ def main() -> None:
     p.add_argument("--audit", type=Path, help="score this audit folder instead of running a new audit")
     p.add_argument("--size", type=int, default=64, help="px side the images are embedded at")
     p.add_argument("--embed", default="lite0", metavar="RUN", help="embed with this run's features (default: lite0)")
-    p.add_argument("--probe-only", action="store_true", help="with --embed RUN: the K-fold probe for every image, "
-                                                              "not the run's predictions for its held-out splits")
+    p.add_argument("--also-probe", action="store_true", help="with --embed RUN: also rank every image by the K-fold "
+                                                              "probe on the same embeddings (label_issues_probe.csv)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--review", type=Path, help="save side-by-side PNGs of flags outside ciFAIR's list here")
     p.add_argument("--review-n", type=int, default=60)
@@ -139,7 +162,9 @@ def main() -> None:
         if embed != "lite0":
             from cvrecipe.artifact.features import run_embedder
 
-            embed = run_embedder(embed, None if args.probe_only else args.data)
+            embed = run_embedder(embed, args.data)
+        if args.also_probe:
+            probe_alongside(out)
         inspect_data(args.data, out, embed=embed, embed_size=args.size)
         print(f"audit: {time.perf_counter() - t0:.0f}s on {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
               f"load average {os.getloadavg()[0]:.1f}")
@@ -153,6 +178,10 @@ def main() -> None:
         print(f"  {key:40s} {value}")
     for key, value in score_labels(out, index, *read_mturk(args.mturk)).items():
         print(f"  {key:40s} {value}")
+    if (out / "label_issues_probe.csv").is_file():
+        print("the K-fold probe for every image, on the same embeddings:")
+        for key, value in score_labels(out, index, *read_mturk(args.mturk), table="label_issues_probe.csv").items():
+            print(f"  {key:40s} {value}")
     if args.review:
         saved = save_review(audit, Path(args.data.split(":", 1)[1]), cifair, index, args.review, args.review_n)
         print(f"saved {saved} pairs outside ciFAIR's list to {args.review}")
