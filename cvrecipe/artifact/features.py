@@ -18,9 +18,10 @@ from cvrecipe.artifact.checkpoint import load_model
 from cvrecipe.artifact.inference import head_layer, predict_logits
 from cvrecipe.config import load_run_config
 from cvrecipe.data import locate
-from cvrecipe.data.embed import Embedder
+from cvrecipe.data.embed import Embedder, batches
 
 HELD_OUT = frozenset({"val", "test"})  # a run fits its data's train split (a val carved from it counts as seen)
+PREDICT_BATCH = 4096  # images read (from memory or the cache's shards) and conformed at a time
 PATH_SOURCES = ("folder:", "masks:", "boxes:")  # data names that carry a path; others are registered names
 
 
@@ -34,6 +35,9 @@ def run_embedder(run: str | Path, data: str | None = None) -> Embedder:
         raise ValueError(f"{run}: the model has no linear head whose input could serve as features")
     size = tuple(model.meta["input_size"])
     channels = model.meta["in_channels"]
+    cfg = load_run_config(Path(run))
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as its evaluation runs
+    model.to(memory_format=layout)  # channels_last: ~1.6x faster convolutions on a CPU
 
     def conform(x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) → uint8 at the run's channels and input size."""
@@ -47,21 +51,20 @@ def run_embedder(run: str | Path, data: str | None = None) -> Embedder:
         captured: list[torch.Tensor] = []
         hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0].flatten(1).float()))
         try:
-            model(conform(x).float().div(255))
+            model(conform(x).float().div(255).contiguous(memory_format=layout))
         finally:
             hook.remove()
         return captured[0]
 
-    cfg = load_run_config(Path(run))
     if data is None or not same_source(cfg.data.name, data):
         return Embedder(f"run:{run}", features)
 
     def probabilities(x, hflip_ok: bool) -> np.ndarray:
         """(N, K) softmax of the run's logits for uint8 images x (N, C, H, W), averaged over the test-time
         views its evaluation uses (mirrored ones only where the run trained on mirrored images)."""
-        x = conform(torch.as_tensor(np.asarray(x)))
-        logits = predict_logits(model, x, tta=cfg.eval.tta, tta_mirror=cfg.augment.hflip and hflip_ok)
-        return F.softmax(logits.float(), 1).numpy().astype(np.float64)
+        logits = [predict_logits(model, conform(b), channels_last=cfg.train.channels_last, tta=cfg.eval.tta,
+                                 tta_mirror=cfg.augment.hflip and hflip_ok) for b in batches(x, PREDICT_BATCH)]
+        return F.softmax(torch.cat(logits).float(), 1).numpy().astype(np.float64)
 
     return Embedder(f"run:{run}", features, classes=list(model.meta["class_names"]), probabilities=probabilities,
                     held_out=HELD_OUT)
