@@ -2,14 +2,16 @@
 
     python bench/audit.py --data folder:PATH --index cifar10-jpeg-original-index.csv \\
         --cifair duplicates_cifar10.csv --mturk cifar10_mturk.json [--out DIR] [--size 64] \\
-        [--embed RUN [--also-probe]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
+        [--embed RUN [--also-probe | --labels-only]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
 
 Runs `cvrecipe data inspect DATA --embed [RUN]` (or, with --audit, scores an audit folder written
 before) and prints every figure. With a run trained on DATA, the test images' label-error
 probabilities are the run's own predictions (out of sample: it trained on train only);
 --also-probe also ranks every image by the K-fold probe on the same features (what the audit does
 where the run's predictions are not out of sample), written to label_issues_probe.csv and scored
-the same way.
+the same way. --labels-only ranks only the run's held-out splits, by its own predictions (the
+audit's label-error stage on those splits alone: cleanlab judges each source apart, so their
+ranking is the full audit's), skipping the embeddings and the duplicate search.
 
 - duplicates: test images flagged as having a near copy in train; of ciFAIR's test images with a
   train duplicate (Barz & Denzler 2020, meta/duplicates_cifar10.csv of github.com/cvjena/cifair:
@@ -135,6 +137,32 @@ def probe_alongside(out: Path) -> None:
     E.label_errors = both
 
 
+def rank_held_out(data: str, embedder, out: Path) -> None:
+    """The audit's label-error stage over the run's held-out splits alone, into out/label_issues.csv."""
+    from rich.console import Console
+
+    from cvrecipe.config import DataConfig
+    from cvrecipe.data import embedding_audit as E
+    from cvrecipe.data import load_source
+    from cvrecipe.data.audit import Index, folder_files
+
+    ds = load_source(data, DataConfig(name=data))
+    names, _ = folder_files(Path(data.split(":", 1)[1]), ds)
+    parts = [(s, getattr(ds, s).x, getattr(ds, s).y) for s in ("val", "test")
+             if s in embedder.held_out and getattr(ds, s) is not None]
+    index = Index(None, names, parts=parts, classes=ds.classes)
+    seconds: dict = {}
+    found = E.label_errors(index, np.zeros((int(index.offsets[-1]), 1), np.float32), Console(), seconds, embedder,
+                           ds.hflip_ok)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "label_issues.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "split", "label", "suggested", "quality", "flagged"])
+        writer.writerows(found["table"])
+    print(f"held-out splits {[p[0] for p in parts]}: sources {found['sources']}, accuracy {found['accuracy']}, "
+          f"stage seconds {seconds}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder:PATH of the CIFAR-10 image folder")
@@ -147,6 +175,8 @@ def main() -> None:
     p.add_argument("--embed", default="lite0", metavar="RUN", help="embed with this run's features (default: lite0)")
     p.add_argument("--also-probe", action="store_true", help="with --embed RUN: also rank every image by the K-fold "
                                                               "probe on the same embeddings (label_issues_probe.csv)")
+    p.add_argument("--labels-only", action="store_true", help="with --embed RUN: only the label-error ranking of "
+                                                               "the run's held-out splits, by its own predictions")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--review", type=Path, help="save side-by-side PNGs of flags outside ciFAIR's list here")
     p.add_argument("--review-n", type=int, default=60)
@@ -165,14 +195,21 @@ def main() -> None:
             embed = run_embedder(embed, args.data)
         if args.also_probe:
             probe_alongside(out)
-        inspect_data(args.data, out, embed=embed, embed_size=args.size)
+        if args.labels_only:
+            rank_held_out(args.data, embed, out)
+        else:
+            inspect_data(args.data, out, embed=embed, embed_size=args.size)
         print(f"audit: {time.perf_counter() - t0:.0f}s on {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
               f"load average {os.getloadavg()[0]:.1f}")
+    index = read_index(args.index)
+    if args.labels_only:
+        for key, value in score_labels(out, index, *read_mturk(args.mturk)).items():
+            print(f"  {key:40s} {value}")
+        return
     audit = json.loads((out / "audit.json").read_text())
     print(f"embedder: {audit['embedding']['embedder']}; stage seconds: {audit['embedding']['seconds']}")
     issues = audit["embedding"]["label_issues"] or {}
     print(f"label-error probabilities: {issues.get('sources')}; accuracy of their top class: {issues.get('accuracy')}")
-    index = read_index(args.index)
     cifair = read_cifair(args.cifair)
     for key, value in score_duplicates(audit, index, cifair).items():
         print(f"  {key:40s} {value}")
