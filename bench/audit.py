@@ -2,7 +2,7 @@
 
     python bench/audit.py --data folder:PATH --index cifar10-jpeg-original-index.csv \\
         --cifair duplicates_cifar10.csv --mturk cifar10_mturk.json [--out DIR] [--size 64] \\
-        [--embed RUN [--also-probe | --labels-only]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
+        [--embed RUN [--also-probe | --labels-only | --probe-only]] [--threads N] [--review DIR --review-n 60] [--audit DIR]
 
 Runs `cvrecipe data inspect DATA --embed [RUN]` (or, with --audit, scores an audit folder written
 before) and prints every figure. With a run trained on DATA, the test images' label-error
@@ -11,7 +11,8 @@ probabilities are the run's own predictions (out of sample: it trained on train 
 where the run's predictions are not out of sample), written to label_issues_probe.csv and scored
 the same way. --labels-only ranks only the run's held-out splits, by its own predictions (the
 audit's label-error stage on those splits alone: cleanlab judges each source apart, so their
-ranking is the full audit's), skipping the embeddings and the duplicate search.
+ranking is the full audit's), skipping the embeddings and the duplicate search. --probe-only
+ranks every image by the probe (the run's predictions unused): with --labels-only, both rankings.
 
 - duplicates: test images flagged as having a near copy in train; of ciFAIR's test images with a
   train duplicate (Barz & Denzler 2020, meta/duplicates_cifar10.csv of github.com/cvjena/cifair:
@@ -177,6 +178,7 @@ def main() -> None:
                                                               "probe on the same embeddings (label_issues_probe.csv)")
     p.add_argument("--labels-only", action="store_true", help="with --embed RUN: only the label-error ranking of "
                                                                "the run's held-out splits, by its own predictions")
+    p.add_argument("--probe-only", action="store_true", help="with --embed RUN: the K-fold probe for every image")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--review", type=Path, help="save side-by-side PNGs of flags outside ciFAIR's list here")
     p.add_argument("--review-n", type=int, default=60)
@@ -192,7 +194,7 @@ def main() -> None:
         if embed != "lite0":
             from cvrecipe.artifact.features import run_embedder
 
-            embed = run_embedder(embed, args.data)
+            embed = run_embedder(embed, None if args.probe_only else args.data)
         if args.also_probe:
             probe_alongside(out)
         if args.labels_only:
