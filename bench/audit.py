@@ -12,7 +12,7 @@ where the run's predictions are not out of sample), written to label_issues_prob
 the same way. --labels-only ranks only the run's held-out splits, by its own predictions (the
 audit's label-error stage on those splits alone: cleanlab judges each source apart, so their
 ranking is the full audit's), skipping the embeddings and the duplicate search. --probe-only
-ranks every image by the probe (the run's predictions unused): with --labels-only, both rankings.
+ranks every image by the probe (the run's predictions unused).
 
 - duplicates: test images flagged as having a near copy in train; of ciFAIR's test images with a
   train duplicate (Barz & Denzler 2020, meta/duplicates_cifar10.csv of github.com/cvjena/cifair:
@@ -183,6 +183,8 @@ def main() -> None:
     p.add_argument("--review", type=Path, help="save side-by-side PNGs of flags outside ciFAIR's list here")
     p.add_argument("--review-n", type=int, default=60)
     args = p.parse_args()
+    if sum((args.also_probe, args.labels_only, args.probe_only)) > 1:
+        p.error("--also-probe, --labels-only and --probe-only exclude one another")
     out = args.audit or args.out
     if args.audit is None:
         import torch
