@@ -33,13 +33,14 @@ def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = "fashion-
     p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
 
-def _embedder(spec: str | None):
-    """--embed: None, "lite0" (the data layer builds it), or a run folder whose features embed."""
+def _embedder(spec: str | None, data: str):
+    """--embed: None, "lite0" (the data layer builds it), or a run folder whose features embed (and,
+    when `data` is the run's own, whose predictions rank the label errors of the splits it held out)."""
     if spec in (None, "lite0"):
         return spec
     from cvrecipe.artifact.features import run_embedder
 
-    return run_embedder(spec)
+    return run_embedder(spec, data)
 
 
 def _model_normalizer(cfg, ds):
@@ -356,7 +357,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from cvrecipe.data.report import inspect_data
 
         inspect_data(args.data, args.out, args.recipe, args.overrides, console=console,
-                     embed=_embedder(args.embed), reference=args.reference, embed_size=args.embed_size,
+                     embed=_embedder(args.embed, args.data), reference=args.reference, embed_size=args.embed_size,
                      normalizer=_model_normalizer)
     elif args.verb == "data" and args.data_verb == "synth-detect":
         _synth_detect(args, console)

@@ -26,9 +26,16 @@ BATCH = 256  # images per forward pass: (256, 3, 64, 64) float32 = 12 MiB of inp
 
 @dataclass
 class Embedder:
-    """`features`: (B, C, H, W) uint8 tensor → (B, D) float32 features; `name` says which model."""
+    """`features`: (B, C, H, W) uint8 tensor → (B, D) float32 features; `name` says which model.
+
+    A classifier trained on the audited data may also give its own predictions where they are out
+    of sample: `probabilities(x, hflip_ok)`: (N, C, H, W) uint8 images → (N, K) float64 softmax over
+    `classes`, valid for the images of the splits in `held_out` (the ones it never trained on)."""
     name: str
     features: Callable[[torch.Tensor], torch.Tensor]
+    classes: list[str] | None = None
+    probabilities: Callable[..., np.ndarray] | None = None
+    held_out: frozenset[str] = frozenset()
 
 
 def lite0_embedder(size: int = DEFAULT_SIZE) -> Embedder:

@@ -134,18 +134,60 @@ def summarise(pairs: list[tuple], index: Index) -> dict:
             "examples": listed[:MAX_LISTED], "exclude": exclude}
 
 
-def label_errors(index: Index, emb: np.ndarray, console: Console, seconds: dict) -> dict | None:
-    """Out-of-sample probabilities from the K-fold probe, then cleanlab: the ranked list."""
+def label_errors(index: Index, emb: np.ndarray, console: Console, seconds: dict,
+                 embedder: Embedder | None = None, hflip_ok: bool = True) -> dict | None:
+    """Out-of-sample probabilities for every image, then cleanlab: the ranked list. Where the
+    embedder is a classifier of these classes that never trained on a split (a run's test split),
+    its own predictions are the out-of-sample probabilities there; every other image gets the
+    K-fold probe on the embeddings, fitted on those images alone. cleanlab runs once per source:
+    its per-class thresholds assume one model's calibration."""
     labels = np.concatenate([y for _, _, y in index.parts])
-    counts = np.bincount(labels, minlength=len(index.classes))
-    if len(labels) < MIN_PROBE_IMAGES or (counts[counts > 0] < L.FOLDS).any():
+    rows = {s: np.arange(index.offsets[k], index.offsets[k + 1]) for k, (s, _, _) in enumerate(index.parts)}
+    own = [s for s in rows if embedder is not None and embedder.probabilities is not None
+           and s in embedder.held_out and embedder.classes == list(index.classes)]
+    probed = np.concatenate([rows[s] for s in rows if s not in own] or [np.zeros(0, np.int64)])
+    counts = np.bincount(labels[probed], minlength=len(index.classes))
+    if len(probed) and (len(probed) < MIN_PROBE_IMAGES or (counts[counts > 0] < L.FOLDS).any()):
         return None  # too few images per class for K folds
-    x = L.standardise(N.project(emb).numpy())  # 256 PCA dimensions: 5x cheaper steps than 1280
-    with stage_bar(console, "probe", int(L.MAX_ITER * 1.25), seconds) as advance:
-        probs = L.oof_probabilities(x, labels, num_classes=len(index.classes), tick=advance)
+    probs = np.zeros((len(labels), len(index.classes)))
+    if len(probed):
+        x = L.standardise(N.project(emb[probed]).numpy())  # ≤ 256 PCA dimensions: 5x cheaper steps than 1280
+        with stage_bar(console, "probe", int(L.MAX_ITER * 1.25), seconds) as advance:
+            probs[probed] = L.oof_probabilities(x, labels[probed], num_classes=len(index.classes), tick=advance)
+    if own:
+        with stage_bar(console, "predict", sum(len(rows[s]) for s in own), seconds) as advance:
+            for s in own:
+                probs[rows[s]] = embedder.probabilities(index.parts[list(rows).index(s)][1], hflip_ok)
+                advance(len(rows[s]))
     with stage_bar(console, "cleanlab", 1, seconds) as advance:
-        found = L.label_issues(labels, probs)
+        found = _issues_per_source(labels, probs, [r for r in (probed, *(rows[s] for s in own)) if len(r)])
         advance()
+    sources = {s: "model" if s in own else "probe" for s in rows}
+    accuracy = {s: round(float((found["suggested"][r] == labels[r]).mean()), 4) for s, r in rows.items() if len(r)}
+    return {**_ranked(index, labels, found), "folds": L.FOLDS, "sources": sources, "accuracy": accuracy,
+            "probe_accuracy": round(float((found["suggested"][probed] == labels[probed]).mean()), 4)
+            if len(probed) else None}
+
+
+def _issues_per_source(labels: np.ndarray, probs: np.ndarray, groups: list[np.ndarray]) -> dict:
+    """label_issues' result over all images, cleanlab run on each group of rows apart: flagged ones
+    first, by label quality, then the rest by label quality."""
+    quality = np.zeros(len(labels))
+    flagged = []
+    for rows in groups:
+        found = L.label_issues(labels[rows], probs[rows])
+        quality[rows] = found["quality"]
+        flagged.append(rows[found["flagged"]])
+    flagged = np.concatenate(flagged or [np.zeros(0, np.int64)])
+    flagged = flagged[np.argsort(quality[flagged], kind="stable")]
+    rest = np.setdiff1d(np.arange(len(labels)), flagged)
+    rest = rest[np.argsort(quality[rest], kind="stable")]
+    return {"flagged": flagged.astype(np.int64), "rank": np.concatenate([flagged, rest]).astype(np.int64),
+            "quality": quality, "suggested": probs.argmax(1)}
+
+
+def _ranked(index: Index, labels: np.ndarray, found: dict) -> dict:
+    """The ranking as audit.json lists it (the top), the whole table, and the train images to exclude."""
     rank = found["rank"][:MAX_LISTED]
     ranked = [{**index.describe(int(g)), "id": image_id(index, int(g)),
                "suggested": index.classes[int(found["suggested"][g])],
@@ -158,9 +200,8 @@ def label_errors(index: Index, emb: np.ndarray, console: Console, seconds: dict)
     table = [(image_id(index, g), index.locate(g)[0], index.classes[int(labels[g])],
               index.classes[int(found["suggested"][g])], round(float(found["quality"][g]), 5),
               int(k < len(found["flagged"]))) for k, g in enumerate(found["rank"].tolist())]
-    return {"table": table, "exclude": exclude, "flagged": int(len(found["flagged"])), "flagged_per_split": dict(per_split),
-            "probe_accuracy": round(float((found["suggested"] == labels).mean()), 4),
-            "folds": L.FOLDS, "ranked": ranked}
+    return {"table": table, "exclude": exclude, "flagged": int(len(found["flagged"])),
+            "flagged_per_split": dict(per_split), "ranked": ranked}
 
 
 def mask_errors(index: Index, console: Console, seconds: dict) -> dict | None:
@@ -190,14 +231,15 @@ def mask_errors(index: Index, console: Console, seconds: dict) -> dict | None:
             "exclude": exclude, "predicted": {g: found["predicted"][g] for g in rank[:SHOWN_MASKS]}}
 
 
-def run(index: Index, embedder: Embedder, console: Console, labels: bool = True) -> dict:
+def run(index: Index, embedder: Embedder, console: Console, labels: bool = True, hflip_ok: bool = True) -> dict:
     """All stages over the images of `index`; returns the audit.json section. Without class
-    labels (segmentation masks), the masks are ranked instead (mask_errors)."""
+    labels (segmentation masks), the masks are ranked instead (mask_errors). `hflip_ok`: may the
+    images be mirrored and keep their label (the embedder's own predictions may then average the mirror)."""
     seconds: dict[str, float] = {}
     emb, mirrored = embed_parts(index, embedder, console, seconds)
     out = {"embedder": embedder.name, "dimensions": int(emb.shape[1]), "mirrored": len(mirrored),
            "near_duplicates": duplicates(index, emb, mirrored, console, seconds)}
-    out["label_issues"] = label_errors(index, emb, console, seconds) if labels else None
+    out["label_issues"] = label_errors(index, emb, console, seconds, embedder, hflip_ok) if labels else None
     masks = not labels and all(y.ndim == 3 for _, _, y in index.parts)
     out["mask_issues"] = mask_errors(index, console, seconds) if masks else None
     out["seconds"] = seconds

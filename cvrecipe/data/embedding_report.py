@@ -52,12 +52,20 @@ def duplicates_section(info: dict, index: Index, embedder: str) -> str:
     return html + f'<div class="pairs dup-pairs">{"".join(figures)}</div>'
 
 
+def _sources(info: dict) -> str:
+    """Where each split's probabilities came from, with the accuracy of their most probable class."""
+    said = {"probe": f"a {info['folds']}-fold logistic-regression probe on the embeddings",
+            "model": "the model's own predictions (it never trained on them)"}
+    sources = info.get("sources") or {}
+    return "; ".join(f"{pages.esc(s)}: {said[how]}, accuracy {info['accuracy'][s]:.1%}"
+                     for s, how in sources.items() if s in info.get("accuracy", {}))
+
+
 def label_errors_section(info: dict | None, index: Index) -> str:
     if info is None:
         return ("<h2>Likely label errors</h2><p class='note'>not ranked: too few images per class for a "
                 "5-fold probe, or no class labels (segmentation)</p>")
-    how = (f"out-of-sample probabilities from a {info['folds']}-fold logistic-regression probe on the embeddings "
-           f"(accuracy {info['probe_accuracy']:.1%}), then confident learning (cleanlab): "
+    how = (f"out-of-sample probabilities ({_sources(info)}), then confident learning (cleanlab): "
            f"<b>{info['flagged']:,}</b> images flagged ({', '.join(f'{s} {n:,}' for s, n in info['flagged_per_split'].items()) or 'none'}); "
            "shown most likely first, with the given and the suggested class")
     figures = []

@@ -73,8 +73,8 @@ def knn(queries: torch.Tensor, base: torch.Tensor, k: int, self_offset: int | No
     for start in range(0, len(queries), rows):
         s = queries[start:start + rows] @ base.T  # (B, N)
         if self_offset is not None:
-            rows = torch.arange(len(s))
-            s[rows, rows + start + self_offset] = -2.0
+            r = torch.arange(len(s))
+            s[r, r + start + self_offset] = -2.0
         top = s.topk(k, dim=1)
         sims.append(top.values)
         idx.append(top.indices)

@@ -53,7 +53,8 @@ def audit_dataset(name: str, cfg: Config, console: Console | None = None, embed=
         from cvrecipe.data import embedding_audit as E
 
         audit_index = E.reference_index(ds, names, reference, cfg) if reference else index
-        embedding = E.run(audit_index, E.embedder_for(embed, embed_size), console, labels=not ds.masks)
+        embedding = E.run(audit_index, E.embedder_for(embed, embed_size), console, labels=not ds.masks,
+                          hflip_ok=ds.hflip_ok)
     # the predicted masks of the shown mask label-error candidates are for the page, not audit.json
     predicted = ((embedding or {}).get("mask_issues") or {}).pop("predicted", {})
     audit = {
