@@ -55,7 +55,8 @@ class DataConfig:
                                         "digits), folder:PATH (a directory or a .tar/.tar.gz/.zip archive of "
                                         "split/class/image), masks:PATH (image/ + label/ or mask/ pairs, for "
                                         "segmentation) or boxes:PATH (COCO JSON, YOLO txt or Pascal VOC XML, "
-                                        "for detection; needs data.image_size); a relative PATH is looked for in the current "
+                                        "for detection; needs data.image_size), synth-detect[:BACKGROUNDS] (the seeded "
+                                        "synthetic detection set, written into the cache on first use); a relative PATH is looked for in the current "
                                         "directory, then $CVRECIPE_DATA, then the source checkout (`cvrecipe "
                                         "config --explain paths`)")
     image_size: int | None = option(None, "resize every image to this square size in pixels; null keeps the "
@@ -287,7 +288,8 @@ class Config:
                        pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*")
     runs_dir: str = option("runs", "parent folder of the run folders")
     task: str | None = option(None, "what the model predicts: a registered task (cvrecipe/tasks: classification, "
-                                    "a class per image; segmentation, a class per pixel); null = classification")
+                                    "a class per image; segmentation, a class per pixel; detection, boxes with a "
+                                    "class each); null = classification")
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
