@@ -181,7 +181,9 @@ def run_ours(model: str, budget: float, minutes: float, args, truth: dict) -> di
     name = f"{model}-{minutes:g}min"
     cfg = load_config(args.recipe, [f"data.name=boxes:{args.data.resolve()}", f"data.image_size={args.image_size}",
                                     f"model.name={model}", f"runs_dir={args.out / 'runs'}", f"name={name}",
-                                    f"train.seed={args.seed}", *args.set])
+                                    f"train.seed={args.seed}",
+                                    "train.sanity=false",  # the budget is training's; the checks run in `cvrecipe run`
+                                    *args.set])
     ds = load_dataset(cfg.data, cfg.train.seed)
     per_train, per_val, probe_cpu = probe(cfg, ds)
     epoch_cpu = per_train * len(ds.train) + per_val * len(ds.val)

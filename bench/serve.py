@@ -92,7 +92,8 @@ def trained_detector(tmp: Path, size: int, count: int = 64) -> Path:
         items = compose(ds.train.x[keep], ds.train.y[keep], background, n, (size, size), seed)
         write_split(tmp / "set", split, items, ["0", "1", "2"])
     cfg = load_config("detect-synth", [f"data.name=boxes:{tmp / 'set'}", f"data.image_size={size}", f"runs_dir={tmp}",
-                                       "train.epochs=1", "train.batch_size=16", f"data.cache_dir={tmp / 'cache'}"])
+                                       "train.epochs=1", "train.batch_size=16", f"data.cache_dir={tmp / 'cache'}",
+                                       "train.sanity=false"])  # a throwaway model to time: the checks need more images
     print(f"training {cfg.model.name} on {count} images of digits pasted on noise at {size} px (one epoch) ...",
           flush=True)
     return train(cfg)
