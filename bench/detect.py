@@ -40,8 +40,6 @@ Ultralytics' own validation figure of the same weights is printed beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
@@ -133,20 +131,12 @@ def ensure_data(args) -> None:
 
 def coco_score(truth: dict, results: list[dict]) -> dict:
     """pycocotools' box evaluation of COCO `results` against the `truth` dataset dict; the one call
-    both tools are scored with."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    both tools are scored with (cvrecipe's own, tasks/box_metrics.py cocoeval)."""
+    from cvrecipe.tasks.box_metrics import cocoeval
 
     if not results:  # pycocotools cannot load an empty result list
         return {"map": 0.0, "map50": 0.0, "map75": 0.0, "ar100": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = truth
-        gt.createIndex()
-        evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
+    evaluation = cocoeval(truth, results)
     s = evaluation.stats
     return {"map": float(s[0]), "map50": float(s[1]), "map75": float(s[2]), "ar100": float(s[8])}
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from cvrecipe.serve import schema
-from cvrecipe.serve.inputs import ServeError, read_images, screen
+from cvrecipe.serve.inputs import ServeError, read_one_image, screen
 from cvrecipe.serve.state import ServerState
 from cvrecipe.tasks import answers_of
 
@@ -75,10 +75,8 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
         state: ServerState = request.app.state.server
         used = state.require_task(task)
         with state.arrival():
-            items = await read_images(request, max_files=1)
-            if len(items) > 1:
-                raise ServeError(400, "too_many_files", f"{len(items)} files sent; /v1/detect takes one image")
-            data = items[0][1]
+            item = await read_one_image(request, "/v1/detect")
+            data = item[1]
             header = screen(data, state.settings.max_pixels)
         if isinstance(header, ServeError):
             raise header
@@ -89,7 +87,7 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
         (answer,) = answers.answers(rows[None], used.info, max_detections, score_threshold, image_sizes=[size])
         latency = round((time.perf_counter() - start) * 1000, 3)
         if state.monitor is not None:  # the window's detections, at the profile's own floor (not this request's)
-            await state.monitor.record_boxes(request.state.request_id, items[0], rows, answer["boxes"], latency,
+            await state.monitor.record_boxes(request.state.request_id, item, rows, answer["boxes"], latency,
                                              header)
         if _wants_png(format, request.headers.get("accept", "")):
             png = await asyncio.to_thread(_annotated_png, answers, data, answer["boxes"], used.info, size)

@@ -51,6 +51,15 @@ async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes
                      f"Content-Type image/* (e.g. image/png) or as multipart/form-data with a 'file' field")
 
 
+async def read_one_image(request: Request, route: str) -> tuple[str, bytes]:
+    """(file name, bytes) of the one image a single-image route (`route`, e.g. "/v1/segment") takes;
+    more files are a 400."""
+    items = await read_images(request, max_files=1)
+    if len(items) > 1:
+        raise ServeError(400, "too_many_files", f"{len(items)} files sent; {route} takes one image")
+    return items[0]
+
+
 STATUS = {"too_many_pixels": 413}  # ImageRefused codes that are not a 400
 
 

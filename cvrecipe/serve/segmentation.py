@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from cvrecipe.serve import schema
-from cvrecipe.serve.inputs import ServeError, read_images, refusal
+from cvrecipe.serve.inputs import ServeError, read_one_image, refusal
 from cvrecipe.serve.state import ServerState
 from cvrecipe.tasks import answers_of
 
@@ -61,13 +61,11 @@ def add_routes(app: FastAPI, require_token: Callable, task: str) -> None:
         state: ServerState = request.app.state.server
         used = state.require_task(task)
         with state.arrival():
-            items = await read_images(request, max_files=1)
-            if len(items) > 1:
-                raise ServeError(400, "too_many_files", f"{len(items)} files sent; /v1/segment takes one image")
-            refused = refusal(items[0][1], state.settings.max_pixels)
+            _, data = await read_one_image(request, "/v1/segment")
+            refused = refusal(data, state.settings.max_pixels)
         if refused is not None:
             raise refused
-        (logits,), used = await state.infer([items[0][1]], deadline=start + state.settings.timeout_s)
+        (logits,), used = await state.infer([data], deadline=start + state.settings.timeout_s)
         if isinstance(logits, ServeError):
             raise logits
         (answer,) = answers.answers(logits[None], used.info)  # the task's answer layer, as predict's

@@ -54,9 +54,6 @@ def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_
       interpolated precision at IoU 0.5, all sizes, 100 detections; its mean is the AP@.5;
     - per_image: [{"index", "tp", "fp", "missed", "f1", "false_rows": detection row indices, "missed_boxes":
       object indices}] at IoU 0.5 for the detections scoring ≥ `score_threshold` (image_outcomes)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     gt, results, dt_rows = _coco_inputs(truth_boxes, truth_labels, detections, class_names)
     counts = np.bincount([a["category_id"] - 1 for a in gt["annotations"]], minlength=len(class_names))
     if not results or not gt["annotations"]:  # pycocotools cannot load an empty result list
@@ -68,14 +65,7 @@ def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_
                                             for n, c in zip(class_names, counts)},
                 "pr_at_iou50": pr + [{"class": "all classes", "precision": zeros if counts.any() else None}],
                 "per_image": per_image}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
+    evaluation = cocoeval(gt, results)
     stats = [None if s < 0 else float(s) for s in evaluation.stats]
     precision = evaluation.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
     per_class = {}
@@ -88,6 +78,23 @@ def coco_metrics(truth_boxes: list, truth_labels: list, detections: list, class_
             "map_large": stats[5], "ar100": stats[8], "per_class": per_class,
             "pr_at_iou50": pr_curves(evaluation, class_names),
             "per_image": image_outcomes(evaluation, truth_labels, detections, dt_rows, score_threshold)}
+
+
+def cocoeval(truth: dict, results: list[dict]):
+    """pycocotools' box evaluation (a COCOeval, evaluated, accumulated and summarised) of COCO
+    `results` (a non-empty list: pycocotools cannot load an empty one) against the `truth` dataset dict."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
+        coco = COCO()
+        coco.dataset = truth
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return evaluation
 
 
 def pr_curves(evaluation, class_names: list[str]) -> list[dict]:

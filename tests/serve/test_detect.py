@@ -17,7 +17,7 @@ from PIL import Image
 from cvrecipe.evaluate.job import predict
 from cvrecipe.monitor.settings import MonitorSettings
 
-from detect_helpers import SIZE, exported_detector  # noqa: F401 (fixture)
+from detect_helpers import exported_detector  # noqa: F401 (fixture)
 from serve_helpers import one_torch_thread, running_server, train_stripes_run, wait_until  # noqa: F401 (fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -66,8 +66,7 @@ def same_boxes(served: list[dict], expected: list[dict], tolerance_px: float) ->
 def test_boxes_are_predicts_in_the_uploaded_images_pixels(detector, backend):
     run, files, _ = detector
     files = files[:6]
-    expected = predict(run, [str(f) for f in files], k=100)  # the model's input pixels (64 × 64), score >= 0.25
-    scale = {"x1": UPLOAD[0] / SIZE, "x2": UPLOAD[0] / SIZE, "y1": UPLOAD[1] / SIZE, "y2": UPLOAD[1] / SIZE}
+    expected = predict(run, [str(f) for f in files], k=100)  # in each file's own pixels (UPLOAD), score >= 0.25
     found = 0
     with running_server(run, backend=backend) as (url, _):
         for path, want in zip(files, expected):
@@ -75,11 +74,10 @@ def test_boxes_are_predicts_in_the_uploaded_images_pixels(detector, backend):
             assert r.status_code == 200, r.text
             body = r.json()
             assert (body["width"], body["height"]) == UPLOAD and body["model"]["name"] == "fcos-lite0"
-            rescaled = [{**b, **{k: b[k] * s for k, s in scale.items()}} for b in want["boxes"]]
-            same_boxes(body["boxes"], rescaled, tolerance_px=0.01)
+            same_boxes(body["boxes"], want["boxes"], tolerance_px=0.01)
             found += len(body["boxes"])
             fewer = post(url, path, score_threshold=0.5, max_detections=1).json()["boxes"]
-            same_boxes(fewer, [b for b in rescaled if b["score"] >= 0.5][:1], tolerance_px=0.01)
+            same_boxes(fewer, [b for b in want["boxes"] if b["score"] >= 0.5][:1], tolerance_px=0.01)
     assert found >= 5, f"the trained detector found only {found} boxes in {len(files)} images"
 
 
