@@ -162,11 +162,11 @@ def run_checks(cfg: Config, ds: ImageDataset, model: nn.Module | None = None, lo
                                            budget["held_out"], gen)
         num_classes = len(ds.classes)
         init_x, init_y = pool_x[:budget["init_batch"]], pool_y[:budget["init_batch"]]
-        init_loss_fn, expected = _init_loss_expectation(cfg, ds, model, init_x, init_y, loss_fn, task, device)
+        init_loss_fn, expected, basis = _init_loss_expectation(cfg, ds, model, init_x, init_y, loss_fn, task, device)
         train, held_out, batch = (pool_x, pool_y), (held_x, held_y), budget["train_batch"]
         overfit = budget["overfit_batch"]
         return [
-            check_init_loss(model, init_x, init_y, init_loss_fn, expected, device, task),
+            check_init_loss(model, init_x, init_y, init_loss_fn, expected, device, task, basis),
             check_overfit_batch(model, pool_x[:overfit], pool_y[:overfit], loss_fn, device, task=task),
             check_zero_input(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
             check_label_leak(model, train, held_out, loss_fn, make_inputs, gen, device, score, task, batch),
@@ -183,17 +183,17 @@ def _draw(x: np.ndarray, y, n: int, gen: torch.Generator, task: Task | None = No
 
 
 def _init_loss_expectation(cfg: Config, ds: ImageDataset, model: nn.Module, x: torch.Tensor, y, loss_fn: LossFn,
-                           task: Task, device: torch.device) -> tuple[LossFn, float]:
-    """(what is measured at initialisation, its expected value): the part of the loss the model's own
-    construction predicts where the task knows one (a focal-loss detector's classification term), else
-    the whole loss against the class prior's entropy or uniform outputs' loss."""
+                           task: Task, device: torch.device) -> tuple[LossFn, float, str]:
+    """(what is measured at initialisation, its expected value, where that value comes from): the part
+    of the loss the model's own construction predicts where the task knows one (a focal-loss
+    detector's classification term), else the whole loss against the class prior's entropy or
+    uniform outputs' loss."""
     known = task.initial_loss_part(model)
     if known is not None:
-        return known
-    num_classes = len(ds.classes)
-    expected = (_expected_init_loss(cfg, ds, y, num_classes, task) if cfg.model.init_bias_prior
-                else _uniform_loss(model, x, y, loss_fn, device))
-    return loss_fn, expected
+        return (*known, "the classification term its heads' prior predicts")
+    if cfg.model.init_bias_prior:
+        return loss_fn, _expected_init_loss(cfg, ds, y, len(ds.classes), task), "the class prior's entropy"
+    return loss_fn, _uniform_loss(model, x, y, loss_fn, device), "uniform outputs' loss, ln K for cross-entropy"
 
 
 def _expected_init_loss(cfg: Config, ds: ImageDataset, y: torch.Tensor, num_classes: int,
@@ -216,9 +216,9 @@ def _uniform_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: L
 
 
 def check_init_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, expected: float,
-                    device: torch.device, task: Task | None = None) -> CheckResult:
-    """Loss of the untrained model (train mode, as the first step sees it) against `expected` (NaN:
-    nothing to compare against for this model: skipped, saying so)."""
+                    device: torch.device, task: Task | None = None, basis: str = "uniform outputs' loss") -> CheckResult:
+    """Loss of the untrained model (train mode, as the first step sees it) against `expected`, which
+    `basis` names (NaN: nothing to compare against for this model: skipped, saying so)."""
     task = task or get_task(DEFAULT_TASK)
     model = copy.deepcopy(model).train()
     with torch.no_grad():
@@ -228,9 +228,7 @@ def check_init_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
                            f"model (only for focal-loss heads)", {"loss": loss, "expected": None, "deviation": None})
     deviation = abs(loss - expected) / expected if math.isfinite(loss) else math.inf
     status = _grade(deviation, lambda d: d <= INIT_LOSS_WARN, lambda d: d <= INIT_LOSS_FAIL)
-    message = (f"loss at init {loss:.3f}, expected {expected:.3f} (uniform outputs: ln K for cross-entropy; the "
-               f"prior's entropy; a focal-loss detector's classification term at its heads' prior 0.01): "
-               f"{deviation:.0%} off (warn above {INIT_LOSS_WARN:.0%}, fail above {INIT_LOSS_FAIL:.0%})")
+    message = (f"loss at init {loss:.3f}, expected {expected:.3f} ({basis}): {deviation:.0%} off (warn above {INIT_LOSS_WARN:.0%}, fail above {INIT_LOSS_FAIL:.0%})")
     return CheckResult("init-loss", status, message, {"loss": loss, "expected": expected, "deviation": deviation})
 
 
@@ -415,8 +413,10 @@ def check_before_training(cfg: Config, ds: ImageDataset, console: Console) -> li
     failed = [r for r in results if r.status == "fail"]
     if failed:
         lines = "; ".join(f"{r.name}: {r.message}" for r in failed)
-        raise SanityCheckFailed(f"sanity check(s) failed, training not started — {lines}. Fix the setup, "
-                                f"or train anyway with --no-sanity (train.sanity=false)")
+        # the advice first: a long line of findings is shortened at its end
+        raise SanityCheckFailed(f"sanity check(s) failed ({', '.join(r.name for r in failed)}), training not "
+                                f"started; fix the setup, or train anyway with --no-sanity (train.sanity=false) — "
+                                f"{lines}")
     return [asdict(r) for r in results]
 
 
