@@ -75,3 +75,16 @@ def test_a_dataset_without_the_cell_value_is_named(tmp_path):
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "m" / "label" / "0.png")
     with pytest.raises(DataError, match="no mask value 255"):
         cells_set(tmp_path / "out", tmp_path / "m", tmp_path / "cache")
+
+
+def test_a_one_class_detection_set_passes_the_data_check(tmp_path):
+    from cvrecipe.data.box_source import load_boxes
+
+    write_masks(tmp_path / "isbi", 4)
+    cells_set(tmp_path / "out", tmp_path / "isbi", tmp_path / "cache", tile=0, min_area=4, test_images=range(3, 4))
+    ds = load_boxes(tmp_path / "out", 16, 3, tmp_path / "cache", fmt="coco")
+    assert ds.classes == ["cell"]
+    ds.check()  # one class is enough for boxes (the background is implicit) ...
+    ds.train.y = ds.train.y.labels[:len(ds.train)] * 0  # ... but not for class labels
+    with pytest.raises(DataError, match="need at least 2"):
+        ds.check()
