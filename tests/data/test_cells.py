@@ -88,3 +88,21 @@ def test_a_one_class_detection_set_passes_the_data_check(tmp_path):
     ds.train.y = ds.train.y.labels[:len(ds.train)] * 0  # ... but not for class labels
     with pytest.raises(DataError, match="need at least 2"):
         ds.check()
+
+
+def test_cells_at_the_border_read_back_without_clipping_notes(tmp_path):
+    """A cell in rows 0-3 of a 256 px image is written as cy 0.007812, h 0.015625 (6 decimals): its top
+    edge reads back at -0.000128 px, rounding that the YOLO reader clips without naming it."""
+    (tmp_path / "isbi" / "image").mkdir(parents=True)
+    (tmp_path / "isbi" / "label").mkdir()
+    mask = np.zeros((256, 256), np.uint8)
+    mask[0:4, 54:88] = 255
+    mask[100:120, 100:120] = 255
+    Image.fromarray(mask).save(tmp_path / "isbi" / "label" / "0.png")
+    Image.fromarray(np.zeros((256, 256), np.uint8)).save(tmp_path / "isbi" / "image" / "0.png")
+    cells_set(tmp_path / "out", tmp_path / "isbi", tmp_path / "cache", tile=0, test_images=[])
+    back = read_boxes(tmp_path / "out", fmt="yolo")
+    assert back.problems == []
+    assert sorted(back.splits["train"][0].boxes.round(3).tolist()) == [[54, 0, 88, 4], [100, 100, 120, 120]]
+    (tmp_path / "out" / "labels" / "train" / "000000.txt").write_text("0 0.2 0.0 0.1 0.1\n")  # half outside
+    assert [p.kind for p in read_boxes(tmp_path / "out", fmt="yolo").problems] == ["clipped"]
