@@ -223,9 +223,9 @@ def probe(cfg, ds) -> tuple[float, float, float]:
         for i in range(PROBE_STEPS + 1):
             if i == 1:  # the first step pays for allocation and warm-up
                 t0 = time.process_time()
-            start = i * b % wrap
-            x = torch.from_numpy(ds.train.x[start:start + b]).contiguous(memory_format=torch.channels_last)
-            y = task.batch_targets(ds.train.y, start, start + b)
+            first = i * b % wrap
+            x = torch.from_numpy(ds.train.x[first:first + b]).contiguous(memory_format=torch.channels_last)
+            y = task.batch_targets(ds.train.y, first, first + b)
             loss = task.loss(task.forward(model, x, y), y)
             loss.backward()
             optimizer.step()
