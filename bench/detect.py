@@ -213,7 +213,8 @@ def probe(cfg, ds) -> tuple[float, float, float]:
     from cvrecipe.device import backend_settings
     from cvrecipe.tasks import get_task
 
-    task, b = get_task(cfg.task, cfg), cfg.train.batch_size
+    task, b = get_task(cfg.task, cfg), min(cfg.train.batch_size, len(ds.train))
+    wrap = len(ds.train) - b + 1  # batch starts wrap round a small training split: every batch full
     start = time.process_time()
     with backend_settings(torch.device("cpu"), False, cfg.train.num_threads):
         model = build_model(cfg, ds).to(memory_format=torch.channels_last)
@@ -222,8 +223,9 @@ def probe(cfg, ds) -> tuple[float, float, float]:
         for i in range(PROBE_STEPS + 1):
             if i == 1:  # the first step pays for allocation and warm-up
                 t0 = time.process_time()
-            x = torch.from_numpy(ds.train.x[i * b:(i + 1) * b]).contiguous(memory_format=torch.channels_last)
-            y = task.batch_targets(ds.train.y, i * b, (i + 1) * b)
+            first = i * b % wrap
+            x = torch.from_numpy(ds.train.x[first:first + b]).contiguous(memory_format=torch.channels_last)
+            y = task.batch_targets(ds.train.y, first, first + b)
             loss = task.loss(task.forward(model, x, y), y)
             loss.backward()
             optimizer.step()

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", type=Path, metavar="DIR",
                    help="detection: also write each image with its boxes drawn on it into DIR (<name>.annotated.png)")
 
-    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect, synth-detect",
+    p = verbs.add_parser("data", help="dataset tools: info, prepare, inspect, synth-detect, cells",
                          description="Inspect or pre-decode a dataset into the uint8 cache, or write a synthetic one.")
     sub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     for name, text in (("info", "print splits, classes, image shape and skipped files"),
@@ -144,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--objects", default="fashion-mnist", help="dataset whose items are pasted (default fashion-mnist)")
     q.add_argument("--backgrounds", default="cifar10",
                    help="dataset of background photos: a name or folder:PATH (default cifar10)")
+
+    text = ("write the ISBI 2012 cells as a detection set: one box per 4-connected component of the non-membrane "
+            "pixels, per tile, class cell; images 24-29 are the test split (docs/detection.md)")
+    q = sub.add_parser("cells", help="write the ISBI 2012 cells as a detection set (YOLO + COCO)", description=text)
+    q.add_argument("out", type=Path, help="output folder")
+    q.add_argument("--masks", help="the ISBI 2012 membranes, masks:PATH layout (default ../shared/data/"
+                                   "isbi2012-membrane.tar.gz beside the checkout)")
+    q.add_argument("--tile", type=int, default=256, help="tile side in pixels; 0 = whole images (default 256)")
+    q.add_argument("--min-area", type=int, default=20, help="smallest component kept, in pixels (default 20)")
 
     p = verbs.add_parser("doctor", help="sanity checks for a recipe, without training",
                          description="Loss at init, overfitting one batch, a zero-input baseline and a "
@@ -361,6 +370,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                      normalizer=_model_normalizer)
     elif args.verb == "data" and args.data_verb == "synth-detect":
         _synth_detect(args, console)
+    elif args.verb == "data" and args.data_verb == "cells":
+        _cells(args, console)
     elif args.verb == "data":
         _data(args, console)
     elif args.verb == "doctor":
@@ -519,6 +530,16 @@ def _synth_detect(args: argparse.Namespace, console: Console) -> None:
         raise DataError(f"--size {args.size}: expected MIN-MAX in pixels, e.g. 128-256") from None
     counts = write_set(args.out, load_source, args.objects, args.backgrounds, args.train, args.test, (low, high),
                        args.seed)
+    for split, (images, boxes) in counts.items():
+        console.print(f"{split}: {images} images, {boxes} boxes", highlight=False)
+    console.print(f"written to {args.out} (data.yaml for YOLO, annotations/instances_*.json for COCO)",
+                  highlight=False)
+
+
+def _cells(args: argparse.Namespace, console: Console) -> None:
+    from cvrecipe.data.cells import MASKS, cells_set
+
+    counts = cells_set(args.out, args.masks or MASKS, tile=args.tile, min_area=args.min_area)
     for split, (images, boxes) in counts.items():
         console.print(f"{split}: {images} images, {boxes} boxes", highlight=False)
     console.print(f"written to {args.out} (data.yaml for YOLO, annotations/instances_*.json for COCO)",

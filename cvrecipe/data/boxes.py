@@ -47,6 +47,9 @@ from cvrecipe.imagefile import ImageRefused, read_header
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
+# pixels a box may pass the image's edge by without being named clipped: YOLO's normalised centre and
+# size printed to 6 decimals put an edge up to ~1e-6 x the side outside (-0.000128 px at 256 px)
+ROUNDING_PX = 0.01
 NAMED_PER_KIND = 5  # files named per problem line; the full list stays in BoxDataset.problems
 
 
@@ -201,7 +204,7 @@ class _Builder:
             if not (cx2 > cx1 and cy2 > cy1):
                 self.problem("outside", note, f"box {i}: {_fmt((x1, y1, x2, y2))} in {width}x{height}")
                 continue
-            if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            if max(cx1 - x1, cy1 - y1, x2 - cx2, y2 - cy2) > ROUNDING_PX:
                 self.problem("clipped", note, f"box {i}: {_fmt((x1, y1, x2, y2))} to {width}x{height}")
             kept_boxes.append((cx1, cy1, cx2, cy2))
             kept_labels.append(label)

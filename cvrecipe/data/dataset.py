@@ -93,9 +93,11 @@ class ImageDataset:
         return "val", self.val
 
     def check(self) -> None:
-        """Stop early, with names, on data that cannot train a classifier."""
-        if len(self.classes) < 2:
-            raise DataError(f"dataset {self.name} has {len(self.classes)} class(es): {self.classes}; need at least 2")
+        """Stop early, with names, on data that cannot train a classifier (or a detector)."""
+        needed = 1 if self.train.boxes else 2  # a detector's boxes stand against the background: one class suffices
+        if len(self.classes) < needed:
+            raise DataError(f"dataset {self.name} has {len(self.classes)} class(es): {self.classes}; "
+                            f"need at least {needed}")
         for split_name in ("train", "val", "test"):
             split = getattr(self, split_name)
             if split is None or len(split) > 0:
