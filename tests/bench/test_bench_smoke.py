@@ -271,7 +271,7 @@ def test_detect_maps_cached_boxes_back_to_the_coco_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not MEMBRANE.is_file(), reason=f"needs the ISBI 2012 membrane archive ({MEMBRANE})")
-def test_detect_real_cells(tmp_path):
+def test_detect_real(tmp_path):  # the ISBI cells: the real set that ships beside the checkout
     """The ISBI cells written as a detection set and handed to bench/detect.py: cvrecipe's side only, a
     detector at 64 px trained for 2.4 CPU seconds and scored by pycocotools on the 24 test tiles."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CVRECIPE_CACHE": str(tmp_path / "cache")}
