@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from detector_helpers import digit_boxes_set
 from rich.console import Console
 
 from cvrecipe.config import load_config
-from cvrecipe.data.sources import digits
-from cvrecipe.data.synth_detect import compose, write_split
 from cvrecipe.train.job import train
 
 CLASSES = ("0", "1", "2")  # digits 0, 1, 2 as objects
@@ -19,14 +17,7 @@ SIZE = 64
 
 def synth_boxes(out: Path, splits: dict[str, tuple[int, int]], max_objects: int = 2) -> Path:
     """{split: (images, seed)} of SIZE px images with 1 to `max_objects` digits each."""
-    ds = digits(Path("."))
-    keep = ds.train.y < len(CLASSES)
-    background = np.random.default_rng(0).integers(0, 60, (4, 3, 16, 16)).astype(np.uint8)
-    for split, (n, seed) in splits.items():
-        items = compose(ds.train.x[keep], ds.train.y[keep], background, n, (SIZE, SIZE), seed=seed,
-                        max_objects=max_objects)
-        write_split(out, split, items, list(CLASSES))
-    return out
+    return digit_boxes_set(out, splits, (SIZE, SIZE), len(CLASSES), max_objects)
 
 
 def train_detector_run(root: Path, epochs: int = 6) -> tuple[Path, Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cvrecipe.artifact.build import build_model
@@ -12,10 +11,9 @@ from cvrecipe.artifact.inference import predict_logits
 from cvrecipe.cli import main
 from cvrecipe.config import load_config
 from cvrecipe.data import load_dataset
-from cvrecipe.data.sources import digits
-from cvrecipe.data.synth_detect import compose, write_split
 from cvrecipe.evaluate.job import predict
 from cvrecipe.tasks import get_task
+from detector_helpers import digit_boxes_set
 from pagecheck import view_page
 from serve_helpers import one_torch_thread  # noqa: F401 (fixture)
 
@@ -27,15 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLASSES = 3  # digits 0, 1, 2 as objects
 
 
-def synth_set(out: Path, splits: dict[str, tuple[int, int]], size=(64, 64), max_objects=2) -> Path:
-    """Digits pasted on dark noise, written as COCO JSON (+ YOLO labels); {split: (images, seed)}."""
-    ds = digits(Path("."))
-    keep = ds.train.y < CLASSES
-    bg = np.random.default_rng(0).integers(0, 60, (4, 3, 16, 16)).astype(np.uint8)
-    for split, (n, seed) in splits.items():
-        items = compose(ds.train.x[keep], ds.train.y[keep], bg, n, size, seed=seed, max_objects=max_objects)
-        write_split(out, split, items, [str(i) for i in range(CLASSES)])
-    return out
+def synth_set(out: Path, splits: dict[str, tuple[int, int]]) -> Path:
+    """Digits 0-2 pasted on dark noise at 64 px, written as COCO JSON (+ YOLO labels); {split: (images, seed)}."""
+    return digit_boxes_set(out, splits, (64, 64), CLASSES)
 
 
 def overrides(path: Path, tmp_path: Path, *more: str) -> list[str]:
