@@ -273,13 +273,32 @@ def _anchor_sizes() -> tuple[tuple[int, ...], ...]:
     return tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
 
 
+def check_fpn_channels(fpn_channels: int) -> None:
+    """torchvision's FCOS heads normalise with GroupNorm(32 groups): the width must split into them."""
+    if not isinstance(fpn_channels, int) or fpn_channels < 32 or fpn_channels % 32:
+        raise ValueError(f"model.kwargs.fpn_channels={fpn_channels!r}: expected a multiple of 32 (32, 64, 128, ...), "
+                         "as FCOS's heads normalise with GroupNorm in 32 groups")
+
+
+def pair_group_norms(head: nn.Module) -> None:
+    """At 32 channels, GroupNorm(32) normalises each channel alone: on a 1×1 level (P7 of a 64 px
+    image) that is one value, zeroed, and torch refuses it in training for a batch of one. Two
+    channels per group (16 groups) keeps at least two values per group on every level."""
+    for parent in head.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.GroupNorm) and child.num_channels // child.num_groups < 2:
+                setattr(parent, name, nn.GroupNorm(child.num_channels // 2, child.num_channels))
+
+
 def _fcos(num_classes: int, input_size, pretrained: bool, weights: str | None, fpn_channels: int) -> Detector:
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
+    check_fpn_channels(fpn_channels)
     anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)  # one point per location
     model = FCOS(lite0_fpn(pretrained, weights, fpn_channels), num_classes, anchor_generator=anchors,
                  min_size=input_size[0], max_size=max(input_size) * 4)
+    pair_group_norms(model.head)
     return FCOSDetector(model, num_classes, 0, lite0_preprocess(input_size) if pretrained else None)
 
 

@@ -151,9 +151,11 @@ class EpochBook:
             out.writeheader()
             out.writerows(self.state["history"])
         tmp.replace(self.run_dir / "metrics.csv")
-        train = "  ".join(f"{m} {row[f'train_{m}']:.4f}" for m in self.task.metrics)
-        val = "" if math.isnan(row["val_loss"]) else \
-            "  ".join(f"val {m} {row[f'val_{m}']:.4f}" for m in self.task.metrics) + "  "
+        # a figure not measured (NaN) is left out: a detector has no val loss and no train mAP
+        train = "  ".join(f"{m} {row[f'train_{m}']:.4f}" for m in self.task.metrics
+                          if not math.isnan(row[f"train_{m}"]))
+        val = "".join(f"val {m} {row[f'val_{m}']:.4f}  " for m in self.task.metrics
+                      if not math.isnan(row[f"val_{m}"]))
         self.console.print(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  train {train}  {val}"
                            f"lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s  {row['images_per_s']:,.0f} img/s")
 

@@ -58,6 +58,19 @@ def test_a_detector_trains_a_step_and_answers_fixed_shape_rows(name):
     assert odd.shape == (1, 100, 6) and (odd[..., 2] <= 100).all() and (odd[..., 3] <= 72).all()
 
 
+def test_narrow_fcos_trains_on_one_small_image_and_an_unsplittable_width_is_named():
+    """At 32 channels and 64 px the top level (P7) is 1×1: one channel per GroupNorm group would be a
+    single value, which torch refuses in training for a batch of one."""
+    torch.manual_seed(0)
+    model = create_model("fcos-lite0-scratch", 3, 3, (SIZE, SIZE), outputs="boxes", fpn_channels=32)
+    model.train()
+    x, targets = tiny_batch()
+    losses = model(x[:1], targets[:1])
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    with pytest.raises(ValueError, match=r"model.kwargs.fpn_channels=48: expected a multiple of 32"):
+        create_model("fcos-lite0", 3, 3, (SIZE, SIZE), outputs="boxes", fpn_channels=48)
+
+
 def test_a_rebuilt_detector_gives_the_same_detections():
     model = create_model("fcos-lite0", 3, 3, (SIZE, SIZE), outputs="boxes").eval()
     assert model.meta["mean"] == [0.5] * 3  # Lite0's own preprocessing travels in the meta

@@ -37,10 +37,13 @@ def overrides(path: Path, tmp_path: Path, *more: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cvrecipe_run_trains_evaluates_and_reports_a_detector(tmp_path):
+def test_cvrecipe_run_trains_evaluates_and_reports_a_detector(tmp_path, capsys):
     path = synth_set(tmp_path / "set", {"train": (16, 1), "val": (4, 2), "test": (4, 3)})
     code = main(["run", "detect-synth", *overrides(path, tmp_path, "train.epochs=2", "train.batch_size=8")])
     assert code == 0
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    # each epoch's line gives val mAP@.5 and hides what a detector does not measure (NaN)
+    assert len(epoch_lines) == 2 and all("val map50 " in line and "nan" not in line for line in epoch_lines)
     run = tmp_path / "runs" / "detect-synth"
     result = json.loads((run / "eval.json").read_text())
     assert result["task"] == "detection" and result["split"] == "test" and result["num_images"] == 4
