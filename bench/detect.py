@@ -4,6 +4,8 @@ images.
 
     python bench/detect.py --yolo-python ULTRA_VENV/bin/python              # 5 and 15 CPU-minute budgets
     python bench/detect.py --budgets 5 --models fcos-lite0 --yolo yolo11n.yaml --yolo-python ULTRA_VENV/bin/python
+    python bench/detect.py --seeds 0 1 2 --yolo-python ULTRA_VENV/bin/python    # mean ± std over 3 seeds
+    python bench/detect.py --combine OUT1 OUT2 ...        # one table, mean ± std, from earlier runs' summaries
     python bench/detect.py --budgets 0.05 --train 16 --test 4 --size 64-64 --image-size 64 --objects digits \\
         --backgrounds digits --models fcos-lite0-scratch --set 'model.kwargs={fpn_channels: 64}'   # a smoke run
 
@@ -43,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -68,7 +71,10 @@ def main() -> None:
     parser.add_argument("--recipe", default="detect-synth", help="cvrecipe's detection recipe")
     parser.add_argument("--models", nargs="*", default=["fcos-lite0", "fcos-lite0-scratch"], help="cvrecipe detectors")
     parser.add_argument("--image-size", type=int, default=128, help="training and test input side, both tools")
-    parser.add_argument("--seed", type=int, default=0, help="training seed, both tools")
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                        help="training seeds, both tools: each budget runs each seed; with several, mean ± std")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="OUT",
+                        help="print the tables of earlier runs' OUT/summary.json files together, and stop")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="cvrecipe recipe overrides")
     parser.add_argument("--yolo-python", help="a Python with ultralytics installed; without it YOLO is skipped")
     parser.add_argument("--yolo", nargs="*", default=["yolo11n.yaml", "yolo26n.yaml"], help="Ultralytics models")
@@ -80,6 +86,9 @@ def main() -> None:
     if args.yolo_worker:
         return yolo_worker(json.loads(args.yolo_worker))
 
+    if args.combine:
+        return summary([{**row, "seed": row_seed(row, out)} for out in args.combine
+                        for row in json.loads((out / "summary.json").read_text())])
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"host: {platform.node()}  cores: {os.cpu_count()}  python {platform.python_version()}  {versions()}  "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
@@ -90,14 +99,17 @@ def main() -> None:
     rows = []
     for minutes in args.budgets:
         budget = minutes * 60 * args.cores
-        print(f"\n== budget {minutes:g} min on {args.cores} cores = {budget:.0f} CPU seconds ==")
-        for model in args.models:
-            rows.append(run_ours(model, budget, minutes, args, truth))
-        for yolo in args.yolo if args.yolo_python else []:
-            rows.append(run_yolo(yolo, budget, minutes, args, truth))
-        if not args.yolo_python:
-            print("Ultralytics: skipped (no --yolo-python)")
-    summary(rows, args.out)
+        for seed in args.seeds:
+            print(f"\n== budget {minutes:g} min on {args.cores} cores = {budget:.0f} CPU seconds, seed {seed} ==")
+            for model in args.models:
+                rows.append({**run_ours(model, budget, minutes, seed, args, truth), "seed": seed})
+            for yolo in args.yolo if args.yolo_python else []:
+                rows.append({**run_yolo(yolo, budget, minutes, seed, args, truth), "seed": seed})
+            if not args.yolo_python:
+                print("Ultralytics: skipped (no --yolo-python)")
+    summary(rows)
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
+    print(f"summary: {args.out / 'summary.json'}")
 
 
 def versions() -> str:
@@ -161,17 +173,17 @@ def show_first(name: str, truth: dict, results: list[dict]) -> None:
 
 # ---- cvrecipe ----------------------------------------------------------------------------------------
 
-def run_ours(model: str, budget: float, minutes: float, args, truth: dict) -> dict:
+def run_ours(model: str, budget: float, minutes: float, seed: int, args, truth: dict) -> dict:
     from cvrecipe.artifact.checkpoint import load_model
     from cvrecipe.artifact.inference import predict_logits
     from cvrecipe.config import load_config
     from cvrecipe.data import load_dataset
     from cvrecipe.train.job import train
 
-    name = f"{model}-{minutes:g}min"
+    name = f"{model}-{minutes:g}min-seed{seed}"
     cfg = load_config(args.recipe, [f"data.name=boxes:{args.data.resolve()}", f"data.image_size={args.image_size}",
                                     f"model.name={model}", f"runs_dir={args.out / 'runs'}", f"name={name}",
-                                    f"train.seed={args.seed}",
+                                    f"train.seed={seed}",
                                     "train.sanity=false",  # the budget is training's; the checks run in `cvrecipe run`
                                     *args.set])
     ds = load_dataset(cfg.data, cfg.train.seed)
@@ -262,12 +274,12 @@ def coco_results(rows, meta: dict, truth: dict, targets) -> list[dict]:
 
 # ---- Ultralytics -------------------------------------------------------------------------------------
 
-def run_yolo(model: str, budget: float, minutes: float, args, truth: dict) -> dict:
+def run_yolo(model: str, budget: float, minutes: float, seed: int, args, truth: dict) -> dict:
     """Train and predict in a worker under --yolo-python; score its COCO results here."""
-    name = f"{Path(model).stem}-{minutes:g}min"
+    name = f"{Path(model).stem}-{minutes:g}min-seed{seed}"
     out = (args.out / "ultralytics").resolve()
     spec = {"model": model, "name": name, "budget_s": budget, "data": str(args.data.resolve()), "out": str(out),
-            "imgsz": args.image_size, "seed": args.seed, "threads": args.yolo_threads}
+            "imgsz": args.image_size, "seed": seed, "threads": args.yolo_threads}
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(out / "settings"), "MPLBACKEND": "Agg"}
     print(f"\n-- Ultralytics {model} ({args.image_size} px): time={budget / 3600:.4f} CPU hours")
     print(f"   before: {load()}")
@@ -347,25 +359,58 @@ def yolo_worker(spec: dict) -> None:
 
 # ---- the table ---------------------------------------------------------------------------------------
 
-def summary(rows: list[dict], out: Path) -> None:
-    print("\n| budget | tool | model | mAP@[.5:.95] | mAP@.5 | mAP@.75 | AR@100 | train CPU s | train wall s | epochs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def summary(rows: list[dict]) -> None:
+    """Each run's row; then, per budget, tool and model, the mean ± std (sample) over its seeds and
+    the ratio of the best cvrecipe mean to the best Ultralytics mean."""
+    print("\n| budget | seed | tool | model | mAP@[.5:.95] | mAP@.5 | mAP@.75 | AR@100 | train CPU s | train wall s | epochs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = f"| {r['minutes']:g} min | {r.get('seed', '?')} | {r['tool']} | {r['model']} |"
         if r.get("failed"):
-            print(f"| {r['minutes']:g} min | {r['tool']} | {r['model']} | failed | | | | | | |")
+            print(f"{head} failed | | | | | | |")
             continue
-        print(f"| {r['minutes']:g} min | {r['tool']} | {r['model']} | {r['map']:.4f} | {r['map50']:.4f} | "
-              f"{r['map75']:.4f} | {r['ar100']:.4f} | {r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} | {r['epochs']} |")
-    for minutes in sorted({r["minutes"] for r in rows}):
-        ours = [r for r in rows if r["minutes"] == minutes and r["tool"] == "cvrecipe" and not r.get("failed")]
-        yolo = [r for r in rows if r["minutes"] == minutes and r["tool"] == "ultralytics" and not r.get("failed")]
+        print(f"{head} {r['map']:.4f} | {r['map50']:.4f} | {r['map75']:.4f} | {r['ar100']:.4f} | "
+              f"{r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} | {r['epochs']} |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r.get("failed"):
+            groups.setdefault((r["minutes"], r["tool"], r["model"]), []).append(r)
+    print("\n| budget | tool | model | seeds | mAP@[.5:.95] | mAP@.5 | AR@100 |")
+    print("|---|---|---|---|---|---|---|")
+    for (minutes, tool, model), group in sorted(groups.items()):
+        seeds = ", ".join(str(r.get("seed", "?")) for r in group)
+        print(f"| {minutes:g} min | {tool} | {model} | {seeds} | {spread(group, 'map')} | {spread(group, 'map50')} | "
+              f"{spread(group, 'ar100')} |")
+    for minutes in sorted({minutes for minutes, _, _ in groups}):
+        means = {key: statistics.mean(r["map"] for r in group) for key, group in groups.items() if key[0] == minutes}
+        ours = {key: m for key, m in means.items() if key[1] == "cvrecipe"}
+        yolo = {key: m for key, m in means.items() if key[1] == "ultralytics"}
         if ours and yolo:
-            best, other = max(ours, key=lambda r: r["map"]), max(yolo, key=lambda r: r["map"])
-            ratio = best["map"] / other["map"] if other["map"] else float("inf")
-            print(f"{minutes:g} min: cvrecipe {best['model']} / Ultralytics {other['model']} mAP@[.5:.95] = {ratio:.2f}x")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    print(f"summary: {out / 'summary.json'}")
+            best, other = max(ours, key=ours.get), max(yolo, key=yolo.get)
+            ratio = ours[best] / yolo[other] if yolo[other] else float("inf")
+            print(f"{minutes:g} min: cvrecipe {best[2]} / Ultralytics {other[2]}, mean mAP@[.5:.95] "
+                  f"{ours[best]:.4f} / {yolo[other]:.4f} = {ratio:.2f}x")
 
+
+def row_seed(row: dict, out: Path) -> int:
+    """A row's training seed; a summary written before rows carried it has it in the run's own
+    record: cvrecipe's config.yaml (train.seed), Ultralytics' args.yaml (seed)."""
+    import yaml
+
+    if "seed" in row:
+        return row["seed"]
+    if row["tool"] == "cvrecipe":
+        return yaml.safe_load((Path(row["run"]) / "config.yaml").read_text())["train"]["seed"]
+    record = out / "ultralytics" / f"{Path(row['model']).stem}-{row['minutes']:g}min" / "args.yaml"
+    return yaml.safe_load(record.read_text())["seed"]
+
+
+def spread(group: list[dict], key: str) -> str:
+    """mean ± sample std over the group's runs (the one value when there is one run)."""
+    values = [r[key] for r in group]
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 if __name__ == "__main__":
     main()

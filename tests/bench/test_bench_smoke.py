@@ -234,15 +234,25 @@ def test_detect(tmp_path):
     seconds, its test detections written as COCO results and scored by pycocotools."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CVRECIPE_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, str(BENCH / "detect.py"), "--data", "set", "--out", "out", "--budgets", "0.02",
-                          *TINY_DETECT, "--models", "fcos-lite0-scratch", "--set", "model.kwargs={fpn_channels: 64}",
-                          "train.batch_size=8", "train.num_threads=1"],
+                          "--seeds", "0", "1", *TINY_DETECT, "--models", "fcos-lite0-scratch",
+                          "--set", "model.kwargs={fpn_channels: 64}", "train.batch_size=8", "train.num_threads=1"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "cvrecipe fcos-lite0-scratch: mAP@[.5:.95]" in text and "Ultralytics: skipped" in text
-    results = json.loads((tmp_path / "out" / "fcos-lite0-scratch-0.02min.results.json").read_text())
     truth = json.loads((tmp_path / "set" / "annotations" / "instances_test.json").read_text())
-    assert {r["image_id"] for r in results} <= {image["id"] for image in truth["images"]}
+    for seed in (0, 1):
+        results = json.loads((tmp_path / "out" / f"fcos-lite0-scratch-0.02min-seed{seed}.results.json").read_text())
+        assert {r["image_id"] for r in results} <= {image["id"] for image in truth["images"]}
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 1]
+    # --combine reads the summaries back: one row per seed, then their mean ± sample std
+    combined = subprocess.run([sys.executable, str(BENCH / "detect.py"), "--combine", "out"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert combined.returncode == 0, combined.stderr[-2000:]
+    mean = sum(r["map"] for r in rows) / 2
+    std = abs(rows[0]["map"] - rows[1]["map"]) / 2 ** 0.5  # the sample std of two values
+    assert f"| 0.02 min | cvrecipe | fcos-lite0-scratch | 0, 1 | {mean:.4f} ± {std:.4f} |" in combined.stdout
 
 
 def test_detect_maps_cached_boxes_back_to_the_coco_file(tmp_path, monkeypatch):
@@ -284,5 +294,5 @@ def test_detect_real(tmp_path):  # the ISBI cells: the real set that ships besid
     assert "cells written to cells: train 96 images 3128 boxes, test 24 images 792 boxes" in text
     assert "test split: 24 images, 792 boxes, 1 classes" in text
     assert "cvrecipe fcos-lite0-scratch: mAP@[.5:.95]" in text and "Ultralytics: skipped" in text
-    results = json.loads((tmp_path / "out" / "fcos-lite0-scratch-0.02min.results.json").read_text())
+    results = json.loads((tmp_path / "out" / "fcos-lite0-scratch-0.02min-seed0.results.json").read_text())
     assert results and {r["category_id"] for r in results} == {1}
