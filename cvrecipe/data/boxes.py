@@ -5,7 +5,8 @@
                   valid/_annotations.coco.json); bbox is x, y, width, height in pixels; category
                   ids may start at 0 or 1 or have gaps: classes are the categories in id order.
                   Crowd regions (iscrowd=1) are left out: they are not single objects.
-    YOLO txt      data.yaml (names, and train/val/test image folders) + images/ + labels/; one
+    YOLO txt      data.yaml (names, and train/val/test image folders; a folder named twice is
+                  train before test before val) + images/ + labels/; one
                   `class cx cy w h` line per box, normalised to [0, 1] by the image's width/height;
                   an image without a label file has no boxes (kept, empty).
     Pascal VOC    one XML per image (<size>, <object><name/><bndbox>xmin..ymax</bndbox>), parsed
@@ -307,7 +308,10 @@ def _read_yolo(files: _Files) -> BoxDataset:
         raise DataError(f"{yaml_name}: cannot read the class names (a `names:` list or mapping): {err}") from err
     root = posixpath.dirname(yaml_name)
     split_dirs = {}  # image folder prefix → split, from data.yaml's train/val/test entries
-    for key in ("train", "val", "test"):
+    # a folder named for several splits belongs to train before test before val (later keys win):
+    # Ultralytics' coco128 gives val = train, and sets made for its trainer often give val = test;
+    # the val split is the one cvrecipe can make itself, held out of train (data.val_fraction)
+    for key in ("val", "test", "train"):
         entry = spec.get(key)
         for folder in (entry if isinstance(entry, list) else [entry] if isinstance(entry, str) else []):
             split_dirs[posixpath.normpath(posixpath.join(root, folder))] = key

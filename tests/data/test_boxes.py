@@ -121,6 +121,14 @@ def test_yolo_reads_normalised_cxcywh_and_names_each_bad_line(tmp_path):
     assert any("values above 1" in p.detail for p in ds.problems)  # pixel coordinates where fractions belong
 
 
+@pytest.mark.parametrize("spec, split", [("train: images/a\nval: images/a\n", "train"),  # Ultralytics' coco128
+                                         ("train: images/t\nval: images/a\ntest: images/a\n", "test")])
+def test_a_yolo_folder_named_for_two_splits_is_train_before_test_before_val(tmp_path, spec, split):
+    ds = read_boxes(write(tmp_path, {"data.yaml": spec + "names: [cat]\n", "images/a/x.png": png(20, 20),
+                                     "labels/a/x.txt": "0 0.5 0.5 0.2 0.2\n", "images/t/y.png": png(20, 20)}))
+    assert "images/a/x.png" in [item.file for item in ds.splits[split]] and not ds.splits.get("val")
+
+
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_yolo_from_an_archive_under_a_wrapping_folder_reads_the_same(tmp_path, kind):
     folder = write(tmp_path / "set", yolo_files())
