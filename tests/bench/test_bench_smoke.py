@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from conftest import SHARED_DATA, make_image_folder
 
@@ -287,8 +288,8 @@ def test_detect_real(tmp_path):  # the ISBI cells: the real set that ships besid
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CVRECIPE_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, str(BENCH / "detect_real.py"), "--real", "cells", "--masks", str(MEMBRANE),
                           "--data", "cells", "--out", "out", "--budgets", "0.02", "--image-size", "64", "--models",
-                          "fcos-lite0-scratch", "--set", "model.kwargs={fpn_channels: 64}", "train.batch_size=8",
-                          "train.num_threads=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          "fcos-lite0-scratch", "--set", "model.kwargs={fpn_channels: 64}", "train.num_threads=1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "cells written to cells: train 96 images 3128 boxes, test 24 images 792 boxes" in text
@@ -296,3 +297,6 @@ def test_detect_real(tmp_path):  # the ISBI cells: the real set that ships besid
     assert "cvrecipe fcos-lite0-scratch: mAP@[.5:.95]" in text and "Ultralytics: skipped" in text
     results = json.loads((tmp_path / "out" / "fcos-lite0-scratch-0.02min-seed0.results.json").read_text())
     assert results and {r["category_id"] for r in results} == {1}
+    # the small-set batch (SMALL_SET_OVERRIDES) reached the run, the test's own --set after it
+    config = yaml.safe_load((tmp_path / "out" / "runs" / "fcos-lite0-scratch-0.02min-seed0" / "config.yaml").read_text())
+    assert config["train"]["batch_size"] == 8 and config["train"]["num_threads"] == 1
