@@ -123,6 +123,8 @@ def _fit(cfg: Config, ds: ImageDataset, run_dir: Path, device: torch.device, res
         finally:
             book.close()
     step = _build_step(cfg, task, model, finetune, source, ds.hflip_ok, device, memory_format, world)
+    if world.is_main and not resume:
+        warn_few_steps(cfg, step, len(source), console)
     if tc.budget_s is not None:
         step.cpu_deadline = cpu_start + tc.budget_s
     book.start(model, _restore(run_dir / "last.ckpt", step) if resume else None)
@@ -156,6 +158,21 @@ def _epochs(cfg: Config, ds: ImageDataset, model: ImageModel, finetune: Finetune
                           f"epoch {epoch + 1} of {tc.epochs}")
             break
     return book.finish()
+
+
+FEW_STEPS = 100  # optimizer steps in a whole run below which most models have barely begun to learn
+
+
+def warn_few_steps(cfg: Config, step: Step, images: int, console: Console) -> None:
+    """Say so when the run takes fewer than FEW_STEPS optimizer steps: a small training split at a
+    large batch gives a few steps per epoch (86 images at 32: 2, the ragged rest dropped), and a
+    detector trained for 24 steps scores near zero where 8 images per step learn (docs/detection.md)."""
+    tc = cfg.train
+    total = tc.epochs * step.steps_per_epoch
+    if total < FEW_STEPS:
+        console.print(f"[yellow]train: {tc.epochs} epochs x {step.steps_per_epoch} steps of {step.batch_size} images "
+                      f"({images} training images) = {total} optimizer steps in all, under {FEW_STEPS}: a smaller "
+                      f"train.batch_size or more train.epochs gives the model more updates[/yellow]")
 
 
 def _training_source(cfg: Config, ds: ImageDataset, device: torch.device) -> DeviceArrays | ShardStream:

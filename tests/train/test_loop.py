@@ -40,6 +40,18 @@ def test_early_stopping_stops_and_keeps_best(tmp_path):
     assert len(read_metrics(run_dir)) == 3
 
 
+def test_a_run_of_few_optimizer_steps_says_so(tmp_path, capsys):
+    """digits-quick's 8 epochs of ~20 steps pass quietly; 2 epochs at batch 256 (~5 steps each) are
+    named, with the way out."""
+    train(load_config("digits-quick", [f"runs_dir={tmp_path}", "train.sanity=false"]))
+    assert "optimizer steps in all" not in capsys.readouterr().out
+    train(load_config("digits-quick", [f"runs_dir={tmp_path}", "train.sanity=false", "train.epochs=2",
+                                       "train.batch_size=256"]))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train: 2 epochs x 5 steps of 256 images" in out and "= 10 optimizer steps in all, under 100" in out
+    assert "a smaller train.batch_size or more train.epochs" in out
+
+
 class _SettingsSeen:
     """A training callback that records torch's process-wide settings while the run trains."""
 
