@@ -170,7 +170,6 @@ def test_scientific_notation_on_the_command_line_is_a_number():
     (["augment.crop_size=64"], "segmentation augmentation"),
     (["augment.elastic_sigma=5"], "segmentation augmentation"),
     (["data.name=masks:x"], "task=segmentation"),
-    (["task=segmentation", "eval.tta=1"], "classification only"),
     (["task=segmentation", "augment.crop_padding=2"], "classification only"),
     (["task=segmentation", "augment.scale=[1.5, 1.0]"], "low <= high"),
     (["task=segmentation", "checkpoint.monitor=val_acc"], "val_pixel_acc"),

@@ -1,14 +1,17 @@
-"""Test-time augmentation: average the logits of flipped and 1-pixel-shifted views of each image."""
+"""Test-time augmentation: the model's outputs on flipped and 1-pixel-shifted views of each image,
+mapped back to the image and merged by the task (tasks/views.py; Task.merge_views: an average of
+class scores or of dense maps, for boxes the views' detections pooled and suppressed again)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from cvrecipe.tasks.views import View
 
 
-def tta_views(x: torch.Tensor, level: int, mirror: bool = True) -> list[tuple[float, torch.Tensor]]:
-    """(weight, view) pairs for (B, C, H, W) images; weights sum to 1.
+def tta_views(level: int, mirror: bool = True) -> list[View]:
+    """The views of a TTA level; weights sum to 1.
 
     level 0: the image. level 1: image and its mirror (½ each). level 2: those two (¼ each) plus
     the image and its mirror shifted one pixel up-left and down-right with reflect padding
@@ -18,24 +21,27 @@ def tta_views(x: torch.Tensor, level: int, mirror: bool = True) -> list[tuple[fl
     shifts (¼ each).
     """
     if level == 0 or (level == 1 and not mirror):
-        return [(1.0, x)]
+        return [View(1.0)]
     if level == 1:
-        return [(0.5, x), (0.5, x.flip(-1))]
-    h, w = x.shape[-2:]
-    padded = F.pad(x.float(), (1, 1, 1, 1), mode="reflect").to(x.dtype)
-    up_left, down_right = padded[..., 0:h, 0:w], padded[..., 2:h + 2, 2:w + 2]
+        return [View(0.5), View(0.5, mirror=True)]
     if not mirror:
-        return [(0.5, x), (0.25, up_left), (0.25, down_right)]
-    shifted = [up_left, down_right, up_left.flip(-1), down_right.flip(-1)]
-    return [(0.25, x), (0.25, x.flip(-1))] + [(0.125, v) for v in shifted]
+        return [View(0.5), View(0.25, shift=1), View(0.25, shift=-1)]
+    return [View(0.25), View(0.25, mirror=True), View(0.125, shift=1), View(0.125, shift=-1),
+            View(0.125, mirror=True, shift=1), View(0.125, mirror=True, shift=-1)]
 
 
-def weighted_sum(weighted: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    return sum(weight * out for weight, out in weighted)
+def average(outputs: list[tuple[View, torch.Tensor]], size: tuple[int, int]) -> torch.Tensor:
+    """Weighted mean of outputs that need no mapping back (a classifier's scores)."""
+    return sum(view.weight * out for view, out in outputs)
 
 
 @torch.no_grad()
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int, mirror: bool = True,
-               merge: Callable[[list[tuple[float, torch.Tensor]]], torch.Tensor] = weighted_sum) -> torch.Tensor:
-    """The model's outputs on x merged over its TTA views by `merge` (the task's: Task.merge_views)."""
-    return merge([(weight, model(view)) for weight, view in tta_views(x, level, mirror)])
+               merge: Callable[[list[tuple[View, torch.Tensor]], tuple[int, int]], torch.Tensor] = average
+               ) -> torch.Tensor:
+    """The model's outputs on (B, C, H, W) x merged over its TTA views by `merge` (the task's:
+    Task.merge_views, which also maps each view's outputs back to the image of size (H, W))."""
+    views = tta_views(level, mirror)
+    if len(views) == 1:
+        return model(x)
+    return merge([(view, model(view.apply(x))) for view in views], tuple(x.shape[-2:]))

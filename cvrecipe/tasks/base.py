@@ -10,6 +10,7 @@ from rich.table import Table
 
 from cvrecipe.config import AugmentConfig
 from cvrecipe.tasks.registry import answers_of, spec_of
+from cvrecipe.tasks.views import View
 
 
 class Meter:
@@ -111,9 +112,10 @@ class Task:
         """A split's outputs from its batches' outputs, in order (no batch: an empty (0, K) tensor)."""
         return torch.cat(outputs) if outputs else torch.zeros(0, meta["num_classes"])
 
-    def merge_views(self, weighted: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-        """Test-time augmentation: one output from the outputs of (weight, view) pairs (weights sum to 1)."""
-        return sum(weight * out for weight, out in weighted)
+    def merge_views(self, outputs: list[tuple[View, torch.Tensor]], size: tuple[int, int]) -> torch.Tensor:
+        """Test-time augmentation: one output from the model's outputs on each view (tasks/views.py)
+        of images of `size` (H, W). Class scores need no mapping back: their weighted mean."""
+        return sum(view.weight * out for view, out in outputs)
 
     def export_outputs(self) -> list[str]:
         """The names of an exported graph's outputs, in the order the model returns them."""

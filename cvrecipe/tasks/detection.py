@@ -26,6 +26,7 @@ from rich.table import Table
 from cvrecipe.config import AugmentConfig
 from cvrecipe.data.augment_boxes import crop_boxes, crop_images, random_flip, zoom_windows
 from cvrecipe.data.ragged import DeviceBoxes
+from cvrecipe.models.detectors import fast_nms
 from cvrecipe.tasks.answers.detection import SCORE_THRESHOLD
 from cvrecipe.tasks.base import Meter, Task, given
 from cvrecipe.tasks.box_metrics import (APMeter, BoxParityReport, box_iou, coco_metrics, confusion_at_iou,
@@ -164,11 +165,16 @@ class Detection(Task):
     def merge_batches(self, outputs: list[torch.Tensor], meta: dict) -> torch.Tensor:
         return torch.cat(outputs) if outputs else torch.zeros(0, ROWS, 6)
 
-    def merge_views(self, weighted):
-        if len(weighted) == 1:  # no test-time augmentation: the one plain view
-            return weighted[0][1]
-        raise ValueError("eval.tta: test-time augmentation is not supported for detection (boxes of flipped views "
-                         "would need merging, not averaging)")
+    def merge_views(self, outputs, size):
+        """Each view's rows with their boxes mapped back to the image, pooled (B, V·100, 6) and
+        suppressed again by the detectors' own class-aware Fast NMS into (B, 100, 6): a box found
+        in several views is kept once, at its best score (no weighting: views vote by score)."""
+        height, width = size
+        rows = torch.cat([torch.cat([view.undo_boxes(out[..., :4], height, width), out[..., 4:]], dim=-1)
+                          for view, out in outputs], dim=1)
+        order = rows[..., 4].argsort(dim=1, descending=True)  # Fast NMS takes candidates best first
+        rows = rows.gather(1, order[..., None].expand(-1, -1, rows.shape[-1]))
+        return fast_nms(rows[..., :4], rows[..., 4], rows[..., 5].long(), max_detections=ROWS)
 
     def export_outputs(self) -> list[str]:
         return ["detections"]

@@ -212,6 +212,10 @@ class Segmentation(Task):
                       style="bold")
         return table
 
+    def merge_views(self, outputs, size):
+        """The weighted mean of the views' score maps, each mirrored and moved back onto the image."""
+        return sum(view.weight * view.undo_dense(out) for view, out in outputs)
+
     def parity(self, reference: np.ndarray, exported: np.ndarray, batch_sizes: list[int], half: bool,
                atol: float | None = None, min_agreement: float | None = None) -> ParityReport:
         if reference.shape != exported.shape:

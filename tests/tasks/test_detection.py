@@ -119,7 +119,6 @@ def test_evaluate_gives_pycocotools_figures_and_perfect_rows_score_one():
 @pytest.mark.parametrize("override, named", [
     ("checkpoint.monitor=val_loss", "checkpoint.monitor=val_loss"),
     ("augment.cutout=4", "augment.cutout=4"),
-    ("eval.tta=1", "eval.tta=1"),
     ("data.name=digits", "data.name=digits"),
 ])
 def test_switches_a_detection_run_does_not_understand_are_named(override, named):

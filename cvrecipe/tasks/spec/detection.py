@@ -29,7 +29,7 @@ def check_config(cfg) -> None:
             if k not in SUPPORTED_AUGMENT and k != "flip_mode" and getattr(aug, k) != getattr(defaults, k)]
     if aug.flip_mode != "random":
         used.append(f"augment.flip_mode={aug.flip_mode}")
-    bad = {"eval.tta": cfg.eval.tta, "model.dropout": cfg.model.dropout, "model.init_bias_prior": cfg.model.init_bias_prior,
+    bad = {"model.dropout": cfg.model.dropout, "model.init_bias_prior": cfg.model.init_bias_prior,
            "train.label_smoothing": cfg.train.label_smoothing, "finetune.feature_cache": cfg.finetune.feature_cache}
     used += [f"{k}={show(v)}" for k, v in bad.items() if v]
     if used:

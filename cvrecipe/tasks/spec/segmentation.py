@@ -16,7 +16,7 @@ MONITOR = "pixels"  # the monitor follows the pixel class mix and mean pixel con
 def check_config(cfg) -> None:
     """Switches only a classifier understands, and the paired augmentation's own rules."""
     aug = cfg.augment
-    bad = {"augment.crop_padding": aug.crop_padding, "augment.cutout": aug.cutout, "eval.tta": cfg.eval.tta,
+    bad = {"augment.crop_padding": aug.crop_padding, "augment.cutout": aug.cutout,
            "model.init_bias_prior": cfg.model.init_bias_prior, "train.label_smoothing": cfg.train.label_smoothing,
            "finetune.feature_cache": cfg.finetune.feature_cache}
     used = [f"{k}={show(v)}" for k, v in bad.items() if v]
