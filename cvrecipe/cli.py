@@ -93,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="evaluate a run's best checkpoint",
                          description="The metrics of the run's task for RUN/best.safetensors (accuracy, top-5, "
                                      "per-class precision/recall/F1 and confusion matrix; pixel accuracy, mIoU "
-                                     "and Dice for masks), printed and written to RUN/eval.json.")
+                                     "and Dice for masks; COCO mAP for boxes), printed and written to RUN/eval.json.")
     p.add_argument("run", type=Path, help="run folder (e.g. runs/fashion-mnist)")
     p.add_argument("--data", help="evaluate on this dataset instead of the run's own (name or folder:PATH)")
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="split to evaluate (default: test when the dataset has one, else val)")
+    p.add_argument("--tta", type=int, choices=[0, 1, 2],
+                   help="test-time augmentation: 0 off, 1 image + mirror, 2 also 1-pixel shifts (default: the "
+                        "run's eval.tta)")
 
     p = verbs.add_parser("predict", help="top-k classes (or masks, or boxes) for image files",
                          description="Classify image files (folders are searched recursively) with RUN's best "
@@ -349,7 +352,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     elif args.verb == "eval":
         from cvrecipe.evaluate.job import evaluate
 
-        evaluate(args.run, args.data, args.split, console)
+        evaluate(args.run, args.data, args.split, console, args.tta)
     elif args.verb == "predict" and any(is_video(path) for path in args.images):
         return _predict_videos(args, console)
     elif args.verb == "predict":

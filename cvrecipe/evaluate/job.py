@@ -23,18 +23,20 @@ from cvrecipe.train.job import train
 
 
 def evaluate(run_dir: Path, data: str | None = None, split: str | None = None,
-             console: Console | None = None) -> dict:
-    """Evaluate the run's best checkpoint on its held-out split (or another dataset); writes eval.json."""
-    return evaluate_run(run_dir, data, split, console)[0]
+             console: Console | None = None, tta: int | None = None) -> dict:
+    """Evaluate the run's best checkpoint on its held-out split (or another dataset); writes eval.json.
+    `tta`: the test-time augmentation level (default: the run's eval.tta)."""
+    return evaluate_run(run_dir, data, split, console, tta)[0]
 
 
 def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = None,
-                 console: Console | None = None) -> tuple[dict, torch.Tensor]:
+                 console: Console | None = None, tta: int | None = None) -> tuple[dict, torch.Tensor]:
     """evaluate(), also returning the outputs it scored, so that the report need not compute them
     again (with TTA 2 that pass is 6 forward passes over the split)."""
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    tta = cfg.eval.tta if tta is None else tta
     device = resolve_device(cfg.train.device)
     model = load_model(run_dir / "best.safetensors", device)
     meta = model.meta
@@ -50,17 +52,17 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str | None = Non
         raise ValueError(f"dataset {ds.name} has no {split_name} split to evaluate on")
     if list(ds.classes) != list(meta["class_names"]):
         raise ValueError(f"dataset {ds.name} has classes {ds.classes}, the model was trained on {meta['class_names']}")
-    logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last, tta=cfg.eval.tta,
+    logits = predict_logits(model, part.x, 512, device, channels_last=cfg.train.channels_last, tta=tta,
                             tta_mirror=cfg.augment.hflip and ds.hflip_ok)
     _, extra = read_metadata(run_dir / "best.safetensors")
     result = {"task": task.name, "dataset": ds.name, "split": split_name, "checkpoint_epoch": extra.get("epoch"),
-              "tta": cfg.eval.tta, **task.evaluate(logits, task.batch_targets(part.y, 0, len(part.y)), meta["class_names"])}
+              "tta": tta, **task.evaluate(logits, task.batch_targets(part.y, 0, len(part.y)), meta["class_names"])}
     leak_free = leak_free_scores(task, data_cfg.cache_dir, data_cfg.name, split_name, part.y, logits,
                                  meta["class_names"])
     if leak_free is not None:
         result["leak_free"] = leak_free
     if not data and not split:  # the run's own held-out data: fit the temperature its answers are scaled by
-        calibration = calibrate(model, task, ds, split_name, part, logits if not cfg.eval.tta else None, cfg, device)
+        calibration = calibrate(model, task, ds, split_name, part, logits if not tta else None, cfg, device)
         if calibration is not None:
             result["calibration"] = calibration
             model.meta["temperature"] = calibration["temperature"]

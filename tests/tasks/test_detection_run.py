@@ -62,6 +62,9 @@ def test_cvrecipe_run_trains_evaluates_and_reports_a_detector(tmp_path, capsys):
     assert len(per_image) == 4 and sum(r["tp"] + r["missed"] for r in per_image) == result["num_boxes"]
     answers = predict(run, [str(path / "images" / "test")])  # the answer layer, through `predict`
     assert len(answers) == 4 and all(isinstance(a["boxes"], list) for a in answers)
+    assert main(["eval", str(run), "--tta", "1"]) == 0  # image + mirror, the boxes merged (tests/artifact/test_tta.py)
+    with_tta = json.loads((run / "eval.json").read_text())
+    assert with_tta["tta"] == 1 and 0 <= with_tta["map"] <= 1 and with_tta["num_boxes"] == result["num_boxes"]
 
 
 @pytest.mark.slow
