@@ -19,7 +19,7 @@ The sets (written once into --data, reused when it already holds one):
 
 cvrecipe trains these small sets at batch 8 (SMALL_SET_OVERRIDES, before --set): at the recipe's 32,
 86 training tiles make 3 optimizer steps per epoch, a few dozen in the budget, too few for a
-detector to learn (cells: mAP@[.5:.95] 0.018 at batch 32, against 0.195 at 8; docs/results.md).
+detector to learn (cells: mAP@[.5:.95] 0.018 at batch 32, 0.19 at 8; docs/results.md).
 Ultralytics keeps its defaults (batch 16).
 
 Everything else (the budget rule, both tools' settings, the scoring) is bench/detect.py's; its
